@@ -1,0 +1,79 @@
+"""iothub-tls: one hardened TLS configuration for Azure IoT Hub devices.
+
+TLS 1.2+ (1.3 preferred), only IoT Hub's recommended cipher suites, an ECC-only mode,
+root-only pinning, optional max fragment length, mutual TLS, and a report of what
+each connection negotiated. See the README for the policy and a quickstart.
+"""
+
+from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
+from .context import HardenedSSLContext, create_ssl_context
+from .errors import (
+    AuthenticationError,
+    CertificateVerificationError,
+    CipherSuiteError,
+    ClientError,
+    ConnectionFailedError,
+    ConnectionStringError,
+    DeliveryError,
+    FeatureUnavailableError,
+    HandshakeClosedError,
+    HandshakeTimeoutError,
+    IdentityError,
+    IoTHubTLSError,
+    MissingDependencyError,
+    NotAuthorizedError,
+    OperationTimeoutError,
+    PolicyError,
+    PolicyViolation,
+    ProtocolVersionError,
+    RootIntegrityError,
+    RootStoreError,
+    SasTokenError,
+    TLSHandshakeError,
+)
+from .info import TlsInfo, tls_info
+from .policy import CipherProfile, CipherSuite, TlsPolicy, Trust
+from .roots import AZURE_ECC, AZURE_GLOBAL, RootSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AZURE_ECC",
+    "AZURE_GLOBAL",
+    "AuthenticationError",
+    "CertificateVerificationError",
+    "CipherProfile",
+    "CipherSuite",
+    "CipherSuiteError",
+    "ClientError",
+    "ClientIdentity",
+    "ConnectionFailedError",
+    "ConnectionString",
+    "ConnectionStringError",
+    "DeliveryError",
+    "FeatureUnavailableError",
+    "HandshakeClosedError",
+    "HandshakeTimeoutError",
+    "HardenedSSLContext",
+    "IdentityError",
+    "IoTHubTLSError",
+    "MissingDependencyError",
+    "NotAuthorizedError",
+    "OperationTimeoutError",
+    "PolicyError",
+    "PolicyViolation",
+    "ProtocolVersionError",
+    "RootIntegrityError",
+    "RootSet",
+    "RootStoreError",
+    "SasToken",
+    "SasTokenError",
+    "TLSHandshakeError",
+    "TlsInfo",
+    "TlsPolicy",
+    "Trust",
+    "__version__",
+    "create_ssl_context",
+    "generate_sas_token",
+    "tls_info",
+]

@@ -1,0 +1,214 @@
+"""The one ctypes shim into the OpenSSL that Python's :mod:`ssl` is linked against.
+
+Python's ``ssl`` cannot set the TLS max fragment length, restrict signature
+algorithms, or (before 3.13) return the verified chain. This module reaches the
+``SSL_CTX*`` / ``SSL*`` behind an ``ssl.SSLContext`` / ``ssl.SSLSocket`` and calls
+libssl directly. It is careful because a wrong pointer would crash the interpreter:
+
+* only CPython, only a ``_ssl`` extension module that is a shared library (``__file__``),
+  and only when ``OpenSSL_version_num()`` seen through it equals
+  ``ssl.OPENSSL_VERSION_NUMBER`` (the same libssl Python uses);
+* every pointer read out of a Python object is validated before use:
+  ``SSL_CTX_get_options(ctx) == context.options`` and ``SSL_get_SSL_CTX(ssl) == ctx``.
+
+Where any of this fails, :func:`shim` raises :class:`FeatureUnavailableError` naming
+the feature the caller asked for; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ssl
+import sys
+import threading
+from typing import Any
+
+from .errors import FeatureUnavailableError
+
+__all__ = ["OpenSSLShim", "shim", "shim_status"]
+
+# SSL_ctrl / SSL_CTX_ctrl commands (openssl/ssl.h, stable across 1.1.1 and 3.x)
+_SSL_CTRL_SET_SIGALGS_LIST = 98
+_SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102
+
+# Python versions whose PySSLContext / PySSLSocket start with the OpenSSL pointer right
+# after the object header (Modules/_ssl.c, 3.8 through 3.14).
+_KNOWN_PYTHON = ((3, 8), (3, 14))
+
+
+class OpenSSLShim:
+    """Bound libssl functions plus pointer access with validation."""
+
+    def __init__(self) -> None:
+        if sys.implementation.name != "cpython":
+            raise OSError(f"needs CPython, this is {sys.implementation.name}")
+        if not (_KNOWN_PYTHON[0] <= sys.version_info[:2] <= _KNOWN_PYTHON[1]):
+            raise OSError(
+                f"the layout of _ssl objects in Python {sys.version_info[0]}."
+                f"{sys.version_info[1]} has not been verified"
+            )
+        import _ssl
+
+        path = getattr(_ssl, "__file__", None)
+        if not path:
+            raise OSError("Python's _ssl module is built in (statically linked)")
+        lib = ctypes.CDLL(path)
+        try:
+            version_num = lib.OpenSSL_version_num
+        except AttributeError:
+            raise OSError(
+                "libssl symbols are not reachable through the _ssl module "
+                "(OpenSSL older than 1.1.0, or not dynamically linked)"
+            ) from None
+        version_num.restype = ctypes.c_ulong
+        version_num.argtypes = []
+        seen = version_num()
+        if seen != ssl.OPENSSL_VERSION_NUMBER:
+            raise OSError(
+                f"the libssl reached through ctypes ({seen:#x}) is not the one Python's ssl "
+                f"module reports ({ssl.OPENSSL_VERSION_NUMBER:#x})"
+            )
+        vp, c_int, c_long, c_uint64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_uint64
+        self._f = {
+            name: self._bind(lib, name, restype, argtypes)
+            for name, restype, argtypes in (
+                ("SSL_CTX_get_options", c_uint64, [vp]),
+                ("SSL_CTX_ctrl", c_long, [vp, c_int, c_long, vp]),
+                ("SSL_CTX_set_tlsext_max_fragment_length", c_int, [vp, ctypes.c_uint8]),
+                ("SSL_get_SSL_CTX", vp, [vp]),
+                ("SSL_get_session", vp, [vp]),
+                ("SSL_SESSION_get_max_fragment_length", ctypes.c_uint8, [vp]),
+                ("SSL_get0_verified_chain", vp, [vp]),
+                ("OPENSSL_sk_num", c_int, [vp]),
+                ("OPENSSL_sk_value", vp, [vp, c_int]),
+                ("i2d_X509", c_int, [vp, ctypes.POINTER(vp)]),
+            )
+        }
+        self._ctx_offset = object.__basicsize__
+        self._ssl_offset = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
+        self.version = ssl.OPENSSL_VERSION
+
+    @staticmethod
+    def _bind(lib: ctypes.CDLL, name: str, restype: Any, argtypes: list[Any]) -> Any:
+        try:
+            func = getattr(lib, name)
+        except AttributeError:
+            raise OSError(f"libssl has no {name} (OpenSSL 1.1.1 or later is needed)") from None
+        func.restype = restype
+        func.argtypes = argtypes
+        return func
+
+    # -- pointers -----------------------------------------------------------------------
+
+    def ctx_pointer(self, ctx: ssl.SSLContext) -> int:
+        """``SSL_CTX*`` of a context, validated against its options."""
+        if not isinstance(ctx, ssl.SSLContext):
+            raise TypeError("expected an ssl.SSLContext")
+        ptr = ctypes.c_void_p.from_address(id(ctx) + self._ctx_offset).value
+        if not ptr or self._f["SSL_CTX_get_options"](ptr) != int(ctx.options):
+            raise OSError("the SSL_CTX pointer of the context could not be validated")
+        return int(ptr)
+
+    def ssl_pointer(self, sslobj: Any) -> int:
+        """``SSL*`` of an SSLSocket / SSLObject, validated against its context."""
+        inner = getattr(sslobj, "_sslobj", None)
+        if inner is None or type(inner).__name__ != "_SSLSocket":
+            raise OSError("the object has no live _ssl._SSLSocket (closed or not TLS)")
+        ctx_ptr = self.ctx_pointer(inner.context)
+        ptr = ctypes.c_void_p.from_address(id(inner) + self._ssl_offset).value
+        if not ptr or self._f["SSL_get_SSL_CTX"](ptr) != ctx_ptr:
+            raise OSError("the SSL pointer of the socket could not be validated")
+        return int(ptr)
+
+    # -- features -----------------------------------------------------------------------
+
+    def set_max_fragment_length(self, ctx: ssl.SSLContext, code: int) -> None:
+        """Ask for RFC 6066 max_fragment_length (code 1..4 = 512..4096 bytes)."""
+        if not 1 <= code <= 4:
+            raise ValueError("max_fragment_length code must be 1..4")
+        if self._f["SSL_CTX_set_tlsext_max_fragment_length"](self.ctx_pointer(ctx), code) != 1:
+            raise OSError("SSL_CTX_set_tlsext_max_fragment_length failed")
+
+    def set_sigalgs(self, ctx: ssl.SSLContext, sigalgs: str, *, client: str | None = None) -> None:
+        """Restrict the signature algorithms offered (and so the server certificate type
+        in TLS 1.3). ``client`` sets the list used for the device's own CertificateVerify."""
+        ptr = self.ctx_pointer(ctx)
+        for cmd, value in ((_SSL_CTRL_SET_SIGALGS_LIST, sigalgs),
+                           (_SSL_CTRL_SET_CLIENT_SIGALGS_LIST, client)):
+            if value is None:
+                continue
+            buf = ctypes.create_string_buffer(value.encode("ascii"))
+            if self._f["SSL_CTX_ctrl"](ptr, cmd, 0, ctypes.cast(buf, ctypes.c_void_p)) != 1:
+                raise OSError(f"OpenSSL refused the signature algorithm list {value!r}")
+
+    def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
+        """Fragment length the server agreed to, in bytes, or None."""
+        session = self._f["SSL_get_session"](self.ssl_pointer(sslobj))
+        if not session:
+            return None
+        code = int(self._f["SSL_SESSION_get_max_fragment_length"](session))
+        return 256 << code if 1 <= code <= 4 else None
+
+    def verified_chain(self, sslobj: Any) -> list[bytes]:
+        """DER of the chain OpenSSL verified, leaf first, anchor last ([] if none)."""
+        stack = self._f["SSL_get0_verified_chain"](self.ssl_pointer(sslobj))
+        if not stack:
+            return []
+        out = []
+        for i in range(self._f["OPENSSL_sk_num"](stack)):
+            x509 = self._f["OPENSSL_sk_value"](stack, i)
+            size = self._f["i2d_X509"](x509, None)
+            if size <= 0:
+                raise OSError("i2d_X509 failed")
+            buf = ctypes.create_string_buffer(size)
+            cursor = ctypes.c_void_p(ctypes.addressof(buf))
+            if self._f["i2d_X509"](x509, ctypes.byref(cursor)) != size:
+                raise OSError("i2d_X509 wrote an unexpected length")
+            out.append(buf.raw)
+        return out
+
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+def _load() -> OpenSSLShim | str:
+    with _lock:
+        if "shim" not in _state:
+            try:
+                loaded: OpenSSLShim | str = OpenSSLShim()
+                # End-to-end self test on a throwaway context before anyone relies on it.
+                probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                loaded.ctx_pointer(probe)
+            except (OSError, ImportError) as exc:
+                loaded = str(exc)
+            _state["shim"] = loaded
+        result: OpenSSLShim | str = _state["shim"]
+        return result
+
+
+def shim(feature: str) -> OpenSSLShim:
+    """The shim, or :class:`FeatureUnavailableError` naming ``feature``."""
+    loaded = _load()
+    if isinstance(loaded, str):
+        raise FeatureUnavailableError(feature, loaded)
+    return loaded
+
+
+def shim_status() -> tuple[bool, str]:
+    """(usable, OpenSSL version or the reason it is not) — for ``doctor``."""
+    loaded = _load()
+    if isinstance(loaded, str):
+        return False, loaded
+    return True, loaded.version
+
+
+def _disable_for_tests(reason: str) -> None:
+    """Simulate a platform where the shim cannot work (used by tests and ``doctor``)."""
+    with _lock:
+        _state["shim"] = reason
+
+
+def _reset() -> None:
+    with _lock:
+        _state.clear()

@@ -1,0 +1,679 @@
+"""Turn a :class:`~iothub_tls.TlsPolicy` into an ``ssl.SSLContext``.
+
+:func:`create_ssl_context` is the only place the library builds client TLS. It returns a
+:class:`HardenedSSLContext`: a real ``ssl.SSLContext`` subclass, so paho-mqtt, urllib3,
+requests, httpx and asyncio take it unchanged, and because its ``sslsocket_class`` and
+``sslobject_class`` are ours, the post-handshake policy checks run inside *their*
+handshakes too. The context also refuses later changes that would weaken it (turning
+off verification, lowering the TLS version, adding trust anchors to a pinned context).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, cast
+
+from ._openssl import shim
+from .errors import (
+    CertificateVerificationError,
+    CipherSuiteError,
+    FeatureUnavailableError,
+    HandshakeClosedError,
+    HandshakeTimeoutError,
+    PolicyError,
+    PolicyViolation,
+    ProtocolVersionError,
+    TLSHandshakeError,
+)
+from .info import TlsInfo, inspect_connection, verified_chain_der
+from .policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust
+from .roots import spki_sha256
+
+if TYPE_CHECKING:
+    from .auth import ClientIdentity
+
+__all__ = ["HardenedSSLContext", "HardenedSSLObject", "HardenedSSLSocket", "create_ssl_context"]
+
+logger = logging.getLogger("iothub_tls")
+
+# ECC-only: in TLS 1.3 the cipher suite says nothing about the certificate, so the
+# signature algorithms offered decide it. Offering only ECDSA makes the server present
+# its ECDSA certificate, or fail (RFC 8446 4.2.3).
+_ECDSA_SIGALGS = "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512"
+# What the device may use to sign its own CertificateVerify (mutual TLS): its key may be
+# RSA even in ECC-only mode. RSA-PKCS#1 is kept for TLS 1.2 servers only.
+_CLIENT_SIGALGS = (
+    "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:"
+    "RSA-PSS+SHA256:RSA-PSS+SHA384:RSA-PSS+SHA512:RSA+SHA256:RSA+SHA384:RSA+SHA512"
+)
+# Options that must stay set whatever a caller does to the context later.
+_REQUIRED_OPTIONS = (
+    ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+    | ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+)
+_SESSION_CACHE_SIZE = 64
+
+
+def create_ssl_context(
+    policy: TlsPolicy | None = None, *, identity: ClientIdentity | None = None
+) -> HardenedSSLContext:
+    """A client context enforcing ``policy`` (default: IoT Hub's guidance), presenting
+    ``identity`` (an X.509 device certificate) when given."""
+    return HardenedSSLContext(policy, identity=identity)
+
+
+@dataclass
+class _Remembered:
+    session: ssl.SSLSession
+    # What a resumed handshake cannot show again (no certificate is exchanged).
+    chain: tuple[str, ...]
+    anchor: str | None
+
+
+class HardenedSSLContext(ssl.SSLContext):
+    """An ``ssl.SSLContext`` configured from a :class:`TlsPolicy` and locked against
+    weakening. Build it with :func:`create_ssl_context`."""
+
+    _sealed = False
+
+    def __new__(
+        cls, policy: TlsPolicy | None = None, *, identity: ClientIdentity | None = None
+    ) -> HardenedSSLContext:
+        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+
+    def __init__(
+        self, policy: TlsPolicy | None = None, *, identity: ClientIdentity | None = None
+    ) -> None:
+        super().__init__()
+        policy = TlsPolicy() if policy is None else policy
+        if not isinstance(policy, TlsPolicy):
+            raise PolicyError(f"policy must be a TlsPolicy, got {type(policy).__name__}")
+        self._policy = policy
+        self._identity = identity
+        self._sessions: OrderedDict[tuple[str | None, int | None], _Remembered] = OrderedDict()
+        self._sessions_lock = threading.Lock()
+        self._pinned_spki = policy.roots.spki_fingerprints
+        self.sslsocket_class = HardenedSSLSocket
+        self.sslobject_class = HardenedSSLObject
+        _configure(self, policy, identity)
+        self._system: Any = None
+        if policy.trust is Trust.SYSTEM:
+            self._system = _system_trust_delegate(self, policy, identity)
+        self._sealed = True
+
+    # -- what it is ---------------------------------------------------------------------
+
+    @property
+    def policy(self) -> TlsPolicy:
+        return self._policy
+
+    @property
+    def identity(self) -> ClientIdentity | None:
+        return self._identity
+
+    def __repr__(self) -> str:
+        p = self._policy
+        return (
+            f"<HardenedSSLContext {p.min_version.name}+ {p.ciphers.name} "
+            f"{p.trust.name}:{p.roots.name} mfl={p.max_fragment_length}>"
+        )
+
+    # -- wrapping: offer the remembered session -----------------------------------------
+
+    def wrap_socket(  # type: ignore[override]
+        self,
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
+        if server_side:
+            raise PolicyError("a HardenedSSLContext is for clients (devices) only")
+        if not server_hostname:
+            raise PolicyError(
+                "server_hostname is required: the hub's name is sent in SNI (mandatory on "
+                "IoT Hub's TLS 1.3 endpoints) and checked against its certificate"
+            )
+        target = self._system if self._system is not None else super()
+        return cast(
+            ssl.SSLSocket,
+            target.wrap_socket(
+                sock,
+                do_handshake_on_connect=do_handshake_on_connect,
+                suppress_ragged_eofs=suppress_ragged_eofs,
+                server_hostname=server_hostname,
+                session=session,
+            ),
+        )
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        if server_side:
+            raise PolicyError("a HardenedSSLContext is for clients (devices) only")
+        if not server_hostname:
+            raise PolicyError(
+                "server_hostname is required: the hub's name is sent in SNI and checked "
+                "against its certificate"
+            )
+        if session is None and self._policy.session_resumption:
+            remembered = self._recall((server_hostname, None))
+            session = remembered.session if remembered else None
+        target = self._system if self._system is not None else super()
+        return cast(
+            ssl.SSLObject,
+            target.wrap_bio(
+                incoming, outgoing, server_hostname=server_hostname, session=session
+            ),
+        )
+
+    # -- session memory -----------------------------------------------------------------
+
+    def _recall(self, key: tuple[str | None, int | None]) -> _Remembered | None:
+        with self._sessions_lock:
+            found = self._sessions.get(key)
+            if found is not None:
+                self._sessions.move_to_end(key)
+            return found
+
+    def _remember(self, key: tuple[str | None, int | None], entry: _Remembered) -> None:
+        with self._sessions_lock:
+            self._sessions[key] = entry
+            self._sessions.move_to_end(key)
+            while len(self._sessions) > _SESSION_CACHE_SIZE:
+                self._sessions.popitem(last=False)
+
+    def _forget(self, key: tuple[str | None, int | None]) -> None:
+        with self._sessions_lock:
+            self._sessions.pop(key, None)
+
+    def forget_sessions(self) -> None:
+        """Drop every remembered TLS session (the next connections do full handshakes)."""
+        with self._sessions_lock:
+            self._sessions.clear()
+
+    # -- the checks ---------------------------------------------------------------------
+
+    def _after_handshake(
+        self, conn: ssl.SSLSocket | ssl.SSLObject, key: tuple[str | None, int | None]
+    ) -> TlsInfo:
+        """Inspect a completed handshake, enforce what OpenSSL cannot, remember the
+        session. Raises PolicyViolation (the caller closes the connection)."""
+        info = inspect_connection(conn)
+        remembered = self._recall(key)
+        if info.session_reused and remembered is not None and not verified_chain_der(conn):
+            # A resumed session exchanges no certificate: report the verified chain of
+            # the handshake that created it.
+            info = replace(info, chain=remembered.chain, anchor=remembered.anchor)
+        policy = self._policy
+        if policy.ecc_only and info.server_key_type != "EC":
+            raise PolicyViolation(
+                f"ECC-only mode needs an ECDSA certificate from the server, but "
+                f"{info.sni} presented an {info.server_key_type}-{info.server_key_bits} "
+                "certificate; use CipherProfile.STRONG for servers without an ECC "
+                "certificate"
+            )
+        if policy.require_max_fragment_length and (
+            info.max_fragment_length != policy.max_fragment_length
+        ):
+            raise PolicyViolation(
+                f"the server did not honour max_fragment_length={policy.max_fragment_length} "
+                f"(negotiated: {info.max_fragment_length or 'none'}); this device requires "
+                "it (require_max_fragment_length=True). Set it to False to accept 16 KiB "
+                "records, or use a server that supports RFC 6066 max_fragment_length"
+            )
+        if policy.trust is Trust.SYSTEM and not info.session_reused:
+            self._check_system_anchor(conn, info)
+        if policy.session_resumption:
+            self._capture_session(conn, key, info)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("TLS connection to %s: %s", info.sni, info)
+        return info
+
+    def _check_system_anchor(self, conn: ssl.SSLSocket | ssl.SSLObject, info: TlsInfo) -> None:
+        from cryptography import x509
+
+        chain = verified_chain_der(conn)
+        if not chain:
+            raise PolicyViolation(
+                "Trust.SYSTEM needs the verified chain to check its anchor, and it could "
+                "not be read on this platform; use Trust.PINNED"
+            )
+        anchor = x509.load_der_x509_certificate(chain[-1])
+        if spki_sha256(anchor) not in self._pinned_spki:
+            raise PolicyViolation(
+                f"the server's chain is anchored at {info.anchor!r}, which the system store "
+                f"trusts but the policy does not (allowed roots: "
+                f"{', '.join(self._policy.roots.common_names)}). Add that root to "
+                "TlsPolicy(roots=...) if the hub migrated to it"
+            )
+
+    def _capture_session(
+        self,
+        conn: ssl.SSLSocket | ssl.SSLObject,
+        key: tuple[str | None, int | None],
+        info: TlsInfo,
+        *,
+        not_id: bytes | None = None,
+    ) -> bool:
+        """Remember a resumable session. In TLS 1.3 the ticket arrives after the
+        handshake, so the socket tries again after reads (``not_id``: skip the session
+        the handshake itself produced)."""
+        session = conn.session
+        if session is None or session.id == not_id:
+            return False
+        if not (session.has_ticket or (info.version == "TLSv1.2" and session.id)):
+            return False
+        self._remember(key, _Remembered(session, info.chain, info.anchor))
+        return True
+
+    # -- refusals that explain themselves -----------------------------------------------
+
+    def _explain(self, exc: BaseException, host: str | None) -> BaseException:
+        return explain_handshake_error(exc, self._policy, host)
+
+    # -- locked against weakening -------------------------------------------------------
+
+    def _refuse(self, what: str, why: str) -> None:
+        raise PolicyError(f"{what} is not allowed on a HardenedSSLContext: {why}")
+
+    @property  # type: ignore[override]
+    def check_hostname(self) -> bool:
+        return bool(ssl.SSLContext.check_hostname.__get__(self))  # type: ignore[attr-defined]
+
+    @check_hostname.setter
+    def check_hostname(self, value: bool) -> None:
+        if self._sealed and not value:
+            self._refuse("check_hostname=False", "the hub's certificate must match its name")
+        ssl.SSLContext.check_hostname.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def verify_mode(self) -> ssl.VerifyMode:
+        return ssl.VerifyMode(ssl.SSLContext.verify_mode.__get__(self))
+
+    @verify_mode.setter
+    def verify_mode(self, value: ssl.VerifyMode) -> None:
+        if self._sealed and value != ssl.CERT_REQUIRED:
+            self._refuse(
+                f"verify_mode={ssl.VerifyMode(value).name}",
+                "the server certificate must always be verified",
+            )
+        ssl.SSLContext.verify_mode.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def minimum_version(self) -> ssl.TLSVersion:
+        return ssl.TLSVersion(ssl.SSLContext.minimum_version.__get__(self))
+
+    @minimum_version.setter
+    def minimum_version(self, value: ssl.TLSVersion) -> None:
+        if self._sealed and (
+            value not in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
+            or value < self._policy.min_version
+        ):
+            self._refuse(
+                f"minimum_version={ssl.TLSVersion(value).name}",
+                f"the policy requires {self._policy.min_version.name} or later",
+            )
+        ssl.SSLContext.minimum_version.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def maximum_version(self) -> ssl.TLSVersion:
+        return ssl.TLSVersion(ssl.SSLContext.maximum_version.__get__(self))
+
+    @maximum_version.setter
+    def maximum_version(self, value: ssl.TLSVersion) -> None:
+        if self._sealed and value != ssl.TLSVersion.MAXIMUM_SUPPORTED and (
+            value not in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
+            or value < self._policy.min_version
+        ):
+            self._refuse(
+                f"maximum_version={ssl.TLSVersion(value).name}",
+                f"the policy requires {self._policy.min_version.name} or later",
+            )
+        ssl.SSLContext.maximum_version.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def options(self) -> ssl.Options:
+        return ssl.Options(ssl.SSLContext.options.__get__(self))
+
+    @options.setter
+    def options(self, value: ssl.Options) -> None:
+        if self._sealed and (int(value) & _REQUIRED_OPTIONS) != _REQUIRED_OPTIONS:
+            self._refuse(
+                "clearing OP_NO_SSLv3/OP_NO_TLSv1/OP_NO_TLSv1_1/OP_NO_COMPRESSION/"
+                "OP_NO_RENEGOTIATION",
+                "they keep retired protocols and renegotiation off",
+            )
+        ssl.SSLContext.options.__set__(self, value)  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def keylog_filename(self) -> str | None:
+        return cast("str | None", ssl.SSLContext.keylog_filename.__get__(self))  # type: ignore[attr-defined]
+
+    @keylog_filename.setter
+    def keylog_filename(self, value: str | None) -> None:
+        if value is not None:
+            self._refuse("keylog_filename", "it would write the session keys to a file")
+        ssl.SSLContext.keylog_filename.__set__(self, value)  # type: ignore[attr-defined]
+
+    def set_ciphers(self, cipherlist: str, /) -> None:
+        if self._sealed:
+            allowed = {s.openssl for s in self._policy.cipher_suites}
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            probe.set_ciphers(cipherlist)
+            asked = {c["name"] for c in probe.get_ciphers() if c["protocol"] != "TLSv1.3"}
+            if not asked <= allowed:
+                self._refuse(
+                    f"set_ciphers({cipherlist!r})",
+                    f"it offers suites outside the policy: {', '.join(sorted(asked - allowed))}",
+                )
+        super().set_ciphers(cipherlist)
+
+    def load_default_certs(self, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
+        if self._policy.trust is Trust.PINNED:
+            self._refuse(
+                "load_default_certs()",
+                "the context is pinned to the policy's roots; the system store is never "
+                "added to a pinned context (use Trust.SYSTEM if that is what you want)",
+            )
+
+    def set_default_verify_paths(self) -> None:
+        self.load_default_certs()
+
+    def load_verify_locations(
+        self, cafile: Any = None, capath: Any = None, cadata: Any = None
+    ) -> None:
+        if self._sealed:
+            self._refuse(
+                "load_verify_locations()",
+                "trust anchors are exactly the policy's roots; adding others (for example "
+                "an HTTP library's CA bundle) would defeat pinning. Put extra roots in "
+                "TlsPolicy(roots=...); with requests use iothub_tls.https.HardenedAdapter",
+            )
+        super().load_verify_locations(cafile, capath, cadata)
+
+
+def _configure(ctx: ssl.SSLContext, policy: TlsPolicy, identity: ClientIdentity | None) -> None:
+    """Apply the policy to a fresh client context. Every line cites its reason."""
+    base = ssl.SSLContext
+    # Verify the server certificate and its name, always (IoT Hub guidance: the device
+    # authenticates the hub; RFC 6125).
+    base.verify_mode.__set__(ctx, ssl.CERT_REQUIRED)  # type: ignore[attr-defined]
+    base.check_hostname.__set__(ctx, True)  # type: ignore[attr-defined]
+    # Wildcards only in the left-most label, no CN fallback (RFC 6125 6.4.4).
+    ctx.hostname_checks_common_name = False
+    # TLS 1.2 minimum: IoT Hub retired TLS 1.0/1.1 on 2025-08-31. TLS 1.3 is preferred
+    # and used whenever the hub offers it.
+    base.minimum_version.__set__(ctx, policy.min_version)  # type: ignore[attr-defined]
+    base.maximum_version.__set__(  # type: ignore[attr-defined]
+        ctx, policy.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
+    )
+    # No compression (CRIME), no renegotiation (IoT Hub never renegotiates; closes the
+    # renegotiation attack surface). Tickets stay on: resumption saves a device ~75 % of
+    # the handshake bytes.
+    base.options.__set__(ctx, ctx.options | _REQUIRED_OPTIONS)  # type: ignore[attr-defined]
+    # Only IoT Hub's recommended suites for TLS 1.2 (all ECDHE, all AEAD or SHA-2 CBC);
+    # SECLEVEL=2 refuses RSA keys under 2048 bits and SHA-1 signatures in the chain.
+    # TLS 1.3 suites are OpenSSL's defaults, all AEAD.
+    ssl.SSLContext.set_ciphers(ctx, policy.ciphers.openssl_cipher_string + ":@SECLEVEL=2")
+    # RFC 5280 strict chain checks, as Python 3.13's default context does.
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    # Never log session keys, whatever SSLKEYLOGFILE says.
+    base.keylog_filename.__set__(ctx, None)  # type: ignore[attr-defined]
+    # Trust anchors are exactly the pinned roots (never the system store). In SYSTEM
+    # trust the delegate loads the OS store instead and the anchor is checked afterwards.
+    if policy.trust is Trust.PINNED:
+        ssl.SSLContext.load_verify_locations(ctx, cadata=policy.roots.to_pem())
+    if policy.ciphers is CipherProfile.ECC_ONLY:
+        # TLS 1.3 picks the certificate by signature algorithm, not by suite.
+        shim("ECC-only mode (ECDSA signature algorithms)").set_sigalgs(
+            ctx, _ECDSA_SIGALGS, client=_CLIENT_SIGALGS
+        )
+    if policy.max_fragment_length is not None:
+        # RFC 6066: ask the server to send records of at most this size, so a device
+        # with little RAM can use small receive buffers.
+        shim("max_fragment_length").set_max_fragment_length(
+            ctx, MAX_FRAGMENT_LENGTHS[policy.max_fragment_length]
+        )
+    if identity is not None:
+        identity._load_into(ctx)
+
+
+def _system_trust_delegate(
+    owner: HardenedSSLContext, policy: TlsPolicy, identity: ClientIdentity | None
+) -> Any:
+    """A truststore context configured exactly like ``owner``: it verifies with the
+    operating system's store; our socket classes still run the policy checks."""
+    try:
+        import truststore
+    except ImportError as exc:  # pragma: no cover - a core dependency
+        raise FeatureUnavailableError("Trust.SYSTEM", f"truststore is not installed ({exc})")
+    delegate = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    inner = getattr(delegate, "_ctx", None)
+    if not isinstance(inner, ssl.SSLContext):
+        raise FeatureUnavailableError(
+            "Trust.SYSTEM", "this truststore version is not supported (no inner context)"
+        )
+    _configure(inner, policy, identity)
+    inner._iothub_owner = owner  # type: ignore[attr-defined]
+    inner.sslsocket_class = type(
+        "HardenedTruststoreSSLSocket", (_HandshakeChecks, inner.sslsocket_class), {}
+    )
+    inner.sslobject_class = type(
+        "HardenedTruststoreSSLObject", (_HandshakeChecks, inner.sslobject_class), {}
+    )
+    return delegate
+
+
+# -- the socket and object classes ----------------------------------------------------------
+
+
+def _owner(conn: Any) -> HardenedSSLContext:
+    ctx = conn.context
+    return cast(HardenedSSLContext, getattr(ctx, "_iothub_owner", ctx))
+
+
+def _session_key(conn: Any) -> tuple[str | None, int | None]:
+    port: int | None = None
+    if isinstance(conn, ssl.SSLSocket):
+        try:
+            port = int(conn.getpeername()[1])
+        except (OSError, IndexError, TypeError, ValueError):
+            port = None
+    return (conn.server_hostname, port)
+
+
+class _HandshakeChecks:
+    """Shared by the socket and object classes: translate refusals, run the policy
+    checks after the handshake, capture TLS 1.3 tickets after reads."""
+
+    _iothub_ticket_pending = False
+
+    def do_handshake(self, *args: Any) -> None:
+        conn = cast(Any, self)
+        owner = _owner(conn)
+        key = _session_key(conn)
+        if (
+            isinstance(conn, ssl.SSLSocket)
+            and owner.policy.session_resumption
+            and conn.session is None
+            and not conn.__dict__.get("_iothub_session_offered")
+        ):
+            conn.__dict__["_iothub_session_offered"] = True
+            remembered = owner._recall(key)
+            if remembered is not None:
+                try:
+                    conn.session = remembered.session
+                except ValueError:  # a handshake already started: nothing to offer
+                    pass
+        try:
+            super().do_handshake(*args)  # type: ignore[misc]
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except (ssl.SSLError, TimeoutError) as exc:
+            owner._forget(key)
+            raise owner._explain(exc, conn.server_hostname) from exc
+        try:
+            info = owner._after_handshake(conn, key)
+        except PolicyViolation:
+            owner._forget(key)
+            if isinstance(conn, ssl.SSLSocket):
+                conn.close()  # fail closed (truststore does the same)
+            raise
+        conn.__dict__["_iothub_tls_info"] = info
+        conn.__dict__["_iothub_session_key"] = key
+        if owner.policy.session_resumption and info.version == "TLSv1.3":
+            # The ticket (a new session) comes with a later record: catch it in read().
+            session = conn.session
+            conn.__dict__["_iothub_handshake_session_id"] = session.id if session else None
+            conn._iothub_ticket_pending = True
+
+    def read(self, *args: Any) -> Any:
+        data = super().read(*args)  # type: ignore[misc]
+        if self._iothub_ticket_pending:
+            conn = cast(Any, self)
+            state = conn.__dict__
+            if _owner(conn)._capture_session(
+                conn,
+                state["_iothub_session_key"],
+                state["_iothub_tls_info"],
+                not_id=state["_iothub_handshake_session_id"],
+            ):
+                self._iothub_ticket_pending = False
+        return data
+
+    @property
+    def tls_info(self) -> TlsInfo | None:
+        """The report captured right after the handshake (None before it)."""
+        found = cast(Any, self).__dict__.get("_iothub_tls_info")
+        return found if isinstance(found, TlsInfo) else None
+
+
+class HardenedSSLSocket(_HandshakeChecks, ssl.SSLSocket):
+    """``ssl.SSLSocket`` that enforces the context's policy when its handshake completes."""
+
+
+class HardenedSSLObject(_HandshakeChecks, ssl.SSLObject):
+    """``ssl.SSLObject`` (asyncio, anyio/httpx, ``wrap_bio``) with the same checks."""
+
+
+# -- refusals -------------------------------------------------------------------------------
+
+_VERSION_REASONS = {
+    "UNSUPPORTED_PROTOCOL",
+    "TLSV1_ALERT_PROTOCOL_VERSION",
+    "WRONG_SSL_VERSION",
+    "NO_PROTOCOLS_AVAILABLE",
+    "VERSION_TOO_LOW",
+}
+_CIPHER_REASONS = {
+    "SSLV3_ALERT_HANDSHAKE_FAILURE",
+    "NO_SHARED_CIPHER",
+    "NO_CIPHERS_AVAILABLE",
+    "NO_SUITABLE_SIGNATURE_ALGORITHM",
+    "NO_SHARED_SIGNATURE_ALGORITHMS",
+    "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+    "WRONG_CIPHER_RETURNED",
+}
+_CLOSED_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF"}
+
+# OpenSSL X509_V_ERR_* codes -> what to do about them
+_VERIFY_REMEDIES = {
+    9: "the certificate is not valid yet: check the device clock (NTP) before anything else",
+    10: "the certificate has expired: check the device clock (NTP); if the clock is right "
+    "the server's certificate must be renewed",
+    18: "the server presented a self-signed certificate that is not one of the pinned roots",
+    19: "the chain ends at a root that is not pinned: if the hub migrated roots, add the new "
+    "root with TlsPolicy(roots=...), no code change needed",
+    20: "the chain does not lead to a pinned root (or the server did not send its "
+    "intermediate certificates): if the hub migrated roots, add the new root with "
+    "TlsPolicy(roots=...)",
+    21: "the server sent an incomplete chain (a missing intermediate certificate): the "
+    "server must send its intermediates",
+    62: "the certificate does not match the host name: connect to the name the hub's "
+    "certificate is issued for (e.g. <hub>.azure-devices.net), never an IP address",
+    66: "the server's key is too weak (IoT Hub uses RSA 2048+ or ECDSA P-256+)",
+    67: "the server's CA key is too weak",
+    68: "the chain uses a weak signature digest (SHA-1 or MD5)",
+}
+
+
+def explain_handshake_error(
+    exc: BaseException, policy: TlsPolicy, host: str | None
+) -> BaseException:
+    """Translate an ssl handshake failure into the matching :mod:`iothub_tls.errors`
+    class, keeping OpenSSL's reason and adding the rule and the remedy."""
+    where = f"TLS handshake with {host}" if host else "TLS handshake"
+    reason = getattr(exc, "reason", None) or ""
+    original = getattr(exc, "verify_message", None) or str(exc)
+    errno = getattr(exc, "errno", None)
+    new: OSError
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        remedy = _VERIFY_REMEDIES.get(code, "the server certificate chain could not be verified")
+        new = CertificateVerificationError(
+            errno,
+            f"{where} failed: certificate verify failed: {exc.verify_message} "
+            f"(OpenSSL verify code {code}); {remedy}. Pinned roots: "
+            f"{', '.join(policy.roots.common_names)}",
+        )
+        new.verify_code = code  # type: ignore[attr-defined]
+        new.verify_message = exc.verify_message  # type: ignore[attr-defined]
+    elif isinstance(exc, TimeoutError):
+        new = HandshakeTimeoutError(
+            errno,
+            f"{where} did not complete in time ({original}): the server accepted the TCP "
+            "connection but did not finish the handshake. Check that the port speaks TLS "
+            "and that no proxy or firewall holds the connection",
+        )
+    elif reason in _VERSION_REASONS:
+        new = ProtocolVersionError(
+            errno,
+            f"{where} failed: the server does not accept TLS 1.2 or later ({reason}). IoT Hub "
+            "policy requires TLS 1.2 or later (TLS 1.0 and 1.1 were retired on "
+            "2025-08-31); this device never offers older versions. Upgrade the server "
+            "or gateway to TLS 1.2+",
+        )
+    elif reason in _CIPHER_REASONS:
+        if policy.ciphers is CipherProfile.ECC_ONLY:
+            rule = (
+                "ECC-only mode needs an ECDSA certificate from the server: this device "
+                "offers only the ECDHE-ECDSA suites "
+                f"({', '.join(s.iana for s in policy.cipher_suites)}) and ECDSA signatures "
+                "in TLS 1.3. Use CipherProfile.STRONG if the server has only an RSA "
+                "certificate"
+            )
+        else:
+            rule = (
+                "this device offers only IoT Hub's recommended cipher suites "
+                f"({', '.join(s.iana for s in policy.cipher_suites)}) and the server "
+                "accepts none of them. The server must enable ECDHE with AES-GCM or "
+                "AES-CBC-SHA2 suites"
+            )
+        new = CipherSuiteError(errno, f"{where} failed: no cipher suite in common ({reason}); {rule}")
+    elif isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or reason in _CLOSED_REASONS:
+        new = HandshakeClosedError(
+            errno,
+            f"{where} failed: the server closed the connection during the handshake "
+            f"({original}). A server that only speaks TLS 1.0/1.1, accepts none of IoT Hub's "
+            "recommended suites, or requires a client certificate may do this",
+        )
+    elif isinstance(exc, ssl.SSLError):
+        new = TLSHandshakeError(errno, f"{where} failed: {original}")
+    else:
+        return exc
+    new.reason = reason or None  # type: ignore[attr-defined]
+    new.library = getattr(exc, "library", None)  # type: ignore[attr-defined]
+    return new

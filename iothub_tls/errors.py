@@ -1,0 +1,178 @@
+"""The exception tree of iothub-tls.
+
+Every error the library raises derives from :class:`IoTHubTLSError`, and keeps a
+standard-library base where one applies, so existing ``except ValueError`` or
+``except ssl.SSLError`` handlers in an application still catch it::
+
+    IoTHubTLSError
+    ├── PolicyError (ValueError)                 invalid configuration, found before any I/O
+    │   └── RootStoreError                       a root file or PEM that is not a usable root set
+    │       └── RootIntegrityError               a shipped root whose SHA-256 fingerprint is wrong
+    ├── IdentityError (ValueError)               device certificate / key unusable (bad PEM,
+    │                                            wrong password, key does not match certificate)
+    ├── ConnectionStringError (ValueError)       malformed IoT Hub connection string
+    ├── SasTokenError (ValueError)               malformed, expired or wrongly signed SAS token
+    ├── FeatureUnavailableError (RuntimeError)   a requested protection needs the OpenSSL shim,
+    │                                            which cannot work on this platform
+    ├── MissingDependencyError (ImportError)     an optional extra is not installed
+    ├── TLSHandshakeError (ssl.SSLError)         OpenSSL refused the handshake; the message keeps
+    │   │                                        OpenSSL's reason and adds the rule and a remedy
+    │   ├── ProtocolVersionError                 the peer does not speak TLS 1.2 or later
+    │   ├── CipherSuiteError                     no cipher suite / signature algorithm in common
+    │   └── HandshakeClosedError                 the peer closed the connection mid-handshake
+    │       └── HandshakeTimeoutError (TimeoutError)  the peer stalled mid-handshake
+    ├── CertificateVerificationError             (ssl.SSLCertVerificationError) the server
+    │                                            certificate did not verify; ``verify_code`` and
+    │                                            ``verify_message`` are OpenSSL's
+    ├── PolicyViolation (ssl.SSLError)           the handshake completed but broke the policy
+    │                                            (RSA leaf in ECC-only mode, fragment length not
+    │                                            honoured when required, anchor outside the roots)
+    └── ClientError                              transport-level failures of the device clients
+        ├── ConnectionFailedError (ConnectionError)  could not connect / connection lost for good
+        ├── AuthenticationError                  the hub refused the credentials
+        ├── NotAuthorizedError                   the hub refused the operation for this identity
+        ├── OperationTimeoutError (TimeoutError) an operation did not complete in time
+        └── DeliveryError                        a message was not accepted by the hub
+
+Errors raised while handshaking are translated at the boundary (the hardened socket's
+``do_handshake``) and chained with ``from`` to the original :mod:`ssl` exception.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+__all__ = [
+    "AuthenticationError",
+    "CertificateVerificationError",
+    "CipherSuiteError",
+    "ClientError",
+    "ConnectionFailedError",
+    "ConnectionStringError",
+    "DeliveryError",
+    "FeatureUnavailableError",
+    "HandshakeClosedError",
+    "HandshakeTimeoutError",
+    "IdentityError",
+    "IoTHubTLSError",
+    "MissingDependencyError",
+    "NotAuthorizedError",
+    "OperationTimeoutError",
+    "PolicyError",
+    "PolicyViolation",
+    "ProtocolVersionError",
+    "RootIntegrityError",
+    "RootStoreError",
+    "SasTokenError",
+    "TLSHandshakeError",
+]
+
+
+class IoTHubTLSError(Exception):
+    """Base class of every error raised by iothub-tls."""
+
+
+class PolicyError(IoTHubTLSError, ValueError):
+    """A :class:`~iothub_tls.TlsPolicy` (or a setting of the hardened context) is outside
+    IoT Hub's TLS guidance."""
+
+
+class RootStoreError(PolicyError):
+    """PEM data that does not form a usable set of trust anchors."""
+
+
+class RootIntegrityError(RootStoreError):
+    """A root certificate shipped with the package does not match its pinned SHA-256
+    fingerprint: the installation is damaged or was tampered with. Reinstall the package."""
+
+
+class IdentityError(IoTHubTLSError, ValueError):
+    """A device certificate or private key that cannot be used."""
+
+
+class ConnectionStringError(IoTHubTLSError, ValueError):
+    """A malformed IoT Hub connection string. The message names the bad part and never
+    contains the shared access key."""
+
+
+class SasTokenError(IoTHubTLSError, ValueError):
+    """A shared access signature that is malformed, expired or wrongly signed."""
+
+
+class FeatureUnavailableError(IoTHubTLSError, RuntimeError):
+    """A protection was requested that needs direct access to OpenSSL (the library's
+    ctypes shim), and the shim cannot work with this interpreter or OpenSSL build."""
+
+    def __init__(self, feature: str, reason: str) -> None:
+        self.feature = feature
+        self.reason = reason
+        super().__init__(
+            f"{feature} is not available on this platform: {reason}. Run "
+            "'iothub-tls doctor' for details; remove the setting from the TlsPolicy "
+            "or use CPython with a dynamically linked OpenSSL 1.1.1 or 3.x."
+        )
+
+
+class MissingDependencyError(IoTHubTLSError, ImportError):
+    """An optional transport extra is not installed."""
+
+    def __init__(self, extra: str, package: str) -> None:
+        self.extra = extra
+        self.package = package
+        super().__init__(
+            f"this feature needs {package}: pip install 'iothub-tls[{extra}]'"
+        )
+
+
+class TLSHandshakeError(IoTHubTLSError, ssl.SSLError):
+    """OpenSSL refused the handshake. ``reason`` and ``library`` keep OpenSSL's values."""
+
+
+class ProtocolVersionError(TLSHandshakeError):
+    """The peer offered only TLS versions below the policy's minimum."""
+
+
+class CipherSuiteError(TLSHandshakeError):
+    """No cipher suite or signature algorithm in common with the peer."""
+
+
+class HandshakeClosedError(TLSHandshakeError):
+    """The peer closed the connection (or stopped answering) during the handshake."""
+
+
+class HandshakeTimeoutError(HandshakeClosedError, TimeoutError):
+    """The peer accepted the connection but did not complete the handshake in time."""
+
+
+class CertificateVerificationError(IoTHubTLSError, ssl.SSLCertVerificationError):
+    """The server certificate chain did not verify. ``verify_code`` and
+    ``verify_message`` are OpenSSL's."""
+
+
+class PolicyViolation(IoTHubTLSError, ssl.SSLError):
+    """The handshake completed but the connection breaks the policy. The socket has
+    already been closed when this is raised."""
+
+
+class ClientError(IoTHubTLSError):
+    """Base class of the device clients' transport-level errors."""
+
+
+class ConnectionFailedError(ClientError, ConnectionError):
+    """The client could not connect, or lost the connection and gave up."""
+
+
+class AuthenticationError(ClientError):
+    """The hub refused the device's credentials (bad SAS token, unknown certificate)."""
+
+
+class NotAuthorizedError(ClientError):
+    """The hub refused an operation for this identity."""
+
+
+class OperationTimeoutError(ClientError, TimeoutError):
+    """An operation did not complete within its timeout."""
+
+
+class DeliveryError(ClientError):
+    """A message was not accepted by the hub (rejected, released, or lost)."""

@@ -1,0 +1,163 @@
+"""What a connection negotiated: :class:`TlsInfo` and :func:`tls_info`.
+
+The device-side mirror of IoT Hub's connection metrics and diagnostic logs
+(``tlsVersion``, cipher suite), plus what only the device can see: the server's key,
+the root that anchored the verified chain, the fragment length and resumption.
+"""
+
+from __future__ import annotations
+
+import ssl
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from ._openssl import shim
+from .errors import FeatureUnavailableError
+from .policy import iana_name
+from .roots import common_name
+
+__all__ = ["TlsInfo", "tls_info"]
+
+
+@dataclass(frozen=True)
+class TlsInfo:
+    """The negotiated parameters of one TLS connection."""
+
+    #: "TLSv1.2" or "TLSv1.3"
+    version: str
+    #: OpenSSL name of the cipher suite, e.g. "ECDHE-ECDSA-AES128-GCM-SHA256"
+    cipher: str
+    #: IANA name, e.g. "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"
+    iana_cipher: str
+    #: "EC" or "RSA" (the server leaf certificate's key)
+    server_key_type: str
+    server_key_bits: int
+    #: subject CN of the root that anchored the verified chain (None if unknown)
+    anchor: str | None
+    #: subject CNs of the verified chain, leaf first, root last
+    chain: tuple[str, ...]
+    #: the server name sent in SNI (and checked against the certificate)
+    sni: str | None
+    #: negotiated RFC 6066 max fragment length in bytes, or None
+    max_fragment_length: int | None
+    session_reused: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["chain"] = list(self.chain)
+        return data
+
+    def __str__(self) -> str:
+        mfl = f", max fragment {self.max_fragment_length}" if self.max_fragment_length else ""
+        resumed = ", resumed" if self.session_reused else ""
+        return (
+            f"{self.version} {self.iana_cipher}, server key {self.server_key_type}-"
+            f"{self.server_key_bits}, anchored at {self.anchor or 'unknown root'}"
+            f"{mfl}{resumed}"
+        )
+
+
+def key_description(cert: x509.Certificate) -> tuple[str, int]:
+    """("EC"|"RSA"|other, bits) of a certificate's public key."""
+    key = cert.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "EC", key.curve.key_size
+    if isinstance(key, rsa.RSAPublicKey):
+        return "RSA", key.key_size
+    return type(key).__name__.replace("PublicKey", "").replace("_", ""), 0
+
+
+def verified_chain_der(sslobj: ssl.SSLSocket | ssl.SSLObject) -> list[bytes] | None:
+    """DER of the verified chain (leaf first), or None where it cannot be read."""
+    getter = getattr(sslobj, "get_verified_chain", None)  # Python 3.13+
+    if getter is not None and sys.version_info >= (3, 13):
+        try:
+            return [c.public_bytes(ssl.Encoding.DER) for c in getter()]  # type: ignore[attr-defined]
+        except (ValueError, AttributeError):
+            return None
+    try:
+        return shim("reading the verified chain").verified_chain(sslobj)
+    except (FeatureUnavailableError, OSError):
+        return None
+
+
+def negotiated_fragment_length(sslobj: ssl.SSLSocket | ssl.SSLObject) -> int | None:
+    try:
+        return shim("reading the max fragment length").negotiated_max_fragment_length(sslobj)
+    except (FeatureUnavailableError, OSError):
+        return None
+
+
+def inspect_connection(sslobj: ssl.SSLSocket | ssl.SSLObject) -> TlsInfo:
+    """Build a :class:`TlsInfo` from a live, handshaken TLS socket or object."""
+    version = sslobj.version()
+    cipher = sslobj.cipher()
+    der = sslobj.getpeercert(binary_form=True)
+    if version is None or cipher is None or not der:
+        raise ValueError("the TLS handshake has not completed on this connection")
+    leaf = x509.load_der_x509_certificate(der)
+    key_type, key_bits = key_description(leaf)
+    chain_der = verified_chain_der(sslobj) or []
+    chain = tuple(common_name(x509.load_der_x509_certificate(c)) for c in chain_der)
+    return TlsInfo(
+        version=version,
+        cipher=cipher[0],
+        iana_cipher=iana_name(cipher[0]),
+        server_key_type=key_type,
+        server_key_bits=key_bits,
+        # OpenSSL's verified chain always ends at the trust anchor that verified it.
+        anchor=chain[-1] if chain else None,
+        chain=chain or (common_name(leaf),),
+        sni=sslobj.server_hostname,
+        max_fragment_length=negotiated_fragment_length(sslobj),
+        session_reused=bool(sslobj.session_reused),
+    )
+
+
+def _unwrap(obj: Any) -> Any:
+    """Find the SSLSocket / SSLObject inside the objects users hold."""
+    for _ in range(4):
+        if isinstance(obj, ssl.SSLSocket | ssl.SSLObject):
+            return obj
+        cached = getattr(obj, "tls_info", None)
+        if isinstance(cached, TlsInfo):
+            return cached
+        get_extra = getattr(obj, "get_extra_info", None)  # asyncio transports / streams
+        if callable(get_extra):
+            found = get_extra("ssl_object")
+            if found is not None:
+                obj = found
+                continue
+        for attr in ("sock", "_sock", "socket"):  # urllib3 connections, paho clients
+            inner = getattr(obj, attr, None)
+            if callable(inner) and attr == "socket":
+                inner = inner()
+            if inner is not None and inner is not obj:
+                obj = inner
+                break
+        else:
+            break
+    return obj
+
+
+def tls_info(obj: Any) -> TlsInfo:
+    """The :class:`TlsInfo` of a connection.
+
+    Accepts an ``ssl.SSLSocket`` or ``ssl.SSLObject`` (from any context), an asyncio
+    transport or stream writer, a urllib3 connection, a paho client or one of this
+    package's device clients. Connections made through a hardened context return the
+    report captured right after their handshake.
+    """
+    target = _unwrap(obj)
+    if isinstance(target, TlsInfo):
+        return target
+    if not isinstance(target, ssl.SSLSocket | ssl.SSLObject):
+        raise TypeError(f"no TLS connection found in {type(obj).__name__}")
+    cached = target.__dict__.get("_iothub_tls_info")
+    if isinstance(cached, TlsInfo):
+        return cached
+    return inspect_connection(target)
