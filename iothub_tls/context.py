@@ -52,10 +52,8 @@ _CLIENT_SIGALGS = (
     "RSA-PSS+SHA256:RSA-PSS+SHA384:RSA-PSS+SHA512:RSA+SHA256:RSA+SHA384:RSA+SHA512"
 )
 # Options that must stay set whatever a caller does to the context later.
-_REQUIRED_OPTIONS = (
-    ssl.OP_NO_SSLv2 | ssl.OP_NO_SSLv3 | ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
-    | ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
-)
+# (Protocol versions are held by minimum_version, not by the deprecated OP_NO_TLS* bits.)
+_REQUIRED_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 _SESSION_CACHE_SIZE = 64
 
 
@@ -352,9 +350,8 @@ class HardenedSSLContext(ssl.SSLContext):
     def options(self, value: ssl.Options) -> None:
         if self._sealed and (int(value) & _REQUIRED_OPTIONS) != _REQUIRED_OPTIONS:
             self._refuse(
-                "clearing OP_NO_SSLv3/OP_NO_TLSv1/OP_NO_TLSv1_1/OP_NO_COMPRESSION/"
-                "OP_NO_RENEGOTIATION",
-                "they keep retired protocols and renegotiation off",
+                "clearing OP_NO_COMPRESSION or OP_NO_RENEGOTIATION",
+                "they keep TLS compression (CRIME) and renegotiation off",
             )
         ssl.SSLContext.options.__set__(self, value)  # type: ignore[attr-defined]
 

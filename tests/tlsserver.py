@@ -48,6 +48,16 @@ def _write_tmp(data: bytes, directory: Path, name: str) -> str:
     return str(path)
 
 
+def _ffdhe2048(directory: Path) -> str:
+    path = directory / "ffdhe2048.pem"
+    pem = subprocess.run(
+        ["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048"],
+        check=True, capture_output=True,
+    ).stdout
+    path.write_bytes(pem)
+    return str(path)
+
+
 @dataclass
 class Accepted:
     """What the server saw of one connection."""
@@ -82,6 +92,8 @@ class TLSServer:
         if ciphers or legacy:
             # SECLEVEL=0 so OpenSSL 3 will speak TLS 1.0/1.1 and the weak suites at all.
             ctx.set_ciphers((ciphers or "ALL") + ":@SECLEVEL=0")
+            # RFC 7919 ffdhe2048, so the DHE suites are really served.
+            ctx.load_dh_params(_ffdhe2048(self._dir))
         for i, issued in enumerate(certs):
             ctx.load_cert_chain(
                 _write_tmp(issued.cert_chain_pem, self._dir, f"c{i}.pem"),
@@ -137,6 +149,13 @@ class TLSServer:
             seen.error = str(exc)
             self.accepted.append(seen)
 
+    def wait_accepted(self, count: int = 1, timeout: float = 5.0) -> list[Accepted]:
+        """Wait until the server has recorded ``count`` connection attempts."""
+        deadline = time.monotonic() + timeout
+        while len(self.accepted) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.accepted
+
     def close(self) -> None:
         self._stop.set()
         self._sock.close()
@@ -157,11 +176,15 @@ class OpenSSLServer:
 
     def __init__(self, issued: Issued, *extra: str) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="itls-ossl-"))
-        cert = _write_tmp(issued.cert_chain_pem, self._dir, "cert.pem")
+        from tests.pki import pem
+
+        cert = _write_tmp(pem(issued.cert), self._dir, "cert.pem")
+        chain = _write_tmp(b"".join(pem(c) for c in issued.chain) or pem(issued.cert),
+                           self._dir, "chain.pem")
         key = _write_tmp(issued.key_pem, self._dir, "key.pem")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["openssl", "s_server", "-accept", str(self.port), "-cert", cert, "-key", key,
+            ["openssl", "s_server", "-accept", str(self.port), "-cert", cert, "-cert_chain", chain, "-key", key,
              "-naccept", "8", "-quiet", *extra],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+import iothub_tls as it
+from iothub_tls import _openssl
+from tests.pki import CA, Issued
+from tests.tlsserver import TLSServer
+
+HOST = "hub.iothub-tls.test"
+
+
+@dataclass
+class PKI:
+    """A root CA with an intermediate, as IoT Hub's chains look: root -> intermediate -> leaf."""
+
+    root: CA
+    intermediate: CA
+    rsa_leaf: Issued
+    ec_leaf: Issued
+
+    @property
+    def roots(self) -> it.RootSet:
+        return it.RootSet.from_pem(self.root.cert_pem)
+
+    def policy(self, **kwargs: object) -> it.TlsPolicy:
+        return it.TlsPolicy(roots=self.roots, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pki() -> PKI:
+    root = CA("iothub-tls Test Root G2")
+    inter = root.intermediate("iothub-tls Test Issuing CA")
+    return PKI(
+        root=root,
+        intermediate=inter,
+        rsa_leaf=inter.issue(HOST, "localhost"),
+        ec_leaf=inter.issue(HOST, "localhost", key_type="ec"),
+    )
+
+
+@pytest.fixture
+def tls_server() -> Iterator[Callable[..., TLSServer]]:
+    """Factory: ``tls_server([certs], **profile)`` -> a running TLSServer, closed after."""
+    made: list[TLSServer] = []
+
+    def make(certs: list[Issued], **kwargs: object) -> TLSServer:
+        server = TLSServer(certs, **kwargs)  # type: ignore[arg-type]
+        made.append(server)
+        return server
+
+    yield make
+    for server in made:
+        server.close()
+
+
+def connect(
+    ctx: ssl.SSLContext, port: int, host: str = HOST, *, read: bool = True, timeout: float = 5
+) -> ssl.SSLSocket:
+    """Open a TLS connection through ``ctx`` and read the server's greeting."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout)
+    try:
+        tls = ctx.wrap_socket(raw, server_hostname=host)
+    except BaseException:
+        raw.close()
+        raise
+    if read:
+        tls.recv(65536)
+    return tls
+
+
+@pytest.fixture
+def no_shim() -> Iterator[None]:
+    """Simulate a platform where the OpenSSL shim cannot work."""
+    _openssl._disable_for_tests("simulated: _ssl is statically linked")
+    yield
+    _openssl._reset()
