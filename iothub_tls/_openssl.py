@@ -133,8 +133,10 @@ class OpenSSLShim:
         """Restrict the signature algorithms offered (and so the server certificate type
         in TLS 1.3). ``client`` sets the list used for the device's own CertificateVerify."""
         ptr = self.ctx_pointer(ctx)
-        for cmd, value in ((_SSL_CTRL_SET_SIGALGS_LIST, sigalgs),
-                           (_SSL_CTRL_SET_CLIENT_SIGALGS_LIST, client)):
+        for cmd, value in (
+            (_SSL_CTRL_SET_SIGALGS_LIST, sigalgs),
+            (_SSL_CTRL_SET_CLIENT_SIGALGS_LIST, client),
+        ):
             if value is None:
                 continue
             buf = ctypes.create_string_buffer(value.encode("ascii"))
@@ -176,10 +178,10 @@ def _load() -> OpenSSLShim | str:
     with _lock:
         if "shim" not in _state:
             try:
-                loaded: OpenSSLShim | str = OpenSSLShim()
+                candidate = OpenSSLShim()
                 # End-to-end self test on a throwaway context before anyone relies on it.
-                probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-                loaded.ctx_pointer(probe)
+                candidate.ctx_pointer(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+                loaded: OpenSSLShim | str = candidate
             except (OSError, ImportError) as exc:
                 loaded = str(exc)
             _state["shim"] = loaded

@@ -57,6 +57,16 @@ _REQUIRED_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
 _SESSION_CACHE_SIZE = 64
 
 
+def _base_get(ctx: ssl.SSLContext, name: str) -> Any:
+    """Read an attribute through ssl.SSLContext's own descriptor (bypassing our guards)."""
+    return getattr(ssl.SSLContext, name).__get__(ctx)
+
+
+def _base_set(ctx: ssl.SSLContext, name: str, value: Any) -> None:
+    """Write an attribute through ssl.SSLContext's own descriptor (bypassing our guards)."""
+    getattr(ssl.SSLContext, name).__set__(ctx, value)
+
+
 def create_ssl_context(
     policy: TlsPolicy | None = None, *, identity: ClientIdentity | None = None
 ) -> HardenedSSLContext:
@@ -139,7 +149,7 @@ class HardenedSSLContext(ssl.SSLContext):
                 "server_hostname is required: the hub's name is sent in SNI (mandatory on "
                 "IoT Hub's TLS 1.3 endpoints) and checked against its certificate"
             )
-        target = self._system if self._system is not None else super()
+        target: Any = self._system if self._system is not None else super()
         return cast(
             ssl.SSLSocket,
             target.wrap_socket(
@@ -169,12 +179,10 @@ class HardenedSSLContext(ssl.SSLContext):
         if session is None and self._policy.session_resumption:
             remembered = self._recall((server_hostname, None))
             session = remembered.session if remembered else None
-        target = self._system if self._system is not None else super()
+        target: Any = self._system if self._system is not None else super()
         return cast(
             ssl.SSLObject,
-            target.wrap_bio(
-                incoming, outgoing, server_hostname=server_hostname, session=session
-            ),
+            target.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session),
         )
 
     # -- session memory -----------------------------------------------------------------
@@ -287,19 +295,19 @@ class HardenedSSLContext(ssl.SSLContext):
     def _refuse(self, what: str, why: str) -> None:
         raise PolicyError(f"{what} is not allowed on a HardenedSSLContext: {why}")
 
-    @property  # type: ignore[override]
+    @property
     def check_hostname(self) -> bool:
-        return bool(ssl.SSLContext.check_hostname.__get__(self))  # type: ignore[attr-defined]
+        return bool(_base_get(self, "check_hostname"))
 
     @check_hostname.setter
     def check_hostname(self, value: bool) -> None:
         if self._sealed and not value:
             self._refuse("check_hostname=False", "the hub's certificate must match its name")
-        ssl.SSLContext.check_hostname.__set__(self, value)  # type: ignore[attr-defined]
+        _base_set(self, "check_hostname", value)
 
     @property  # type: ignore[override]
     def verify_mode(self) -> ssl.VerifyMode:
-        return ssl.VerifyMode(ssl.SSLContext.verify_mode.__get__(self))
+        return ssl.VerifyMode(_base_get(self, "verify_mode"))
 
     @verify_mode.setter
     def verify_mode(self, value: ssl.VerifyMode) -> None:
@@ -308,11 +316,11 @@ class HardenedSSLContext(ssl.SSLContext):
                 f"verify_mode={ssl.VerifyMode(value).name}",
                 "the server certificate must always be verified",
             )
-        ssl.SSLContext.verify_mode.__set__(self, value)  # type: ignore[attr-defined]
+        _base_set(self, "verify_mode", value)
 
     @property  # type: ignore[override]
     def minimum_version(self) -> ssl.TLSVersion:
-        return ssl.TLSVersion(ssl.SSLContext.minimum_version.__get__(self))
+        return ssl.TLSVersion(_base_get(self, "minimum_version"))
 
     @minimum_version.setter
     def minimum_version(self, value: ssl.TLSVersion) -> None:
@@ -324,27 +332,31 @@ class HardenedSSLContext(ssl.SSLContext):
                 f"minimum_version={ssl.TLSVersion(value).name}",
                 f"the policy requires {self._policy.min_version.name} or later",
             )
-        ssl.SSLContext.minimum_version.__set__(self, value)  # type: ignore[attr-defined]
+        _base_set(self, "minimum_version", value)
 
     @property  # type: ignore[override]
     def maximum_version(self) -> ssl.TLSVersion:
-        return ssl.TLSVersion(ssl.SSLContext.maximum_version.__get__(self))
+        return ssl.TLSVersion(_base_get(self, "maximum_version"))
 
     @maximum_version.setter
     def maximum_version(self, value: ssl.TLSVersion) -> None:
-        if self._sealed and value != ssl.TLSVersion.MAXIMUM_SUPPORTED and (
-            value not in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
-            or value < self._policy.min_version
+        if (
+            self._sealed
+            and value != ssl.TLSVersion.MAXIMUM_SUPPORTED
+            and (
+                value not in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3)
+                or value < self._policy.min_version
+            )
         ):
             self._refuse(
                 f"maximum_version={ssl.TLSVersion(value).name}",
                 f"the policy requires {self._policy.min_version.name} or later",
             )
-        ssl.SSLContext.maximum_version.__set__(self, value)  # type: ignore[attr-defined]
+        _base_set(self, "maximum_version", value)
 
     @property  # type: ignore[override]
     def options(self) -> ssl.Options:
-        return ssl.Options(ssl.SSLContext.options.__get__(self))
+        return ssl.Options(_base_get(self, "options"))
 
     @options.setter
     def options(self, value: ssl.Options) -> None:
@@ -353,17 +365,17 @@ class HardenedSSLContext(ssl.SSLContext):
                 "clearing OP_NO_COMPRESSION or OP_NO_RENEGOTIATION",
                 "they keep TLS compression (CRIME) and renegotiation off",
             )
-        ssl.SSLContext.options.__set__(self, value)  # type: ignore[attr-defined]
+        _base_set(self, "options", value)
 
     @property  # type: ignore[override]
     def keylog_filename(self) -> str | None:
-        return cast("str | None", ssl.SSLContext.keylog_filename.__get__(self))  # type: ignore[attr-defined]
+        return cast("str | None", _base_get(self, "keylog_filename"))
 
     @keylog_filename.setter
     def keylog_filename(self, value: str | None) -> None:
         if value is not None:
             self._refuse("keylog_filename", "it would write the session keys to a file")
-        ssl.SSLContext.keylog_filename.__set__(self, value)  # type: ignore[attr-defined]
+        _base_set(self, "keylog_filename", value)
 
     def set_ciphers(self, cipherlist: str, /) -> None:
         if self._sealed:
@@ -404,23 +416,20 @@ class HardenedSSLContext(ssl.SSLContext):
 
 def _configure(ctx: ssl.SSLContext, policy: TlsPolicy, identity: ClientIdentity | None) -> None:
     """Apply the policy to a fresh client context. Every line cites its reason."""
-    base = ssl.SSLContext
     # Verify the server certificate and its name, always (IoT Hub guidance: the device
     # authenticates the hub; RFC 6125).
-    base.verify_mode.__set__(ctx, ssl.CERT_REQUIRED)  # type: ignore[attr-defined]
-    base.check_hostname.__set__(ctx, True)  # type: ignore[attr-defined]
+    _base_set(ctx, "verify_mode", ssl.CERT_REQUIRED)
+    _base_set(ctx, "check_hostname", True)
     # Wildcards only in the left-most label, no CN fallback (RFC 6125 6.4.4).
     ctx.hostname_checks_common_name = False
     # TLS 1.2 minimum: IoT Hub retired TLS 1.0/1.1 on 2025-08-31. TLS 1.3 is preferred
     # and used whenever the hub offers it.
-    base.minimum_version.__set__(ctx, policy.min_version)  # type: ignore[attr-defined]
-    base.maximum_version.__set__(  # type: ignore[attr-defined]
-        ctx, policy.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
-    )
+    _base_set(ctx, "minimum_version", policy.min_version)
+    _base_set(ctx, "maximum_version", policy.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED)
     # No compression (CRIME), no renegotiation (IoT Hub never renegotiates; closes the
     # renegotiation attack surface). Tickets stay on: resumption saves a device ~75 % of
     # the handshake bytes.
-    base.options.__set__(ctx, ctx.options | _REQUIRED_OPTIONS)  # type: ignore[attr-defined]
+    _base_set(ctx, "options", ctx.options | _REQUIRED_OPTIONS)
     # Only IoT Hub's recommended suites for TLS 1.2 (all ECDHE, all AEAD or SHA-2 CBC);
     # SECLEVEL=2 refuses RSA keys under 2048 bits and SHA-1 signatures in the chain.
     # TLS 1.3 suites are OpenSSL's defaults, all AEAD.
@@ -428,7 +437,7 @@ def _configure(ctx: ssl.SSLContext, policy: TlsPolicy, identity: ClientIdentity 
     # RFC 5280 strict chain checks, as Python 3.13's default context does.
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     # Never log session keys, whatever SSLKEYLOGFILE says.
-    base.keylog_filename.__set__(ctx, None)  # type: ignore[attr-defined]
+    _base_set(ctx, "keylog_filename", None)
     # Trust anchors are exactly the pinned roots (never the system store). In SYSTEM
     # trust the delegate loads the OS store instead and the anchor is checked afterwards.
     if policy.trust is Trust.PINNED:
@@ -456,7 +465,9 @@ def _system_trust_delegate(
     try:
         import truststore
     except ImportError as exc:  # pragma: no cover - a core dependency
-        raise FeatureUnavailableError("Trust.SYSTEM", f"truststore is not installed ({exc})")
+        raise FeatureUnavailableError(
+            "Trust.SYSTEM", f"truststore is not installed ({exc})"
+        ) from exc
     delegate = truststore.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     inner = getattr(delegate, "_ctx", None)
     if not isinstance(inner, ssl.SSLContext):
@@ -626,8 +637,8 @@ def explain_handshake_error(
             f"(OpenSSL verify code {code}); {remedy}. Pinned roots: "
             f"{', '.join(policy.roots.common_names)}",
         )
-        new.verify_code = code  # type: ignore[attr-defined]
-        new.verify_message = exc.verify_message  # type: ignore[attr-defined]
+        new.verify_code = code
+        new.verify_message = exc.verify_message
     elif isinstance(exc, TimeoutError):
         new = HandshakeTimeoutError(
             errno,
@@ -659,7 +670,9 @@ def explain_handshake_error(
                 "accepts none of them. The server must enable ECDHE with AES-GCM or "
                 "AES-CBC-SHA2 suites"
             )
-        new = CipherSuiteError(errno, f"{where} failed: no cipher suite in common ({reason}); {rule}")
+        new = CipherSuiteError(
+            errno, f"{where} failed: no cipher suite in common ({reason}); {rule}"
+        )
     elif isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or reason in _CLOSED_REASONS:
         new = HandshakeClosedError(
             errno,
@@ -671,6 +684,6 @@ def explain_handshake_error(
         new = TLSHandshakeError(errno, f"{where} failed: {original}")
     else:
         return exc
-    new.reason = reason or None  # type: ignore[attr-defined]
-    new.library = getattr(exc, "library", None)  # type: ignore[attr-defined]
+    # keep OpenSSL's fields, as ssl.SSLError carries them
+    vars(new).update(reason=reason or None, library=getattr(exc, "library", None))
     return new

@@ -119,9 +119,7 @@ class MissingDependencyError(IoTHubTLSError, ImportError):
     def __init__(self, extra: str, package: str) -> None:
         self.extra = extra
         self.package = package
-        super().__init__(
-            f"this feature needs {package}: pip install 'iothub-tls[{extra}]'"
-        )
+        super().__init__(f"this feature needs {package}: pip install 'iothub-tls[{extra}]'")
 
 
 class TLSHandshakeError(IoTHubTLSError, ssl.SSLError):

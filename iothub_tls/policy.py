@@ -66,9 +66,7 @@ CIPHER_SUITES: tuple[CipherSuite, ...] = (
     _suite("TLS_RSA_WITH_AES_256_CBC_SHA", "AES256-SHA", False),
 )
 STRONG_SUITES: tuple[CipherSuite, ...] = tuple(s for s in CIPHER_SUITES if s.strong)
-ECC_SUITES: tuple[CipherSuite, ...] = tuple(
-    s for s in STRONG_SUITES if s.authentication == "ECDSA"
-)
+ECC_SUITES: tuple[CipherSuite, ...] = tuple(s for s in STRONG_SUITES if s.authentication == "ECDSA")
 WEAK_SUITES: tuple[CipherSuite, ...] = tuple(s for s in CIPHER_SUITES if not s.strong)
 
 _IANA_BY_OPENSSL = {s.openssl: s.iana for s in CIPHER_SUITES}
@@ -132,9 +130,7 @@ class TlsPolicy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_version, ssl.TLSVersion):
-            raise PolicyError(
-                f"min_version must be an ssl.TLSVersion, got {self.min_version!r}"
-            )
+            raise PolicyError(f"min_version must be an ssl.TLSVersion, got {self.min_version!r}")
         if self.min_version not in _ALLOWED_VERSIONS:
             raise PolicyError(
                 f"min_version {self.min_version.name} is not allowed: IoT Hub retired "

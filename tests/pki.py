@@ -20,7 +20,7 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 NOW = dt.datetime.now(dt.timezone.utc)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached_key(kind: str, size: int, slot: int) -> PrivateKey:
     if kind == "rsa":
         return rsa.generate_private_key(public_exponent=65537, key_size=size)
@@ -43,10 +43,12 @@ def new_key(kind: str = "rsa", size: int | None = None, *, fresh: bool = False) 
 
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "iothub-tls tests"),
-        x509.NameAttribute(NameOID.COMMON_NAME, cn),
-    ])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "iothub-tls tests"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def pem(cert: x509.Certificate) -> bytes:
@@ -55,7 +57,9 @@ def pem(cert: x509.Certificate) -> bytes:
 
 def key_pem(key: PrivateKey, password: bytes | None = None) -> bytes:
     enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
     )
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
 
@@ -112,9 +116,15 @@ class CA:
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                    crl_sign=True, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -140,7 +150,9 @@ class CA:
     def cert_pem(self) -> bytes:
         return pem(self.cert)
 
-    def intermediate(self, cn: str = "iothub-tls Test Intermediate", *, key_type: str = "rsa") -> CA:
+    def intermediate(
+        self, cn: str = "iothub-tls Test Intermediate", *, key_type: str = "rsa"
+    ) -> CA:
         return CA(cn, key_type=key_type, parent=self)
 
     def issue(

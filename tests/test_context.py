@@ -257,7 +257,9 @@ def test_required_fragment_length_not_honoured_is_a_violation(pki, tls_server):
 
 def test_required_fragment_length_honoured_is_accepted(pki, tls_server):
     server = tls_server([pki.rsa_leaf])
-    ctx = it.create_ssl_context(pki.policy(max_fragment_length=1024, require_max_fragment_length=True))
+    ctx = it.create_ssl_context(
+        pki.policy(max_fragment_length=1024, require_max_fragment_length=True)
+    )
     with connect(ctx, server.port) as tls:
         assert it.tls_info(tls).max_fragment_length == 1024
 
@@ -308,7 +310,9 @@ def test_session_is_not_offered_to_another_host(pki, tls_server):
 @pytest.mark.parametrize("flag,name", [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")])
 def test_openssl_s_server_interop(pki, flag, name):
     with OpenSSLServer(pki.ec_leaf, flag) as server:
-        ctx = it.create_ssl_context(pki.policy(ciphers=it.CipherProfile.ECC_ONLY, max_fragment_length=2048))
+        ctx = it.create_ssl_context(
+            pki.policy(ciphers=it.CipherProfile.ECC_ONLY, max_fragment_length=2048)
+        )
         with connect(ctx, server.port, read=False) as tls:
             info = it.tls_info(tls)
     assert info.version == name
@@ -328,7 +332,8 @@ def test_openssl_s_server_rsa_refuses_ecc_only(pki):
         with pytest.raises(it.CipherSuiteError, match="ECDSA certificate"):
             connect(
                 it.create_ssl_context(pki.policy(ciphers=it.CipherProfile.ECC_ONLY)),
-                server.port, read=False,
+                server.port,
+                read=False,
             )
 
 
@@ -393,19 +398,40 @@ def test_mutual_tls_without_identity_is_refused(pki, tls_server):
         lambda c: c.load_verify_locations(cadata=CA("Extra").cert_pem.decode()),
     ],
     ids=[
-        "CERT_NONE", "CERT_OPTIONAL", "check_hostname", "min_tls1.1", "max_tls1.1",
-        "options", "keylog", "weak_cipher", "all_ciphers", "load_default_certs",
-        "default_verify_paths", "extra_anchor",
+        "CERT_NONE",
+        "CERT_OPTIONAL",
+        "check_hostname",
+        "min_tls1.1",
+        "max_tls1.1",
+        "options",
+        "keylog",
+        "weak_cipher",
+        "all_ciphers",
+        "load_default_certs",
+        "default_verify_paths",
+        "extra_anchor",
     ],
 )
 def test_weakening_the_context_is_refused(change):
     ctx = it.create_ssl_context()
-    before = (ctx.verify_mode, ctx.check_hostname, ctx.minimum_version, ctx.options,
-              len(ctx.get_ca_certs()), len(ctx.get_ciphers()))
+    before = (
+        ctx.verify_mode,
+        ctx.check_hostname,
+        ctx.minimum_version,
+        ctx.options,
+        len(ctx.get_ca_certs()),
+        len(ctx.get_ciphers()),
+    )
     with pytest.raises(it.PolicyError, match="not allowed on a HardenedSSLContext"):
         change(ctx)
-    after = (ctx.verify_mode, ctx.check_hostname, ctx.minimum_version, ctx.options,
-             len(ctx.get_ca_certs()), len(ctx.get_ciphers()))
+    after = (
+        ctx.verify_mode,
+        ctx.check_hostname,
+        ctx.minimum_version,
+        ctx.options,
+        len(ctx.get_ca_certs()),
+        len(ctx.get_ciphers()),
+    )
     assert after == before
 
 
@@ -474,7 +500,9 @@ def test_asyncio_handshake_runs_the_same_checks(pki, tls_server):
 # -- SYSTEM trust ---------------------------------------------------------------------------
 
 
-def test_system_trust_requires_the_anchor_to_be_a_policy_root(pki, tls_server, tmp_path, monkeypatch):
+def test_system_trust_requires_the_anchor_to_be_a_policy_root(
+    pki, tls_server, tmp_path, monkeypatch
+):
     bundle = tmp_path / "system-store.pem"
     bundle.write_bytes(pki.root.cert_pem)
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the "OS store" for this test

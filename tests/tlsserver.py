@@ -31,7 +31,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_port(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_port(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -52,7 +54,8 @@ def _ffdhe2048(directory: Path) -> str:
     path = directory / "ffdhe2048.pem"
     pem = subprocess.run(
         ["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     ).stdout
     path.write_bytes(pem)
     return str(path)
@@ -179,14 +182,31 @@ class OpenSSLServer:
         from tests.pki import pem
 
         cert = _write_tmp(pem(issued.cert), self._dir, "cert.pem")
-        chain = _write_tmp(b"".join(pem(c) for c in issued.chain) or pem(issued.cert),
-                           self._dir, "chain.pem")
+        chain = _write_tmp(
+            b"".join(pem(c) for c in issued.chain) or pem(issued.cert), self._dir, "chain.pem"
+        )
         key = _write_tmp(issued.key_pem, self._dir, "key.pem")
         self.port = free_port()
         self.proc = subprocess.Popen(
-            ["openssl", "s_server", "-accept", str(self.port), "-cert", cert, "-cert_chain", chain, "-key", key,
-             "-naccept", "8", "-quiet", *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                "openssl",
+                "s_server",
+                "-accept",
+                str(self.port),
+                "-cert",
+                cert,
+                "-cert_chain",
+                chain,
+                "-key",
+                key,
+                "-naccept",
+                "8",
+                "-quiet",
+                *extra,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         wait_port(self.port, proc=self.proc)
 
@@ -261,7 +281,7 @@ class RecordRelay:
                     if len(buf) < 5 + length:
                         break
                     log.records.append((ctype, length))
-                    buf = buf[5 + length:]
+                    buf = buf[5 + length :]
                 dst.sendall(data)
         except OSError:
             pass

@@ -22,9 +22,7 @@ from ..errors import RootIntegrityError, RootStoreError
 
 __all__ = ["AZURE_ECC", "AZURE_GLOBAL", "RootSet", "common_name", "spki_sha256"]
 
-_PEM_BLOCK = re.compile(
-    rb"-----BEGIN CERTIFICATE-----\s.+?-----END CERTIFICATE-----", re.DOTALL
-)
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def common_name(cert: x509.Certificate) -> str:
