@@ -10,7 +10,6 @@ from pathlib import Path
 
 import certifi
 import pytest
-
 from cryptography.hazmat.primitives import serialization
 
 import iothub_tls as it
