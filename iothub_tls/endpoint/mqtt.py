@@ -1,0 +1,394 @@
+"""The local hub's MQTT front door: IoT Hub's MQTT 3.1.1 subset for devices.
+
+CONNECT with IoT Hub's client id / username / SAS-token password (or an X.509 client
+certificate and no password), telemetry on ``devices/{id}/messages/events/{props}``,
+cloud-to-device on ``devices/{id}/messages/devicebound/#`` (QoS 1; PUBACK completes),
+the device twin on ``$iothub/twin/...`` and direct methods on ``$iothub/methods/...``.
+Anything else closes the connection, as IoT Hub does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import ssl
+import threading
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from . import mqtt_codec as codec
+from .frontdoor import TlsFrontDoor, TlsMeta
+from .log import ConnectionLog
+from .state import C2DMessage, HubState, Telemetry
+
+__all__ = ["DeviceAuthenticator", "MqttEndpoint"]
+
+# CONNACK return codes (MQTT 3.1.1 3.2.2.3)
+_ACCEPTED, _BAD_CREDENTIALS, _NOT_AUTHORIZED, _IDENTIFIER_REJECTED = 0, 4, 5, 2
+
+
+class DeviceAuthenticator(Protocol):
+    """How a front door checks a device's credentials (the device registry)."""
+
+    def authenticate_sas(
+        self, device_id: str, module_id: str | None, token: str, *, hostname: str
+    ) -> None: ...
+
+    def authenticate_certificate(
+        self, device_id: str, module_id: str | None, certificate_der: bytes
+    ) -> None: ...
+
+
+class _Refused(Exception):
+    """The device did something IoT Hub answers by closing the connection."""
+
+
+class AuthenticationFailed(Exception):
+    """Raised by a DeviceAuthenticator: the message is logged as the refusal reason."""
+
+
+def _split_topic(topic: str) -> tuple[str, str]:
+    """('path', 'query') of a topic with an optional ``?`` property part."""
+    path, _, query = topic.partition("?")
+    return path, query
+
+
+def encode_properties(props: dict[str, str]) -> str:
+    """A property bag as IoT Hub writes it (percent-encoding, never '+')."""
+    quote = urllib.parse.quote
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in props.items())
+
+
+def decode_properties(bag: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(application, system) properties of a property bag."""
+    app: dict[str, str] = {}
+    system: dict[str, str] = {}
+    for key, value in urllib.parse.parse_qsl(bag.lstrip("?"), keep_blank_values=True):
+        (system if key.startswith("$.") else app)[key] = value
+    return app, system
+
+
+@dataclass
+class _Session:
+    tls: ssl.SSLSocket
+    meta: TlsMeta
+    device_id: str
+    module_id: str | None
+    subscriptions: set[str] = field(default_factory=set)
+    inflight: dict[int, C2DMessage] = field(default_factory=dict)
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    next_id: int = 0
+    closed: bool = False
+
+    def send(self, data: bytes) -> None:
+        with self.write_lock:
+            if not self.closed:
+                self.tls.sendall(data)
+
+    def packet_id(self) -> int:
+        with self.write_lock:
+            self.next_id = self.next_id % 65535 + 1
+            return self.next_id
+
+
+class MqttEndpoint(TlsFrontDoor):
+    """IoT Hub's device MQTT endpoint, locally. ``hostname`` is the hub's name (what
+    devices put in their username and SAS resource)."""
+
+    protocol = "Mqtt"
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        registry: DeviceAuthenticator,
+        state: HubState | None = None,
+        *,
+        hostname: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log: ConnectionLog | None = None,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(context, host=host, port=port, log=log, handshake_timeout=connect_timeout)
+        self.registry = registry
+        self.state = state or HubState()
+        self.hostname = hostname
+        self.connect_timeout = connect_timeout
+        self._sessions: dict[str, _Session] = {}
+        self._sessions_lock = threading.Lock()
+        self.state.on_c2d_enqueued(self._c2d_ready)
+        self.state.on_desired_patch(self._desired_patched)
+
+    # -- connection ---------------------------------------------------------------------
+
+    def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
+        decoder = codec.Decoder()
+        tls.settimeout(self.connect_timeout)
+        first = self._read_packets(tls, decoder)
+        if not first or not isinstance(first[0], codec.Connect):
+            self.connected(meta, None, success=False, reason="no MQTT CONNECT received")
+            return
+        connect = first[0]
+        session = self._authenticate(tls, meta, connect)
+        if session is None:
+            return
+        reason = "client disconnected"
+        try:
+            tls.settimeout(max(connect.keepalive, 1) * 1.5 if connect.keepalive else None)
+            pending = first[1:]
+            while True:
+                for packet in pending:
+                    if isinstance(packet, codec.Disconnect):
+                        return
+                    self._dispatch(session, packet)
+                pending = self._read_packets(tls, decoder)
+                if not pending:
+                    reason = "connection closed by the device"
+                    return
+        except TimeoutError:
+            reason = "keep-alive expired"
+        except codec.MqttProtocolError as exc:
+            reason = f"protocol error: {exc}"
+        except _Refused as exc:
+            reason = str(exc)
+        except OSError as exc:
+            reason = f"connection lost: {exc}"
+        finally:
+            self._end(session, reason)
+
+    @staticmethod
+    def _read_packets(tls: ssl.SSLSocket, decoder: codec.Decoder) -> list[codec.Packet]:
+        while True:
+            data = tls.recv(65536)
+            if not data:
+                return []
+            packets = decoder.feed(data)
+            if packets:
+                return packets
+
+    def _authenticate(
+        self, tls: ssl.SSLSocket, meta: TlsMeta, connect: codec.Connect
+    ) -> _Session | None:
+        device_id, _, module_id = connect.client_id.partition("/")
+        module = module_id or None
+
+        def refuse(code: int, reason: str) -> None:
+            with contextlib.suppress(OSError):
+                tls.sendall(codec.connack(code))
+            self.connected(meta, device_id or None, success=False, reason=reason)
+
+        if not device_id:
+            refuse(_IDENTIFIER_REJECTED, "empty client id (IoT Hub needs the device id)")
+            return None
+        expected = f"{self.hostname}/{connect.client_id}/"
+        if not connect.username or not connect.username.startswith(expected):
+            refuse(
+                _NOT_AUTHORIZED,
+                f"username {connect.username!r} must start with {expected!r} "
+                "followed by ?api-version=...",
+            )
+            return None
+        try:
+            if connect.password:
+                self.registry.authenticate_sas(
+                    device_id,
+                    module,
+                    connect.password.decode("utf-8", "replace"),
+                    hostname=self.hostname,
+                )
+            elif meta.client_cert:
+                self.registry.authenticate_certificate(device_id, module, meta.client_cert)
+            else:
+                raise AuthenticationFailed("no SAS token (password) and no client certificate")
+        except Exception as exc:  # the registry's refusal, whatever its type
+            refuse(_NOT_AUTHORIZED, f"not authorized: {exc}")
+            return None
+        session = _Session(tls, meta, device_id, module)
+        with self._sessions_lock:
+            previous = self._sessions.get(connect.client_id)
+            self._sessions[connect.client_id] = session
+        if previous is not None:  # one connection per identity: the new one wins
+            previous.closed = True
+            with contextlib.suppress(OSError):
+                previous.tls.shutdown(socket.SHUT_RDWR)
+        tls.sendall(codec.connack(_ACCEPTED))
+        self.connected(meta, connect.client_id, success=True)
+        return session
+
+    def _end(self, session: _Session, reason: str) -> None:
+        client_id = self._client_id(session)
+        with self._sessions_lock:
+            if self._sessions.get(client_id) is session:
+                del self._sessions[client_id]
+                self.state.route_methods(client_id, None)
+        session.closed = True
+        for message in session.inflight.values():  # never acknowledged: back in the queue
+            if message.lock_token:
+                with contextlib.suppress(KeyError):
+                    self.state.settle_c2d(message.lock_token, "abandon")
+        self.disconnected(session.meta, client_id, reason)
+
+    # -- packets ------------------------------------------------------------------------
+
+    def _dispatch(self, session: _Session, packet: codec.Packet) -> None:
+        if isinstance(packet, codec.Publish):
+            self._on_publish(session, packet)
+        elif isinstance(packet, codec.Subscribe):
+            self._on_subscribe(session, packet)
+        elif isinstance(packet, codec.Unsubscribe):
+            session.subscriptions.difference_update(packet.topics)
+            session.send(codec.unsuback(packet.packet_id))
+        elif isinstance(packet, codec.PubAck):
+            message = session.inflight.pop(packet.packet_id, None)
+            if message is not None and message.lock_token:
+                with contextlib.suppress(KeyError):
+                    self.state.settle_c2d(message.lock_token, "complete")
+            self._deliver_c2d(session)
+        elif isinstance(packet, codec.PingReq):
+            session.send(codec.pingresp())
+        elif isinstance(packet, codec.Connect):
+            raise _Refused("second CONNECT on one connection (MQTT 3.1.0-2)")
+
+    def _prefix(self, session: _Session) -> str:
+        if session.module_id:
+            return f"devices/{session.device_id}/modules/{session.module_id}/"
+        return f"devices/{session.device_id}/"
+
+    def _allowed_filters(self, session: _Session) -> set[str]:
+        allowed = {
+            "$iothub/twin/res/#",
+            "$iothub/twin/PATCH/properties/desired/#",
+            "$iothub/methods/POST/#",
+        }
+        if not session.module_id:  # modules get no C2D over MQTT
+            allowed.add(f"devices/{session.device_id}/messages/devicebound/#")
+        return allowed
+
+    def _on_subscribe(self, session: _Session, packet: codec.Subscribe) -> None:
+        allowed = self._allowed_filters(session)
+        granted = []
+        for topic, qos in packet.topics:
+            if topic in allowed:
+                session.subscriptions.add(topic)
+                granted.append(min(qos, 1))
+            else:
+                granted.append(0x80)
+        session.send(codec.suback(packet.packet_id, granted))
+        if "$iothub/methods/POST/#" in session.subscriptions:
+            client_id = self._client_id(session)
+            self.state.route_methods(
+                client_id, lambda name, payload, rid: self._call_method(session, name, payload, rid)
+            )
+        self._deliver_c2d(session)
+
+    def _on_publish(self, session: _Session, packet: codec.Publish) -> None:
+        path, query = _split_topic(packet.topic)
+        events = self._prefix(session) + "messages/events/"
+        if packet.topic.startswith(events):
+            app, system = decode_properties(packet.topic[len(events) :])
+            if packet.retain:
+                app["mqtt-retain"] = "true"
+            self.state.record_telemetry(
+                Telemetry(session.device_id, packet.payload, app, system, "Mqtt", session.module_id)
+            )
+        elif path == "$iothub/twin/GET/":
+            rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]
+            document = self.state.twin(self._client_id(session)).document()
+            self._publish_if(
+                session,
+                "$iothub/twin/res/#",
+                f"$iothub/twin/res/200/?$rid={rid}",
+                json.dumps(document).encode(),
+            )
+        elif path == "$iothub/twin/PATCH/properties/reported/":
+            rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]
+            try:
+                patch = json.loads(packet.payload or b"{}")
+                if not isinstance(patch, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError:
+                self._publish_if(
+                    session, "$iothub/twin/res/#", f"$iothub/twin/res/400/?$rid={rid}", b""
+                )
+            else:
+                version = self.state.patch_reported(self._client_id(session), patch)
+                self._publish_if(
+                    session,
+                    "$iothub/twin/res/#",
+                    f"$iothub/twin/res/204/?$rid={rid}&$version={version}",
+                    b"",
+                )
+        elif path.startswith("$iothub/methods/res/"):
+            status = path[len("$iothub/methods/res/") :].strip("/")
+            rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]
+            if not status.isdigit():
+                raise _Refused(f"method response with status {status!r}")
+            self.state.method_response(rid, int(status), packet.payload)
+        else:
+            raise _Refused(f"publish to a topic IoT Hub does not accept: {packet.topic!r}")
+        if packet.qos == 1 and packet.packet_id is not None:
+            session.send(codec.puback(packet.packet_id))
+
+    @staticmethod
+    def _client_id(session: _Session) -> str:
+        return session.device_id + (f"/{session.module_id}" if session.module_id else "")
+
+    @staticmethod
+    def _publish_if(session: _Session, subscription: str, topic: str, payload: bytes) -> None:
+        """Hub -> device publish at QoS 0, only if the device subscribed (IoT Hub drops
+        twin responses for devices that did not)."""
+        if subscription in session.subscriptions:
+            session.send(codec.publish(topic, payload))
+
+    # -- hub -> device ------------------------------------------------------------------
+
+    def _session_for(self, client_id: str) -> _Session | None:
+        with self._sessions_lock:
+            return self._sessions.get(client_id)
+
+    def _c2d_ready(self, device_id: str) -> None:
+        session = self._session_for(device_id)
+        if session is not None:
+            with contextlib.suppress(OSError):
+                self._deliver_c2d(session)
+
+    def _deliver_c2d(self, session: _Session) -> None:
+        topic_filter = f"devices/{session.device_id}/messages/devicebound/#"
+        if session.module_id or topic_filter not in session.subscriptions or session.inflight:
+            return  # one in flight at a time keeps order, as IoT Hub does per device
+        message = self.state.lock_next_c2d(session.device_id)
+        if message is None:
+            return
+        props = {
+            "$.mid": message.message_id,
+            "$.to": f"/devices/{session.device_id}/messages/deviceBound",
+            **({"$.cid": message.correlation_id} if message.correlation_id else {}),
+            **message.properties,
+        }
+        topic = f"devices/{session.device_id}/messages/devicebound/{encode_properties(props)}"
+        packet_id = session.packet_id()
+        session.inflight[packet_id] = message
+        session.send(codec.publish(topic, message.payload, qos=1, packet_id=packet_id))
+
+    def _desired_patched(self, client_id: str, patch: dict[str, Any], version: int) -> None:
+        session = self._session_for(client_id)
+        if session is None:
+            return
+        body = json.dumps({**patch, "$version": version}).encode()
+        with contextlib.suppress(OSError):
+            self._publish_if(
+                session,
+                "$iothub/twin/PATCH/properties/desired/#",
+                f"$iothub/twin/PATCH/properties/desired/?$version={version}",
+                body,
+            )
+
+    @staticmethod
+    def _call_method(session: _Session, name: str, payload: bytes, rid: str) -> None:
+        session.send(codec.publish(f"$iothub/methods/POST/{name}/?$rid={rid}", payload))
+
+    def connected_devices(self) -> list[str]:
+        with self._sessions_lock:
+            return sorted(self._sessions)

@@ -1,0 +1,263 @@
+"""MQTT 3.1.1 packets, sans I/O: what the local endpoint needs to speak to devices.
+
+Only the subset IoT Hub implements: CONNECT/CONNACK, PUBLISH (QoS 0 and 1), PUBACK,
+SUBSCRIBE/SUBACK, UNSUBSCRIBE/UNSUBACK, PINGREQ/PINGRESP, DISCONNECT. QoS 2 is a
+protocol error, as on IoT Hub. References are to the OASIS MQTT 3.1.1 standard.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+__all__ = [
+    "Connect",
+    "Decoder",
+    "Disconnect",
+    "MqttProtocolError",
+    "Packet",
+    "PingReq",
+    "PubAck",
+    "Publish",
+    "Subscribe",
+    "Unsubscribe",
+    "connack",
+    "pingresp",
+    "puback",
+    "publish",
+    "suback",
+    "unsuback",
+]
+
+# packet types (3.1.1 section 2.2.1)
+CONNECT, CONNACK, PUBLISH, PUBACK = 1, 2, 3, 4
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK = 8, 9, 10, 11
+PINGREQ, PINGRESP, DISCONNECT = 12, 13, 14
+
+#: IoT Hub's device-to-cloud message limit is 256 KB; allow the topic on top of it.
+MAX_PACKET = 256 * 1024 + 64 * 1024
+
+
+class MqttProtocolError(ValueError):
+    """The peer sent something that is not valid MQTT 3.1.1 (or not IoT Hub's subset)."""
+
+
+@dataclass(frozen=True)
+class Connect:
+    client_id: str
+    username: str | None
+    password: bytes | None
+    keepalive: int
+    clean_session: bool
+    protocol_level: int
+
+
+@dataclass(frozen=True)
+class Publish:
+    topic: str
+    payload: bytes
+    qos: int = 0
+    packet_id: int | None = None
+    retain: bool = False
+    dup: bool = False
+
+
+@dataclass(frozen=True)
+class PubAck:
+    packet_id: int
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    packet_id: int
+    topics: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    packet_id: int
+    topics: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PingReq:
+    pass
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    pass
+
+
+Packet = Connect | Publish | PubAck | Subscribe | Unsubscribe | PingReq | Disconnect
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise MqttProtocolError("packet shorter than its fields")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u16(self) -> int:
+        return int(struct.unpack("!H", self.take(2))[0])
+
+    def binary(self) -> bytes:
+        return self.take(self.u16())
+
+    def text(self) -> str:
+        try:
+            return self.binary().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MqttProtocolError("string is not UTF-8 (MQTT 1.5.3)") from exc
+
+    def rest(self) -> bytes:
+        out = self.data[self.pos :]
+        self.pos = len(self.data)
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.data)
+
+
+def _parse(kind: int, flags: int, body: bytes) -> Packet:
+    r = _Reader(body)
+    if kind == CONNECT:
+        protocol = r.text()
+        level = r.u8()
+        if protocol != "MQTT" or level != 4:
+            raise MqttProtocolError(
+                f"unsupported protocol {protocol!r} level {level}: IoT Hub speaks MQTT 3.1.1"
+            )
+        cflags = r.u8()
+        keepalive = r.u16()
+        client_id = r.text()
+        if cflags & 0x04:  # will: read and ignore (IoT Hub does not document wills)
+            r.text()
+            r.binary()
+        username = r.text() if cflags & 0x80 else None
+        password = r.binary() if cflags & 0x40 else None
+        return Connect(client_id, username, password, keepalive, bool(cflags & 0x02), level)
+    if kind == PUBLISH:
+        qos = (flags >> 1) & 0x03
+        if qos == 2:
+            raise MqttProtocolError("QoS 2 is not supported by IoT Hub")
+        if qos == 3:
+            raise MqttProtocolError("invalid QoS 3")
+        topic = r.text()
+        packet_id = r.u16() if qos else None
+        return Publish(topic, r.rest(), qos, packet_id, bool(flags & 0x01), bool(flags & 0x08))
+    if kind == PUBACK:
+        return PubAck(r.u16())
+    if kind == SUBSCRIBE:
+        if flags != 0x02:
+            raise MqttProtocolError("SUBSCRIBE with wrong fixed-header flags (MQTT 3.8.1)")
+        packet_id = r.u16()
+        topics: list[tuple[str, int]] = []
+        while not r.done:
+            topics.append((r.text(), r.u8() & 0x03))
+        if not topics:
+            raise MqttProtocolError("SUBSCRIBE without topics")
+        return Subscribe(packet_id, tuple(topics))
+    if kind == UNSUBSCRIBE:
+        packet_id = r.u16()
+        names: list[str] = []
+        while not r.done:
+            names.append(r.text())
+        return Unsubscribe(packet_id, tuple(names))
+    if kind == PINGREQ:
+        return PingReq()
+    if kind == DISCONNECT:
+        return Disconnect()
+    raise MqttProtocolError(f"unexpected packet type {kind} from a client")
+
+
+@dataclass
+class Decoder:
+    """Incremental decoder: ``feed`` bytes, get whole packets back."""
+
+    max_packet: int = MAX_PACKET
+    _buf: bytearray = field(default_factory=bytearray)
+
+    def feed(self, data: bytes) -> list[Packet]:
+        self._buf += data
+        packets: list[Packet] = []
+        while True:
+            header = self._header()
+            if header is None:
+                return packets
+            kind, flags, length, offset = header
+            if len(self._buf) < offset + length:
+                return packets
+            body = bytes(self._buf[offset : offset + length])
+            del self._buf[: offset + length]
+            packets.append(_parse(kind, flags, body))
+
+    def _header(self) -> tuple[int, int, int, int] | None:
+        if len(self._buf) < 2:
+            return None
+        length, multiplier = 0, 1
+        for i in range(1, 5):
+            if i >= len(self._buf):
+                return None
+            byte = self._buf[i]
+            length += (byte & 0x7F) * multiplier
+            if not byte & 0x80:
+                if length > self.max_packet:
+                    raise MqttProtocolError(
+                        f"packet of {length} bytes exceeds the {self.max_packet} byte limit"
+                    )
+                return self._buf[0] >> 4, self._buf[0] & 0x0F, length, i + 1
+            multiplier *= 128
+        raise MqttProtocolError("malformed remaining length (MQTT 2.2.3)")
+
+
+def _frame(first: int, body: bytes) -> bytes:
+    out = bytearray([first])
+    n = len(body)
+    while True:
+        byte = n % 128
+        n //= 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return bytes(out) + body
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode("utf-8")
+    return struct.pack("!H", len(raw)) + raw
+
+
+def connack(return_code: int, session_present: bool = False) -> bytes:
+    return _frame(CONNACK << 4, bytes([1 if session_present else 0, return_code]))
+
+
+def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int | None = None) -> bytes:
+    body = _text(topic) + (struct.pack("!H", packet_id or 0) if qos else b"") + payload
+    return _frame((PUBLISH << 4) | (qos << 1), body)
+
+
+def puback(packet_id: int) -> bytes:
+    return _frame(PUBACK << 4, struct.pack("!H", packet_id))
+
+
+def suback(packet_id: int, granted: list[int]) -> bytes:
+    return _frame(SUBACK << 4, struct.pack("!H", packet_id) + bytes(granted))
+
+
+def unsuback(packet_id: int) -> bytes:
+    return _frame(UNSUBACK << 4, struct.pack("!H", packet_id))
+
+
+def pingresp() -> bytes:
+    return _frame(PINGRESP << 4, b"")
