@@ -16,37 +16,23 @@ import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from ..errors import IoTHubTLSError
 from . import mqtt_codec as codec
 from .frontdoor import TlsFrontDoor, TlsMeta
 from .log import ConnectionLog
+from .registry import DeviceRegistry
 from .state import C2DMessage, HubState, Telemetry
 
-__all__ = ["DeviceAuthenticator", "MqttEndpoint"]
+__all__ = ["MqttEndpoint", "decode_properties", "encode_properties"]
 
 # CONNACK return codes (MQTT 3.1.1 3.2.2.3)
 _ACCEPTED, _BAD_CREDENTIALS, _NOT_AUTHORIZED, _IDENTIFIER_REJECTED = 0, 4, 5, 2
 
 
-class DeviceAuthenticator(Protocol):
-    """How a front door checks a device's credentials (the device registry)."""
-
-    def authenticate_sas(
-        self, device_id: str, module_id: str | None, token: str, *, hostname: str
-    ) -> None: ...
-
-    def authenticate_certificate(
-        self, device_id: str, module_id: str | None, certificate_der: bytes
-    ) -> None: ...
-
-
 class _Refused(Exception):
     """The device did something IoT Hub answers by closing the connection."""
-
-
-class AuthenticationFailed(Exception):
-    """Raised by a DeviceAuthenticator: the message is logged as the refusal reason."""
 
 
 def _split_topic(topic: str) -> tuple[str, str]:
@@ -94,18 +80,18 @@ class _Session:
 
 
 class MqttEndpoint(TlsFrontDoor):
-    """IoT Hub's device MQTT endpoint, locally. ``hostname`` is the hub's name (what
-    devices put in their username and SAS resource)."""
+    """IoT Hub's device MQTT endpoint, locally. Devices authenticate against
+    ``registry``; its ``hub_host`` is the name they put in their username and SAS
+    resource."""
 
     protocol = "Mqtt"
 
     def __init__(
         self,
         context: ssl.SSLContext,
-        registry: DeviceAuthenticator,
+        registry: DeviceRegistry,
         state: HubState | None = None,
         *,
-        hostname: str,
         host: str = "127.0.0.1",
         port: int = 0,
         log: ConnectionLog | None = None,
@@ -114,7 +100,7 @@ class MqttEndpoint(TlsFrontDoor):
         super().__init__(context, host=host, port=port, log=log, handshake_timeout=connect_timeout)
         self.registry = registry
         self.state = state or HubState()
-        self.hostname = hostname
+        self.hostname = registry.hub_host
         self.connect_timeout = connect_timeout
         self._sessions: dict[str, _Session] = {}
         self._sessions_lock = threading.Lock()
@@ -126,7 +112,14 @@ class MqttEndpoint(TlsFrontDoor):
     def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
         decoder = codec.Decoder()
         tls.settimeout(self.connect_timeout)
-        first = self._read_packets(tls, decoder)
+        try:
+            first = self._read_packets(tls, decoder)
+        except (codec.MqttProtocolError, OSError) as exc:
+            reason = "no MQTT CONNECT received" + (
+                " in time" if isinstance(exc, TimeoutError) else f": {exc}"
+            )
+            self.connected(meta, None, success=False, reason=reason)
+            return
         if not first or not isinstance(first[0], codec.Connect):
             self.connected(meta, None, success=False, reason="no MQTT CONNECT received")
             return
@@ -190,19 +183,16 @@ class MqttEndpoint(TlsFrontDoor):
                 "followed by ?api-version=...",
             )
             return None
+        if module:
+            refuse(_NOT_AUTHORIZED, "module identities are not supported by the local hub")
+            return None
         try:
             if connect.password:
-                self.registry.authenticate_sas(
-                    device_id,
-                    module,
-                    connect.password.decode("utf-8", "replace"),
-                    hostname=self.hostname,
-                )
-            elif meta.client_cert:
-                self.registry.authenticate_certificate(device_id, module, meta.client_cert)
-            else:
-                raise AuthenticationFailed("no SAS token (password) and no client certificate")
-        except Exception as exc:  # the registry's refusal, whatever its type
+                self.registry.verify_sas(device_id, connect.password.decode("utf-8", "replace"))
+            else:  # X.509: no password; the TLS client certificate identifies the device
+                chain = [meta.client_cert] if meta.client_cert else []
+                self.registry.verify_certificate(device_id, chain)
+        except (IoTHubTLSError, LookupError) as exc:
             refuse(_NOT_AUTHORIZED, f"not authorized: {exc}")
             return None
         session = _Session(tls, meta, device_id, module)
