@@ -19,6 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,10 @@ class TLSServer:
         self._dir = Path(tempfile.mkdtemp(prefix="itls-srv-"))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         legacy = min_version < ssl.TLSVersion.TLSv1_2
-        ctx.minimum_version = min_version
-        ctx.maximum_version = max_version
+        with warnings.catch_warnings():  # TLS 1.0/1.1 servers are what refusal tests need
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ctx.minimum_version = min_version
+            ctx.maximum_version = max_version
         if ciphers or legacy:
             # SECLEVEL=0 so OpenSSL 3 will speak TLS 1.0/1.1 and the weak suites at all.
             ctx.set_ciphers((ciphers or "ALL") + ":@SECLEVEL=0")

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from ..errors import RootIntegrityError, RootStoreError
 
-__all__ = ["AZURE_ECC", "AZURE_GLOBAL", "RootSet", "common_name", "spki_sha256"]
+__all__ = ["AZURE_ECC", "AZURE_GLOBAL", "RootSet", "common_name", "load_shipped", "spki_sha256"]
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s.+?-----END CERTIFICATE-----", re.DOTALL)
 
@@ -198,7 +198,9 @@ _SHIPPED: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def _load_shipped(set_name: str) -> RootSet:
+def load_shipped(set_name: str) -> RootSet:
+    """Load a shipped root set ("AZURE_GLOBAL" or "AZURE_ECC") afresh from the package,
+    checking every fingerprint again (``doctor`` uses it)."""
     certs = []
     for filename, expected in _SHIPPED[set_name]:
         try:
@@ -221,7 +223,7 @@ def _load_shipped(set_name: str) -> RootSet:
 
 #: DigiCert Global Root G2 and Microsoft RSA Root Certificate Authority 2017: the roots
 #: every IoT Hub in the global Azure cloud chains to (RSA and ECC leaf certificates).
-AZURE_GLOBAL: RootSet = _load_shipped("AZURE_GLOBAL")
+AZURE_GLOBAL: RootSet = load_shipped("AZURE_GLOBAL")
 #: DigiCert Global Root G3 and Microsoft ECC Root Certificate Authority 2017: opt-in,
 #: for readiness should Azure migrate to all-ECC chains.
-AZURE_ECC: RootSet = _load_shipped("AZURE_ECC")
+AZURE_ECC: RootSet = load_shipped("AZURE_ECC")
