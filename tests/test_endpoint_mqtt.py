@@ -50,7 +50,7 @@ def hub(hub_pki):
         client_ca_pem=hub_pki["device_ca"].cert_pem,
     )
     state = HubState()
-    endpoint = MqttEndpoint(profile.server_context(), registry, state)
+    endpoint = MqttEndpoint(profile, registry, state)
     endpoint.start()
     endpoint.sas_key = key  # type: ignore[attr-defined]
     yield endpoint
@@ -228,7 +228,7 @@ def test_tls10_client_against_default_and_legacy_profiles(hub_pki, legacy):
         min_version=ssl.TLSVersion.TLSv1 if legacy else ssl.TLSVersion.TLSv1_2,
         legacy_ciphers=legacy,
     )
-    endpoint = MqttEndpoint(profile.server_context(), DeviceRegistry(HUB))
+    endpoint = MqttEndpoint(profile, DeviceRegistry(HUB))
     with endpoint:
         old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         old.load_verify_locations(cadata=hub_pki["root"].cert_pem.decode())

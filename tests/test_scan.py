@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
-import subprocess
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
 import pytest
@@ -22,9 +20,9 @@ import iothub_tls as it
 from iothub_tls import scan
 from iothub_tls.policy import CIPHER_SUITES, ECC_SUITES, STRONG_SUITES, WEAK_SUITES
 from iothub_tls.scan import CertificateReport, Severity
-from tests.brokers import require_binary
 from tests.conftest import HOST
 from tests.pki import NOW, Issued, self_signed
+from tests.scanners import sslscan
 from tests.tlsserver import TLSServer, free_port
 
 ROOT_CN = "iothub-tls Test Root G2"
@@ -576,49 +574,6 @@ def test_result_json_has_all_keys_even_for_partial_maps():
 
 
 # -- cross-check with sslscan -----------------------------------------------------------------
-
-_SSLSCAN_VERSIONS = {"1.0": "TLSv1", "1.1": "TLSv1.1", "1.2": "TLSv1.2", "1.3": "TLSv1.3"}
-_IANA = {s.openssl: s.iana for s in CIPHER_SUITES}
-
-
-def sslscan(port: int, sni: str) -> tuple[set[str], set[str]]:
-    """(accepted protocol versions, accepted TLS 1.2 suites of the table) per sslscan."""
-    binary = require_binary("sslscan")
-    out = subprocess.run(
-        [
-            binary,
-            "--xml=-",
-            "--no-colour",
-            "--no-heartbleed",
-            "--no-renegotiation",
-            "--no-compression",
-            "--no-fallback",
-            "--no-groups",
-            "--no-check-certificate",
-            "--no-cipher-details",
-            f"--sni-name={sni}",
-            f"127.0.0.1:{port}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    test = ET.fromstring(out[out.index("<?xml") :]).find("ssltest")
-    assert test is not None, out
-    protocols = {
-        _SSLSCAN_VERSIONS[p.get("version", "")]
-        for p in test.iter("protocol")
-        if p.get("type") == "tls" and p.get("enabled") == "1"
-    }
-    suites = {
-        _IANA[c.get("cipher", "")]
-        for c in test.iter("cipher")
-        if c.get("sslversion") == "TLSv1.2"
-        and c.get("status") in ("accepted", "preferred")
-        and c.get("cipher") in _IANA
-    }
-    return protocols, suites
 
 
 @pytest.mark.parametrize("profile", list(PROFILES))

@@ -29,7 +29,7 @@ from ._output import EXIT_UNABLE, error
 __all__ = ["COMMANDS", "Command", "Subparsers", "build_parser", "main"]
 
 #: The command modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("doctor", "probe", "certs", "thumbprint")
+COMMANDS: tuple[str, ...] = ("serve", "doctor", "probe", "certs", "thumbprint")
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 

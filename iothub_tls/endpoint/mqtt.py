@@ -22,6 +22,7 @@ from ..errors import IoTHubTLSError
 from . import mqtt_codec as codec
 from .frontdoor import TlsFrontDoor, TlsMeta
 from .log import ConnectionLog
+from .profile import HubTlsProfile
 from .registry import DeviceRegistry
 from .state import C2DMessage, HubState, Telemetry
 
@@ -88,7 +89,7 @@ class MqttEndpoint(TlsFrontDoor):
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        profile: HubTlsProfile,
         registry: DeviceRegistry,
         state: HubState | None = None,
         *,
@@ -97,7 +98,14 @@ class MqttEndpoint(TlsFrontDoor):
         log: ConnectionLog | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
-        super().__init__(context, host=host, port=port, log=log, handshake_timeout=connect_timeout)
+        super().__init__(
+            profile.server_context(),
+            host=host,
+            port=port,
+            log=log,
+            handshake_timeout=connect_timeout,
+        )
+        self.profile = profile
         self.registry = registry
         self.state = state or HubState()
         self.hostname = registry.hub_host

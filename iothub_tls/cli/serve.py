@@ -1,0 +1,248 @@
+"""``iothub-tls serve``: a local IoT Hub compliance endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import ssl
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._output import EXIT_OK, error, print_json, table
+
+if TYPE_CHECKING:
+    from ..endpoint.hub import LocalHub
+    from . import Subparsers
+
+_HELP = """\
+Run a local IoT Hub endpoint on your desk: MQTT (8883), AMQP (5671) and HTTPS (443)
+front doors sharing one hub TLS profile, a device registry and a test PKI kept in a
+state directory. Devices connect to it exactly as to IoT Hub (connection strings, SAS
+tokens or X.509 certificates) while it enforces the hub's TLS policy and logs, per
+connection, the TLS version and cipher suite the device used - one JSON line shaped
+like IoT Hub's Connections diagnostic log - so you can see which devices would be
+refused before IoT Hub refuses them.
+
+Simulate a hub from before 2025-08-31 with --min-tls 1.0 and --legacy-ciphers.
+
+Devices pin the hub's root: it is printed at start (and lives in STATE/pki/root.pem).
+Stop with Ctrl-C; the connection statistics are printed then (and every
+--stats-interval seconds with --stats).
+
+Exit codes: 0 stopped cleanly, 2 could not start (port taken, unusable state directory).
+"""
+
+_VERSIONS = {
+    "1.0": ssl.TLSVersion.TLSv1,
+    "1.1": ssl.TLSVersion.TLSv1_1,
+    "1.2": ssl.TLSVersion.TLSv1_2,
+    "1.3": ssl.TLSVersion.TLSv1_3,
+}
+
+
+def _port(text: str) -> int | None:
+    if text.lower() in ("off", "none", "-"):
+        return None
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("a port is 0..65535 (0 = any free port, off = disabled)")
+    return value
+
+
+def register(subparsers: Subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run a local IoT Hub endpoint that enforces and logs TLS per device",
+        description=_HELP,
+        epilog=(
+            "examples:\n"
+            "  iothub-tls serve --device thermostat-1 --device camera-2:x509\n"
+            "  iothub-tls serve --min-tls 1.0 --legacy-ciphers --cert rsa   # a legacy hub\n"
+            "  iothub-tls serve --mqtt-port 0 --amqp-port off --https-port 8443 --stats"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=Path(".iothub-tls-hub"),
+        help="state directory: PKI, device registry (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hostname",
+        default="localhost",
+        help="the hub's host name in certificates, usernames and SAS tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, loopback only)",
+    )
+    parser.add_argument(
+        "--mqtt-port",
+        type=_port,
+        default=8883,
+        metavar="PORT",
+        help="MQTT over TLS (default: %(default)s; 0 = any, off = disabled)",
+    )
+    parser.add_argument(
+        "--amqp-port",
+        type=_port,
+        default=5671,
+        metavar="PORT",
+        help="AMQP 1.0 over TLS (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--https-port",
+        type=_port,
+        default=443,
+        metavar="PORT",
+        help="HTTPS device REST API (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-tls",
+        choices=sorted(_VERSIONS),
+        default="1.2",
+        help="lowest TLS version accepted (default: 1.2, IoT Hub today; "
+        "1.0 simulates a legacy hub)",
+    )
+    parser.add_argument(
+        "--legacy-ciphers",
+        action="store_true",
+        help="also accept the 10 weak suites hubs accepted before 2025-08-31",
+    )
+    parser.add_argument(
+        "--cert",
+        choices=("rsa", "ecdsa", "dual"),
+        default="dual",
+        help="server certificate: RSA, ECDSA or both as IoT Hub serves (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="NAME[:x509]",
+        help="register a device (SAS key, or ':x509' for a certificate from "
+        "the hub's PKI) and print its connection string; repeatable",
+    )
+    parser.add_argument(
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="append the connection log (JSON lines) to FILE instead of stdout",
+    )
+    parser.add_argument(
+        "--stats",
+        action="store_true",
+        help="print successful connections by TLS version and cipher suite "
+        "every --stats-interval seconds",
+    )
+    parser.add_argument("--stats-interval", type=float, default=10.0, metavar="SECONDS")
+    parser.add_argument(
+        "--json", action="store_true", help="print the start-up summary and statistics as JSON"
+    )
+    return parser
+
+
+def build_hub(args: argparse.Namespace, log_stream: Any) -> LocalHub:
+    from ..endpoint.hub import HubOptions, LocalHub
+
+    options = HubOptions(
+        state_dir=args.state,
+        hostname=args.hostname,
+        bind=args.bind,
+        mqtt_port=args.mqtt_port,
+        amqp_port=args.amqp_port,
+        https_port=args.https_port,
+        min_version=_VERSIONS[args.min_tls],
+        legacy_ciphers=args.legacy_ciphers,
+        certificate=args.cert,
+    )
+    return LocalHub(options, log_stream=log_stream)
+
+
+def _summary(hub: LocalHub, devices: list[dict[str, Any]]) -> dict[str, Any]:
+    return {**hub.describe(), "devices": devices}
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    out = sys.stderr  # stdout carries the connection log
+    out.write(f"local IoT Hub '{summary['hostname']}': {summary['profileSummary']}\n")
+    rows = [(p.upper(), f"{summary['bind']}:{port}") for p, port in summary["ports"].items()]
+    rows += [(p.upper(), f"unavailable: {why}") for p, why in summary["unavailable"].items()]
+    out.write(table(("PROTOCOL", "LISTENING"), rows) + "\n")
+    out.write(f"devices pin this root: {summary['root']}\n")
+    for device in summary["devices"]:
+        out.write(f"device {device['deviceId']}: {device['connectionString']}\n")
+        if device.get("certificate"):
+            out.write(f"  certificate {device['certificate']}  key {device['key']}\n")
+    out.write("connection log follows (one JSON line per connection); Ctrl-C stops\n")
+    out.flush()
+
+
+def _print_stats(hub: LocalHub, as_json: bool) -> None:
+    stats = hub.log.stats()
+    if as_json:
+        print_json({"stats": stats})
+        return
+    rows = [("TLS version", k, v) for k, v in sorted(stats["byTlsVersion"].items())]
+    rows += [("cipher suite", k, v) for k, v in sorted(stats["byCipherSuite"].items())]
+    rows += [("failed", k, v) for k, v in sorted(stats["failedConnections"].items())]
+    sys.stderr.write(
+        f"successful connections: {stats['successfulConnections']}\n"
+        + (table(("BY", "VALUE", "COUNT"), rows) + "\n" if rows else "")
+    )
+    sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..endpoint.frontdoor import PortInUseError
+    from ..endpoint.hub import StateDirectoryError
+
+    log_file = None
+    try:
+        log_file = args.log.open("a", encoding="utf-8") if args.log else None
+        hub = build_hub(args, log_file or sys.stdout)
+        devices = []
+        for spec in args.device:
+            name, _, kind = spec.partition(":")
+            creds = hub.add_device(name, x509=kind.lower() == "x509")
+            devices.append(
+                {
+                    "deviceId": creds.device_id,
+                    "connectionString": creds.connection_string,
+                    **(
+                        {"certificate": str(creds.certfile), "key": str(creds.keyfile)}
+                        if creds.certfile
+                        else {}
+                    ),
+                }
+            )
+        hub.start()
+    except (PortInUseError, StateDirectoryError, ValueError, OSError) as exc:
+        if log_file:
+            log_file.close()
+        return error("serve", str(exc), as_json=args.json)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        summary = _summary(hub, devices)
+        if args.json:
+            sys.stderr.write(json.dumps(summary, indent=2) + "\n")
+        else:
+            _print_summary(summary)
+        while not stop.wait(args.stats_interval if args.stats else 3600):
+            if args.stats:
+                _print_stats(hub, args.json)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        hub.stop()
+        _print_stats(hub, args.json)
+        if log_file:
+            log_file.close()
+    return EXIT_OK

@@ -1,0 +1,227 @@
+"""The local IoT Hub: one TLS profile, one device registry, one test PKI and one
+connection log behind MQTT, AMQP and HTTPS front doors. ``iothub-tls serve`` runs it;
+``iothub-tls demo`` and the tests start it in-process."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from ..errors import IoTHubTLSError
+from ..testpki import CertificateAuthority, KeyType, PKIDirectory
+from .frontdoor import TlsFrontDoor
+from .log import ConnectionLog
+from .mqtt import MqttEndpoint
+from .profile import HubTlsProfile, ServerCredential
+from .registry import DeviceRegistry
+from .state import HubState
+
+__all__ = ["DeviceCredentials", "HubOptions", "LocalHub", "StateDirectoryError"]
+
+PROTOCOLS = ("mqtt", "amqp", "https")
+CERTIFICATE_CHOICES = ("rsa", "ecdsa", "dual")
+
+
+class StateDirectoryError(IoTHubTLSError, OSError):
+    """The hub's state directory cannot be created, read or written."""
+
+
+@dataclass(frozen=True)
+class HubOptions:
+    """How the local hub runs. A port of 0 picks a free one; None disables the door."""
+
+    state_dir: Path
+    hostname: str = "localhost"
+    bind: str = "127.0.0.1"
+    mqtt_port: int | None = 8883
+    amqp_port: int | None = 5671
+    https_port: int | None = 443
+    min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
+    legacy_ciphers: bool = False
+    certificate: str = "dual"
+
+    def __post_init__(self) -> None:
+        if self.certificate not in CERTIFICATE_CHOICES:
+            raise ValueError(
+                f"certificate must be one of {', '.join(CERTIFICATE_CHOICES)}, "
+                f"not {self.certificate!r}"
+            )
+
+    def port_of(self, protocol: str) -> int | None:
+        port: int | None = getattr(self, f"{protocol}_port")
+        return port
+
+
+@dataclass(frozen=True)
+class DeviceCredentials:
+    """What a device needs to connect to the local hub."""
+
+    device_id: str
+    connection_string: str
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
+class LocalHub:
+    """Build with :class:`HubOptions`; ``start()`` opens the front doors."""
+
+    def __init__(self, options: HubOptions, *, log_stream: IO[str] | None = None) -> None:
+        self.options = options
+        self.state_dir = Path(options.state_dir)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            probe = self.state_dir / ".writable"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StateDirectoryError(
+                exc.errno,
+                f"state directory {self.state_dir} is not usable ({exc.strerror}): "
+                "choose a writable directory with --state",
+            ) from exc
+        self.pki = PKIDirectory(self.state_dir / "pki")
+        try:
+            self._ensure_pki()
+            self.registry = DeviceRegistry.open(self.state_dir, options.hostname)
+        except (OSError, ValueError) as exc:
+            raise StateDirectoryError(
+                None, f"state directory {self.state_dir} holds unusable files: {exc}"
+            ) from exc
+        root_pem = self.pki.root_cert.read_bytes()
+        # Devices with certificates from this PKI authenticate by CN (CA-signed devices).
+        self.registry.add_certificate_authority(root_pem)
+        self.profile = HubTlsProfile(
+            self._server_credentials(),
+            min_version=options.min_version,
+            legacy_ciphers=options.legacy_ciphers,
+            client_ca_pem=root_pem,
+        )
+        self.state = HubState()
+        self.log = ConnectionLog(log_stream)
+        self.doors: dict[str, TlsFrontDoor] = {}
+        self.unavailable: dict[str, str] = {}
+
+    # -- PKI ----------------------------------------------------------------------------
+
+    @property
+    def root_pem_path(self) -> Path:
+        """The root devices must pin (``TlsPolicy(roots=RootSet.from_pem_file(...))``)."""
+        return self.pki.root_cert
+
+    def _ensure_pki(self) -> None:
+        if not self.pki.root_cert.exists():
+            self.pki.init(intermediate=True, root_name="iothub-tls Local Hub Root")
+
+    def _server_credentials(self) -> tuple[ServerCredential, ...]:
+        names = list(dict.fromkeys([self.options.hostname, "localhost", "127.0.0.1"]))
+        wanted = {
+            "rsa": [KeyType.RSA],
+            "ecdsa": [KeyType.EC],
+            "dual": [KeyType.RSA, KeyType.EC],
+        }[self.options.certificate]
+        issuer: CertificateAuthority | None = None
+        creds = []
+        folder = self.pki.path / PKIDirectory.SERVERS
+        for key_type in wanted:
+            stem = f"{self.options.hostname}-{'ecdsa' if key_type is KeyType.EC else 'rsa'}"
+            cert, key = folder / f"{stem}.pem", folder / f"{stem}.key"
+            if not cert.exists() or not key.exists():
+                issuer = issuer or self.pki.issuer()
+                issuer.server(*names, key_type=key_type).write(folder, stem, force=True)
+            creds.append(ServerCredential.from_files(cert, key))
+        return tuple(creds)
+
+    # -- devices ------------------------------------------------------------------------
+
+    def add_device(self, device_id: str, *, x509: bool = False) -> DeviceCredentials:
+        """Register a device (SAS key, or a certificate from the hub's PKI) and return its
+        connection string (and certificate files)."""
+        host = self.options.hostname
+        existing = self.registry.get(device_id)
+        if x509:
+            files = self.pki.device_files(device_id)
+            if not files.certificate.exists():
+                self.pki.add_device(device_id, key_type=KeyType.EC)
+            if existing is None:
+                self.registry.add_ca_device(device_id)  # identified by its certificate's CN
+            elif not existing.x509_ca:
+                raise ValueError(f"device {device_id!r} is already registered with a SAS key")
+            self.registry.save()
+            return DeviceCredentials(
+                device_id,
+                f"HostName={host};DeviceId={device_id};x509=true",
+                files.certificate,
+                files.private_key,
+            )
+        if existing is not None and not existing.primary_key:
+            raise ValueError(f"device {device_id!r} is already registered with a certificate")
+        device = existing or self.registry.add_sas_device(device_id)
+        self.registry.save()
+        return DeviceCredentials(
+            device_id, f"HostName={host};DeviceId={device_id};SharedAccessKey={device.primary_key}"
+        )
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def _door(self, protocol: str, port: int) -> TlsFrontDoor:
+        common: dict[str, Any] = {"host": self.options.bind, "port": port, "log": self.log}
+        if protocol == "mqtt":
+            return MqttEndpoint(self.profile, self.registry, self.state, **common)
+        if protocol == "https":
+            from .https import HttpsEndpoint
+
+            return HttpsEndpoint(self.profile, self.registry, self.state, **common)
+        from .amqp import AmqpEndpoint  # needs python-qpid-proton
+
+        return AmqpEndpoint(self.profile, self.registry, self.state, **common)
+
+    def start(self) -> None:
+        """Open every enabled front door. A door whose library is missing is reported in
+        :attr:`unavailable`; a port that cannot be bound stops everything and raises."""
+        try:
+            for protocol in PROTOCOLS:
+                port = self.options.port_of(protocol)
+                if port is None:
+                    continue
+                try:
+                    door = self._door(protocol, port)
+                except ImportError as exc:
+                    self.unavailable[protocol] = str(exc)
+                    continue
+                door.start()
+                self.doors[protocol] = door
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for door in self.doors.values():
+            with contextlib.suppress(Exception):
+                door.stop()
+        self.doors.clear()
+
+    def __enter__(self) -> LocalHub:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {protocol: door.port for protocol, door in self.doors.items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "hostname": self.options.hostname,
+            "bind": self.options.bind,
+            "ports": self.ports,
+            "unavailable": self.unavailable,
+            "profile": self.profile.as_dict(),
+            "profileSummary": self.profile.describe(),
+            "root": str(self.root_pem_path),
+            "stateDir": str(self.state_dir),
+        }

@@ -1,0 +1,247 @@
+"""``iothub-tls serve``: the local hub's front doors under its TLS profiles, checked by an
+independent scanner, its connection log and statistics, and its start-up errors."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+
+import iothub_tls as it
+from iothub_tls.cli import main
+from iothub_tls.endpoint.hub import HubOptions, LocalHub, StateDirectoryError
+from iothub_tls.policy import ECC_SUITES, STRONG_SUITES, WEAK_SUITES
+from tests.scanners import sslscan
+
+STRONG = {s.iana for s in STRONG_SUITES}
+RSA_STRONG = STRONG - {s.iana for s in ECC_SUITES}
+
+
+@pytest.fixture(scope="module")
+def default_hub(tmp_path_factory):
+    hub = LocalHub(
+        HubOptions(tmp_path_factory.mktemp("hub"), mqtt_port=0, amqp_port=None, https_port=0)
+    )
+    with hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def legacy_hub(tmp_path_factory):
+    options = HubOptions(
+        tmp_path_factory.mktemp("legacy"),
+        mqtt_port=0,
+        amqp_port=None,
+        https_port=0,
+        min_version=ssl.TLSVersion.TLSv1,
+        legacy_ciphers=True,
+        certificate="rsa",
+    )
+    with LocalHub(options) as hub:
+        yield hub
+
+
+@pytest.mark.parametrize("door", ["mqtt", "https"])
+def test_default_profile_as_sslscan_sees_it(default_hub, door):
+    protocols, suites = sslscan(default_hub.ports[door], "localhost")
+    assert protocols == {"TLSv1.2", "TLSv1.3"}
+    assert suites == STRONG  # dual certificate: ECDSA and RSA suites
+
+
+@pytest.mark.parametrize("door", ["mqtt", "https"])
+def test_legacy_profile_as_sslscan_sees_it(legacy_hub, door):
+    protocols, suites = sslscan(legacy_hub.ports[door], "localhost")
+    assert protocols == {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}
+    assert suites == RSA_STRONG | {s.iana for s in WEAK_SUITES}
+
+
+def _legacy_client(hub, version=ssl.TLSVersion.TLSv1, ciphers="ALL"):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(hub.root_pem_path))
+    with warnings.catch_warnings():  # a legacy client on purpose
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = version
+        ctx.maximum_version = min(version, ssl.TLSVersion.TLSv1_2)
+    ctx.set_ciphers(ciphers + ":@SECLEVEL=0")
+    return ctx
+
+
+def _wait_events(hub, count, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while len(hub.log.events) < count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return hub.log.events
+
+
+def test_tls10_accepted_by_legacy_hub_refused_by_default(default_hub, legacy_hub):
+    for hub, accepted in ((legacy_hub, True), (default_hub, False)):
+        before = len(hub.log.events)
+        ctx = _legacy_client(hub)
+        with socket.create_connection(("127.0.0.1", hub.ports["https"]), 5) as raw:
+            if accepted:
+                with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                    assert tls.version() == "TLSv1"
+                    tls.sendall(
+                        b"GET /devices/x/messages/deviceBound?api-version=2021-04-12 "
+                        b"HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                    )
+                    assert tls.recv(100).startswith(b"HTTP/1.1 401")
+            else:
+                with pytest.raises(ssl.SSLError, match="UNSUPPORTED_PROTOCOL|PROTOCOL_VERSION"):
+                    ctx.wrap_socket(raw, server_hostname="localhost")
+        event = _wait_events(hub, before + 1)[before]
+        assert event.protocol == "Https" and event.operation == "deviceConnect"
+        if accepted:
+            assert event.tls_version == "TLSv1" and event.sni == "localhost"
+        else:
+            # OpenSSL refuses the version before it reads the SNI extension
+            assert event.result == "Failure" and "UNSUPPORTED_PROTOCOL" in event.reason
+
+
+def test_weak_suite_refused_by_default_hub_and_logged(default_hub):
+    before = len(default_hub.log.events)
+    ctx = _legacy_client(default_hub, ssl.TLSVersion.TLSv1_2, "AES128-SHA")
+    with socket.create_connection(("127.0.0.1", default_hub.ports["mqtt"]), 5) as raw:
+        with pytest.raises(ssl.SSLError, match="HANDSHAKE_FAILURE"):
+            ctx.wrap_socket(raw, server_hostname="localhost")
+    event = _wait_events(default_hub, before + 1)[before]
+    assert event.result == "Failure" and "NO_SHARED_CIPHER" in event.reason
+
+
+def test_log_and_stats_count_successful_connections(tmp_path):
+    mqtt = pytest.importorskip("paho.mqtt.client")
+    with LocalHub(HubOptions(tmp_path, mqtt_port=0, amqp_port=None, https_port=None)) as hub:
+        creds = hub.add_device("dev-1")
+        cs = it.ConnectionString.parse(creds.connection_string)
+        roots = it.RootSet.from_pem_file(hub.root_pem_path)
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            client = (
+                mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-1")
+                if hasattr(mqtt, "CallbackAPIVersion")
+                else mqtt.Client(client_id="dev-1")
+            )
+            client.tls_set_context(
+                it.create_ssl_context(
+                    it.TlsPolicy(
+                        roots=roots, max_version=version, min_version=ssl.TLSVersion.TLSv1_2
+                    )
+                )
+            )
+            client.username_pw_set(
+                "localhost/dev-1/?api-version=2021-04-12",
+                it.generate_sas_token(cs.resource_uri, cs.shared_access_key),
+            )
+            client.connect("localhost", hub.ports["mqtt"])
+            client.loop_start()
+            deadline = time.monotonic() + 5
+            while not client.is_connected() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            client.disconnect()
+            client.loop_stop()
+        _wait_events(hub, 4)
+        stats = hub.log.stats()
+    assert stats["successfulConnections"] == 2
+    assert stats["byTlsVersion"] == {"TLSv1.2": 1, "TLSv1.3": 1}
+    assert sum(stats["byCipherSuite"].values()) == 2
+    connects = [e.to_json() for e in hub.log.events if e.operation == "deviceConnect"]
+    assert [c["tlsVersion"] for c in connects] == ["TLSv1.2", "TLSv1.3"]
+    assert all(c["deviceId"] == "dev-1" and c["result"] == "Success" for c in connects)
+
+
+def test_state_directory_survives_restarts(tmp_path):
+    first = LocalHub(HubOptions(tmp_path, mqtt_port=None, amqp_port=None, https_port=None))
+    creds = first.add_device("keeps-key")
+    root = first.root_pem_path.read_bytes()
+    second = LocalHub(HubOptions(tmp_path, mqtt_port=None, amqp_port=None, https_port=None))
+    assert second.add_device("keeps-key").connection_string == creds.connection_string
+    assert second.root_pem_path.read_bytes() == root
+
+
+def test_unusable_state_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StateDirectoryError, match="choose a writable directory"):
+        LocalHub(HubOptions(blocker / "state"))
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_serve_reports_a_taken_port(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code = main(
+            [
+                "serve",
+                "--state",
+                str(tmp_path),
+                "--mqtt-port",
+                str(port),
+                "--amqp-port",
+                "off",
+                "--https-port",
+                "off",
+            ]
+        )
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port} for Mqtt" in capsys.readouterr().err
+
+
+def test_serve_runs_until_interrupted(tmp_path):
+    """The real command in a subprocess: starts, prints the summary, logs a connection
+    as a JSON line on stdout, stops cleanly on SIGINT with the statistics."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iothub_tls",
+            "serve",
+            "--state",
+            str(tmp_path),
+            "--mqtt-port",
+            "0",
+            "--amqp-port",
+            "off",
+            "--https-port",
+            "0",
+            "--device",
+            "d1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = ""
+        while "Ctrl-C stops" not in banner:
+            line = proc.stderr.readline()
+            assert line, proc.stderr.read()
+            banner += line
+        port = int(banner.split("HTTPS")[1].split(":")[1].split()[0])
+        ctx = it.create_ssl_context(
+            it.TlsPolicy(roots=it.RootSet.from_pem_file(tmp_path / "pki" / "root.pem"))
+        )
+        with socket.create_connection(("127.0.0.1", port), 5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(
+                    b"GET /devices/d1/messages/deviceBound?api-version=2021-04-12 "
+                    b"HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+                )
+                tls.recv(100)
+        record = json.loads(proc.stdout.readline())
+        assert record["operationName"] == "deviceConnect" and record["protocol"] == "Https"
+        assert record["tlsVersion"] == "TLSv1.3" and record["sni"] == "localhost"
+    finally:
+        proc.send_signal(2)
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0
+    assert "successful connections" in err
+    assert "device d1: HostName=localhost;DeviceId=d1;SharedAccessKey=" in banner
