@@ -93,7 +93,7 @@ def test_tls10_accepted_by_legacy_hub_refused_by_default(default_hub, legacy_hub
                     )
                     assert tls.recv(100).startswith(b"HTTP/1.1 401")
             else:
-                with pytest.raises(ssl.SSLError, match="UNSUPPORTED_PROTOCOL|PROTOCOL_VERSION"):
+                with pytest.raises(ssl.SSLError, match=r"UNSUPPORTED_PROTOCOL|PROTOCOL_VERSION"):
                     ctx.wrap_socket(raw, server_hostname="localhost")
         event = _wait_events(hub, before + 1)[before]
         assert event.protocol == "Https" and event.operation == "deviceConnect"
