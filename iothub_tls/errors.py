@@ -32,7 +32,19 @@ standard-library base where one applies, so existing ``except ValueError`` or
         ├── AuthenticationError                  the hub refused the credentials
         ├── NotAuthorizedError                   the hub refused the operation for this identity
         ├── OperationTimeoutError (TimeoutError) an operation did not complete in time
-        └── DeliveryError                        a message was not accepted by the hub
+        ├── DeliveryError                        a message was not accepted by the hub
+        │   ├── MessageLockLostError             HTTPS: the C2D lock expired (412)
+        │   └── MessageTooLargeError (ValueError) HTTPS: over IoT Hub's 256 KB (413)
+        ├── InvalidMessageError (ValueError)     HTTPS: a property or id IoT Hub refuses
+        ├── BadRequestError                      HTTPS: 400
+        ├── DeviceNotFoundError (LookupError)    HTTPS: 404
+        ├── ThrottledError                       HTTPS: 429 (``retry_after``)
+        ├── HubServerError                       HTTPS: 5xx after the retries
+        └── UnexpectedResponseError              HTTPS: any other status
+
+The HTTPS-specific classes live in :mod:`iothub_tls.https`; the local endpoint's
+``RegistryError`` (ValueError) and ``DeviceNotRegisteredError`` (LookupError) in
+:mod:`iothub_tls.endpoint.registry`.
 
 Errors raised while handshaking are translated at the boundary (the hardened socket's
 ``do_handshake``) and chained with ``from`` to the original :mod:`ssl` exception.

@@ -123,6 +123,9 @@ def _unwrap(obj: Any) -> Any:
     for _ in range(4):
         if isinstance(obj, ssl.SSLSocket | ssl.SSLObject):
             return obj
+        owner = getattr(obj, "owner", None)  # a bare _ssl._SSLSocket (httpx's sync client)
+        if isinstance(owner, ssl.SSLSocket | ssl.SSLObject):
+            return owner
         cached = getattr(obj, "tls_info", None)
         if isinstance(cached, TlsInfo):
             return cached

@@ -253,6 +253,7 @@ class RecordRelay:
         self._sock.listen(8)
         self.port = int(self._sock.getsockname()[1])
         self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -262,6 +263,7 @@ class RecordRelay:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target_port))
+            self._sockets += [client, server]
             up, down = RecordLog(), RecordLog()
             self.logs.append((up, down))
             for src, dst, log in ((client, server, up), (server, client, down)):
@@ -298,6 +300,9 @@ class RecordRelay:
 
     def close(self) -> None:
         self._sock.close()
+        self.wait_idle(1.0)
+        for s in self._sockets:
+            s.close()
 
     def __enter__(self) -> RecordRelay:
         return self

@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -221,7 +222,7 @@ def run_demo(state_dir: Path) -> tuple[Demo, list[dict[str, Any]]]:
                 "telemetry + C2D, X.509" if protocol == "amqp" else "telemetry + C2D, SAS",
                 protocol.upper(),
                 "connected",
-                lambda p=protocol: _device_round_trip(demo, p, policy, x509=p == "amqp"),
+                partial(_device_round_trip, demo, protocol, policy, x509=protocol == "amqp"),
             )
         if "mqtt" in hub.ports and not _installed("mqtt"):
             demo.record(
@@ -234,17 +235,13 @@ def run_demo(state_dir: Path) -> tuple[Demo, list[dict[str, Any]]]:
                 "legacy client, TLS 1.1",
                 protocol.upper(),
                 "refused",
-                lambda p=protocol: _Refusal(
-                    _legacy_attempt(hub, p, version=ssl.TLSVersion.TLSv1_1, ciphers="ALL")
-                ),
+                partial(_refused_by, hub, protocol, ssl.TLSVersion.TLSv1_1, "ALL"),
             )
             demo.record(
                 "legacy client, weak suite",
                 protocol.upper(),
                 "refused",
-                lambda p=protocol: _Refusal(
-                    _legacy_attempt(hub, p, version=ssl.TLSVersion.TLSv1_2, ciphers="AES128-SHA")
-                ),
+                partial(_refused_by, hub, protocol, ssl.TLSVersion.TLSv1_2, "AES128-SHA"),
             )
         time.sleep(0.2)  # let the hub's threads write their last log lines
         log = [e.to_json() for e in hub.log.events]
@@ -257,6 +254,10 @@ class _Refusal:
 
     def as_dict(self) -> dict[str, Any]:
         return {"refused": self.reason}
+
+
+def _refused_by(hub: LocalHub, protocol: str, version: ssl.TLSVersion, ciphers: str) -> _Refusal:
+    return _Refusal(_legacy_attempt(hub, protocol, version=version, ciphers=ciphers))
 
 
 def _resumed(demo: Demo, policy: Any) -> TlsInfo:

@@ -153,11 +153,17 @@ class HubState:
             self._locked[message.lock_token] = message
             return message
 
-    def settle_c2d(self, lock_token: str, outcome: str) -> C2DMessage:
+    def settle_c2d(
+        self, lock_token: str, outcome: str, *, device_id: str | None = None
+    ) -> C2DMessage:
         """``outcome``: "complete", "reject" (dead-letter) or "abandon" (requeue).
-        Raises KeyError when the lock is unknown or expired (HTTP 412)."""
+        ``device_id``: the device asking (a token only settles that device's message).
+        Raises KeyError when the lock is unknown, expired or another device's (HTTP 412)."""
         with self._lock:
             self._expire_locks()
+            held = self._locked.get(lock_token)
+            if held is None or (device_id is not None and held.device_id != device_id):
+                raise KeyError(lock_token)
             message = self._locked.pop(lock_token)
             message.lock_token = None
             if outcome == "complete":

@@ -1,0 +1,42 @@
+"""The local hub's shared state: C2D locks and settlement rules (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+
+from iothub_tls.endpoint.state import HubState
+
+
+def test_lock_token_settles_only_its_own_devices_message():
+    state = HubState()
+    state.enqueue_c2d("a", b"for a")
+    locked = state.lock_next_c2d("a")
+    assert locked is not None and locked.delivery_count == 1
+    with pytest.raises(KeyError):
+        state.settle_c2d(locked.lock_token, "complete", device_id="b")
+    assert state.settle_c2d(locked.lock_token, "complete", device_id="a") is locked
+    with pytest.raises(KeyError):  # settled once only
+        state.settle_c2d(locked.lock_token, "complete", device_id="a")
+
+
+def test_abandon_requeues_first_and_reject_dead_letters():
+    state = HubState()
+    state.enqueue_c2d("a", b"1")
+    state.enqueue_c2d("a", b"2")
+    first = state.lock_next_c2d("a")
+    state.settle_c2d(first.lock_token, "abandon")
+    again = state.lock_next_c2d("a")
+    assert again.payload == b"1" and again.delivery_count == 2
+    state.settle_c2d(again.lock_token, "reject")
+    assert state.dead_letters == [again]
+    assert state.lock_next_c2d("a").payload == b"2"
+
+
+def test_expired_lock_returns_the_message(monkeypatch):
+    state = HubState(lock_seconds=0.0)
+    state.enqueue_c2d("a", b"1")
+    locked = state.lock_next_c2d("a")
+    assert state.pending_c2d("a") == 0
+    with pytest.raises(KeyError):
+        state.settle_c2d(locked.lock_token, "complete")
+    assert state.pending_c2d("a") == 1

@@ -1,0 +1,536 @@
+"""iothub_tls.https: the REST protocol as pure data, the client's construction and
+error mapping, and the hardened context inside requests, urllib3 and httpx — each
+library talking to the local endpoint over real TLS, accepted and refused."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+import iothub_tls as it
+from iothub_tls import _http_protocol as proto
+from iothub_tls.endpoint import DeviceRegistry, HttpsEndpoint, HubTlsProfile, ServerCredential
+from iothub_tls.https import (
+    BadRequestError,
+    C2DMessage,
+    DeviceNotFoundError,
+    HttpsDeviceClient,
+    HttpsRetry,
+    HubServerError,
+    InvalidMessageError,
+    Message,
+    MessageLockLostError,
+    MessageTooLargeError,
+    ThrottledError,
+    UnexpectedResponseError,
+)
+from tests.conftest import HOST, PKI
+
+# -- requests as data -------------------------------------------------------------------------
+
+
+def test_telemetry_request_carries_properties_as_headers():
+    message = Message(
+        b"payload",
+        {"temp": "21.5", "unit": "C"},
+        message_id="m-1",
+        correlation_id="c-1",
+        content_type="application/json",
+        content_encoding="utf-8",
+    )
+    request = proto.events_request("dev 1/a#b", message)
+    assert request.method == "POST"
+    assert request.path == "/devices/dev%201%2Fa%23b/messages/events?api-version=2021-04-12"
+    assert request.body == b"payload"
+    headers = request.headers
+    assert headers["iothub-app-temp"] == "21.5" and headers["iothub-app-unit"] == "C"
+    assert headers["iothub-messageid"] == "m-1"
+    assert headers["iothub-correlationid"] == "c-1"
+    assert headers["iothub-contenttype"] == "application/json"
+    assert headers["iothub-contentencoding"] == "utf-8"
+    assert headers["iothub-to"] == "/devices/dev%201%2Fa%23b/messages/events"
+    assert headers["Content-Type"] == "application/octet-stream"
+
+
+def test_batch_body_format_and_round_trip():
+    messages = [Message(b"\xff\x00", {"a": "1"}, message_id="x"), Message(b"plain")]
+    request = proto.batch_request("dev", messages)
+    assert request.headers["Content-Type"] == "application/vnd.microsoft.iothub.json"
+    body = json.loads(request.body)
+    assert body == [
+        {
+            "body": base64.b64encode(b"\xff\x00").decode(),
+            "properties": {"iothub-messageid": "x", "iothub-app-a": "1"},
+        },
+        {"body": base64.b64encode(b"plain").decode()},
+    ]
+    parsed = proto.parse_batch(request.body)
+    assert [(m.body, dict(m.properties), m.message_id) for m in parsed] == [
+        (b"\xff\x00", {"a": "1"}, "x"),
+        (b"plain", {}, None),
+    ]
+
+
+def test_batch_item_with_text_body_is_read_as_utf8():
+    body = json.dumps([{"body": "héllo", "base64Encoded": False}]).encode()
+    assert proto.parse_batch(body)[0].body == "héllo".encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"not json", "not JSON"),
+        (b"[]", "non-empty JSON array"),
+        (b'[{"nobody": 1}]', "no string 'body'"),
+        (b'[{"body": "***"}]', "not base64"),
+    ],
+)
+def test_bad_batch_bodies_are_refused(body, message):
+    with pytest.raises(InvalidMessageError, match=message):
+        proto.parse_batch(body)
+
+
+def test_settlement_requests():
+    complete = proto.complete_request("dev", "lock-1")
+    reject = proto.reject_request("dev", "lock-1")
+    abandon = proto.abandon_request("dev", "lock-1")
+    assert (complete.method, complete.path) == (
+        "DELETE",
+        "/devices/dev/messages/deviceBound/lock-1?api-version=2021-04-12",
+    )
+    assert (reject.method, reject.path) == (
+        "DELETE",
+        "/devices/dev/messages/deviceBound/lock-1?api-version=2021-04-12&reject",
+    )
+    assert (abandon.method, abandon.path) == (
+        "POST",
+        "/devices/dev/messages/deviceBound/lock-1/abandon?api-version=2021-04-12",
+    )
+    assert complete.headers["If-Match"] == '"lock-1"'
+    receive = proto.receive_request("dev", api_version="2020-03-13")
+    assert receive.path == "/devices/dev/messages/deviceBound?api-version=2020-03-13"
+    with pytest.raises(InvalidMessageError, match="lock_token"):
+        proto.complete_request("dev", "")
+
+
+def test_c2d_response_is_parsed():
+    headers = {
+        "ETag": '"3f1c"',
+        "iothub-messageid": "mid",
+        "IoTHub-SequenceNumber": "42",  # header names are case-insensitive
+        "iothub-deliverycount": "2",
+        "iothub-app-Priority": "high",
+        "ContentType": "text/plain",
+        "iothub-enqueuedtime": "2026-01-01T00:00:00Z",
+    }
+    message = proto.parse_c2d(200, headers, b"body")
+    assert isinstance(message, C2DMessage)
+    assert message.lock_token == "3f1c"
+    assert (message.sequence_number, message.delivery_count) == (42, 2)
+    assert dict(message.properties) == {"Priority": "high"}
+    assert message.content_type == "text/plain"
+    assert proto.parse_c2d(204, {}, b"") is None
+    with pytest.raises(UnexpectedResponseError, match="no ETag"):
+        proto.parse_c2d(200, {}, b"x")
+    # What the endpoint sends is what the client reads.
+    assert proto.parse_c2d(200, proto.c2d_headers(message), b"body") == message
+
+
+def test_error_body_is_parsed():
+    body = proto.error_body("DeviceNotFound", "Device abc not registered", "0a1b2c")
+    info = proto.parse_error({}, body)
+    assert info == proto.HubErrorInfo("DeviceNotFound", "Device abc not registered", "0a1b2c")
+    from_header = proto.parse_error({"iothub-errorcode": "ServerBusy"}, b"")
+    assert from_header.code == "ServerBusy"
+    plain = proto.parse_error({}, b"<html>gateway timeout</html>")
+    assert plain.code is None and "gateway timeout" in plain.message
+
+
+@pytest.mark.parametrize(
+    ("status", "cls", "bases"),
+    [
+        (400, BadRequestError, (it.ClientError,)),
+        (401, it.AuthenticationError, (it.ClientError,)),
+        (403, it.NotAuthorizedError, (it.ClientError,)),
+        (404, DeviceNotFoundError, (it.ClientError, LookupError)),
+        (412, MessageLockLostError, (it.DeliveryError,)),
+        (413, MessageTooLargeError, (it.DeliveryError, ValueError)),
+        (429, ThrottledError, (it.ClientError,)),
+        (500, HubServerError, (it.ClientError,)),
+        (503, HubServerError, (it.ClientError,)),
+        (418, UnexpectedResponseError, (it.ClientError,)),
+    ],
+)
+def test_status_mapping(status, cls, bases):
+    info = proto.HubErrorInfo("Code", "text", "track-1")
+    exc = proto.error_for_status(status, info, operation="send telemetry", retry_after=3)
+    assert type(exc) is cls
+    assert isinstance(exc, bases) and isinstance(exc, it.IoTHubTLSError)
+    assert (exc.status, exc.error_code, exc.tracking_id) == (status, "Code", "track-1")
+    assert str(exc).startswith(f"send telemetry failed with HTTP {status} (Code: text)")
+    if status == 429:
+        assert exc.retry_after == 3
+
+
+def test_retry_after_header_forms():
+    assert proto.parse_retry_after("7") == 7.0
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert proto.parse_retry_after(date, now=1_000_000) == 30.0
+    assert proto.parse_retry_after(None) is None
+    assert proto.parse_retry_after("soon") is None
+
+
+# -- messages refused before sending -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"properties": {"has space": "v"}}, "property name 'has space' cannot be sent"),
+        ({"properties": {"k": "two words"}}, "value of property 'k'"),
+        ({"properties": {"iothub-messageid": "x"}}, "reserved"),
+        ({"message_id": "x" * 129}, "message_id"),
+        ({"message_id": "a b"}, "message_id"),
+        ({"content_type": "text/plain\r\nX: y"}, "printable ASCII"),
+    ],
+)
+def test_invalid_messages(kwargs, message):
+    with pytest.raises(InvalidMessageError, match=message):
+        Message(b"x", **kwargs)
+
+
+def test_message_body_types_and_size():
+    assert Message("é").body == "é".encode()
+    with pytest.raises(InvalidMessageError, match="bytes or str"):
+        Message(12)  # type: ignore[arg-type]
+    assert Message(b"1234", {"ab": "cd"}, message_id="m").size == 4 + 4 + 1
+    with pytest.raises(MessageTooLargeError, match="split it"):
+        proto.events_request("d", Message(b"x" * proto.MAX_MESSAGE_BYTES, {"k": "v"}))
+    with pytest.raises(MessageTooLargeError, match="several batches"):
+        proto.batch_request("d", [Message(b"x" * 200_000), Message(b"x" * 100_000)])
+    with pytest.raises(InvalidMessageError, match="at least one"):
+        proto.batch_request("d", [])
+
+
+def test_retry_settings():
+    retry = HttpsRetry(attempts=5, base_delay=1, max_delay=4)
+    for n in range(1, 8):
+        ceiling = min(4, 2 ** (n - 1))
+        assert ceiling / 2 <= retry.backoff(n) <= ceiling
+    with pytest.raises(it.PolicyError, match="attempts"):
+        HttpsRetry(attempts=0)
+    with pytest.raises(it.PolicyError, match="base_delay"):
+        HttpsRetry(base_delay=10, max_delay=1)
+
+
+# -- the client's construction ----------------------------------------------------------------
+
+KEY = base64.b64encode(b"k" * 32).decode()
+
+
+def test_client_refuses_what_https_cannot_do():
+    with pytest.raises(it.ConnectionStringError, match="module identities"):
+        HttpsDeviceClient.from_connection_string(
+            f"HostName={HOST};DeviceId=d;ModuleId=m;SharedAccessKey={KEY}"
+        )
+    with pytest.raises(it.ConnectionStringError, match="x509=true: pass the device certificate"):
+        HttpsDeviceClient.from_connection_string(f"HostName={HOST};DeviceId=d;x509=true")
+    with pytest.raises(it.PolicyError, match="port"):
+        HttpsDeviceClient.from_connection_string(
+            f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}", port=0
+        )
+
+
+def test_client_repr_has_no_secret():
+    client = HttpsDeviceClient.from_connection_string(
+        f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}", host="127.0.0.1", port=8443
+    )
+    assert KEY not in repr(client)
+    assert "connect=127.0.0.1:8443" in repr(client) and "auth=sas" in repr(client)
+    assert client.tls_info is None
+
+
+def test_missing_urllib3_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "urllib3", None)
+    with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[https\]'"):
+        HttpsDeviceClient.from_connection_string(
+            f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}"
+        )
+
+
+def test_importing_the_module_imports_neither_requests_nor_urllib3():
+    code = (
+        "import sys, iothub_tls.https as h;"
+        "print('requests' in sys.modules, 'urllib3' in sys.modules);"
+        "h.HardenedAdapter; print('requests' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["False", "False", "True"]
+
+
+# -- the endpoint, for the library tests ----------------------------------------------------------
+
+DEVICE = "lib-dev"
+
+
+@pytest.fixture(scope="module")
+def lib_registry() -> DeviceRegistry:
+    registry = DeviceRegistry(HOST)
+    registry.add_sas_device(DEVICE)
+    return registry
+
+
+def _endpoint(pki: PKI, registry: DeviceRegistry, *leaves) -> Iterator[HttpsEndpoint]:
+    profile = HubTlsProfile(
+        tuple(ServerCredential.from_pem(leaf.cert_chain_pem, leaf.key_pem) for leaf in leaves)
+    )
+    with HttpsEndpoint(profile, registry) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def dual_hub(pki, lib_registry) -> Iterator[HttpsEndpoint]:
+    yield from _endpoint(pki, lib_registry, pki.rsa_leaf, pki.ec_leaf)
+
+
+@pytest.fixture(scope="module")
+def rsa_hub(pki, lib_registry) -> Iterator[HttpsEndpoint]:
+    yield from _endpoint(pki, lib_registry, pki.rsa_leaf)
+
+
+def _url(endpoint: HttpsEndpoint) -> str:
+    # "localhost" is in the test certificate, so libraries can use a normal URL.
+    return (
+        f"https://localhost:{endpoint.port}/devices/{DEVICE}/messages/events?api-version=2021-04-12"
+    )
+
+
+def _auth(registry: DeviceRegistry) -> dict[str, str]:
+    key = registry.get(DEVICE).primary_key
+    return {"Authorization": it.generate_sas_token(f"{HOST}/devices/{DEVICE}", key)}
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        nxt = exc.__cause__ or exc.__context__
+        if nxt is None:
+            reason = getattr(exc, "reason", None)
+            nxt = reason if isinstance(reason, BaseException) else None
+        if nxt is None and exc.args and isinstance(exc.args[0], BaseException):
+            nxt = exc.args[0]
+        exc = nxt
+    return seen
+
+
+ECC_ONLY = {"ciphers": it.CipherProfile.ECC_ONLY}
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def test_requests_plain_adapter_with_the_context_fails_loudly(pki, dual_hub, lib_registry):
+    requests = pytest.importorskip("requests")
+    from requests.adapters import HTTPAdapter
+
+    ctx = it.create_ssl_context(pki.policy())
+
+    class ContextAdapter(HTTPAdapter):  # the recipe found in many answers online
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["ssl_context"] = ctx
+            super().init_poolmanager(*args, **kwargs)
+
+    with requests.Session() as session:
+        session.mount("https://", ContextAdapter())
+        with pytest.raises(it.PolicyError, match=r"load_verify_locations\(\) is not allowed"):
+            session.post(_url(dual_hub), data=b"x", headers=_auth(lib_registry))
+    assert dual_hub.received == () or all(m.body != b"x" for m in dual_hub.received)
+
+
+def test_requests_hardened_adapter_sends_and_reports(pki, dual_hub, lib_registry):
+    requests = pytest.importorskip("requests")
+    from iothub_tls.https import HardenedAdapter
+
+    before = len(dual_hub.received)
+    with requests.Session() as session:
+        session.mount("https://", HardenedAdapter(pki.policy()))
+        response = session.post(
+            _url(dual_hub), data=b"via requests", headers=_auth(lib_registry), stream=True
+        )
+        info = it.tls_info(response.raw.connection)
+        response.close()
+    assert response.status_code == 204
+    assert dual_hub.received[before].body == b"via requests"
+    assert (info.version, info.sni, info.anchor) == (
+        "TLSv1.3",
+        "localhost",
+        "iothub-tls Test Root G2",
+    )
+
+
+def test_requests_hardened_adapter_keeps_ecc_only_refusal(pki, rsa_hub, lib_registry):
+    requests = pytest.importorskip("requests")
+    from iothub_tls.https import HardenedAdapter
+
+    with requests.Session() as session:
+        session.mount("https://", HardenedAdapter(pki.policy(**ECC_ONLY)))
+        with pytest.raises(requests.exceptions.SSLError) as err:
+            session.post(_url(rsa_hub), data=b"x", headers=_auth(lib_registry))
+    assert any(isinstance(e, it.CipherSuiteError) for e in _chain(err.value))
+    assert "ECC-only mode needs an ECDSA certificate" in str(err.value)
+
+
+def test_requests_hardened_adapter_keeps_pinning(dual_hub, lib_registry):
+    requests = pytest.importorskip("requests")
+    from iothub_tls.https import HardenedAdapter
+
+    with requests.Session() as session:
+        session.mount("https://", HardenedAdapter())  # pinned to the Azure roots
+        with pytest.raises(requests.exceptions.SSLError) as err:
+            session.post(_url(dual_hub), data=b"x", headers=_auth(lib_registry))
+    assert any(isinstance(e, it.CertificateVerificationError) for e in _chain(err.value))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"verify": False}, "verify=False is not allowed"),
+        ({"verify": "/srv/extra-ca.pem"}, "RootSet.from_pem_file"),
+        ({"cert": ("c.pem", "k.pem")}, "identity=ClientIdentity"),
+    ],
+)
+def test_requests_hardened_adapter_refuses_weakening(pki, dual_hub, kwargs, message):
+    requests = pytest.importorskip("requests")
+    from iothub_tls.https import HardenedAdapter
+
+    with requests.Session() as session:
+        session.mount("https://", HardenedAdapter(pki.policy()))
+        with pytest.raises(it.PolicyError, match=message):
+            session.get(_url(dual_hub), **kwargs)
+
+
+def test_requests_environment_ca_bundle_is_left_out(
+    pki, dual_hub, lib_registry, monkeypatch, tmp_path
+):
+    requests = pytest.importorskip("requests")
+    from iothub_tls.https import HardenedAdapter
+
+    bundle = tmp_path / "corporate-ca.pem"
+    bundle.write_bytes(pki.root.cert_pem)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    with requests.Session() as session:
+        # The pinned Azure roots stay the only anchors: the environment's bundle (which
+        # holds the test root) is not added, so the test hub is still refused...
+        session.mount("https://", HardenedAdapter())
+        with pytest.raises(requests.exceptions.SSLError):
+            session.post(_url(dual_hub), data=b"x", headers=_auth(lib_registry))
+        # ...and a policy that pins the test root works with the variable set.
+        session.mount("https://", HardenedAdapter(pki.policy()))
+        ok = session.post(_url(dual_hub), data=b"env", headers=_auth(lib_registry))
+    assert ok.status_code == 204
+
+
+def test_hardened_adapter_takes_a_ready_context_only_from_us(pki):
+    pytest.importorskip("requests")
+    import ssl
+
+    from iothub_tls.https import HardenedAdapter
+
+    ctx = it.create_ssl_context(pki.policy())
+    assert HardenedAdapter(context=ctx).ssl_context is ctx
+    with pytest.raises(it.PolicyError, match="create_ssl_context"):
+        HardenedAdapter(context=ssl.create_default_context())  # type: ignore[arg-type]
+    with pytest.raises(it.PolicyError, match="not both"):
+        HardenedAdapter(pki.policy(), context=ctx)
+
+
+# -- urllib3 ----------------------------------------------------------------------------------
+
+
+def test_urllib3_pool_manager_sends_and_reports(pki, dual_hub, lib_registry):
+    urllib3 = pytest.importorskip("urllib3")
+    with urllib3.PoolManager(ssl_context=it.create_ssl_context(pki.policy(**ECC_ONLY))) as pm:
+        response = pm.request(
+            "POST",
+            _url(dual_hub),
+            body=b"via urllib3",
+            headers=_auth(lib_registry),
+            preload_content=False,
+            retries=False,
+        )
+        info = it.tls_info(response.connection)
+        response.release_conn()
+    assert response.status == 204
+    assert info.server_key_type == "EC"  # the dual hub served its ECDSA certificate
+    assert info.sni == "localhost"
+
+
+def test_urllib3_keeps_ecc_only_refusal(pki, rsa_hub, lib_registry):
+    urllib3 = pytest.importorskip("urllib3")
+    with urllib3.PoolManager(ssl_context=it.create_ssl_context(pki.policy(**ECC_ONLY))) as pm:
+        with pytest.raises(urllib3.exceptions.SSLError) as err:
+            pm.request("POST", _url(rsa_hub), body=b"x", headers=_auth(lib_registry), retries=False)
+    assert any(isinstance(e, it.CipherSuiteError) for e in _chain(err.value))
+
+
+def test_urllib3_ca_certs_argument_is_refused_loudly(pki, dual_hub):
+    urllib3 = pytest.importorskip("urllib3")
+    import certifi
+
+    pm = urllib3.PoolManager(
+        ssl_context=it.create_ssl_context(pki.policy()), ca_certs=certifi.where()
+    )
+    with pytest.raises(it.PolicyError, match="would defeat pinning"):
+        pm.request("GET", _url(dual_hub), retries=False)
+
+
+# -- httpx --------------------------------------------------------------------------------------
+
+
+def test_httpx_sends_and_reports(pki, dual_hub, lib_registry):
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(verify=it.create_ssl_context(pki.policy())) as client:
+        response = client.post(_url(dual_hub), content=b"via httpx", headers=_auth(lib_registry))
+        # httpcore's "ssl_object" is the bare _ssl object; "socket" is the SSLSocket.
+        info = it.tls_info(response.extensions["network_stream"].get_extra_info("socket"))
+    assert response.status_code == 204
+    assert info.version == "TLSv1.3" and info.anchor == "iothub-tls Test Root G2"
+
+
+def test_httpx_keeps_ecc_only_refusal(pki, rsa_hub, lib_registry):
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(verify=it.create_ssl_context(pki.policy(**ECC_ONLY))) as client:
+        with pytest.raises(httpx.ConnectError) as err:
+            client.post(_url(rsa_hub), content=b"x", headers=_auth(lib_registry))
+    assert any(isinstance(e, it.CipherSuiteError) for e in _chain(err.value))
+
+
+def test_httpx_async_runs_the_checks_on_ssl_objects(pki, dual_hub, rsa_hub, lib_registry):
+    httpx = pytest.importorskip("httpx")
+
+    async def main() -> tuple[int, it.TlsInfo, BaseException]:
+        ctx = it.create_ssl_context(pki.policy(**ECC_ONLY))
+        async with httpx.AsyncClient(verify=ctx) as client:
+            ok = await client.post(_url(dual_hub), content=b"async", headers=_auth(lib_registry))
+            ssl_object = ok.extensions["network_stream"].get_extra_info("ssl_object")
+            try:
+                await client.post(_url(rsa_hub), content=b"x", headers=_auth(lib_registry))
+            except httpx.ConnectError as exc:
+                refused: BaseException = exc
+            else:
+                raise AssertionError("the RSA-only hub was accepted in ECC-only mode")
+            return ok.status_code, it.tls_info(ssl_object), refused
+
+    status, info, refused = asyncio.run(main())
+    assert status == 204 and info.server_key_type == "EC"
+    assert any(isinstance(e, (it.CipherSuiteError, it.PolicyViolation)) for e in _chain(refused))
