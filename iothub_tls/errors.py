@@ -186,3 +186,6 @@ class OperationTimeoutError(ClientError, TimeoutError):
 
 class DeliveryError(ClientError):
     """A message was not accepted by the hub (rejected, released, or lost)."""
+
+    #: the hub's verdict where the protocol has one ("rejected", "released", "modified")
+    outcome: str | None = None

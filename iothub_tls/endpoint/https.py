@@ -55,7 +55,7 @@ _MAX_REQUEST_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class ReceivedMessage:
-    """A device-to-cloud message the HTTPS endpoint accepted."""
+    """A device-to-cloud message a front door (HTTPS or AMQP) accepted."""
 
     device_id: str
     body: bytes

@@ -1,0 +1,728 @@
+"""The AMQP 1.0 front door of the local compliance endpoint (port 5671 on IoT Hub).
+
+:class:`AmqpEndpoint` is a :class:`~.frontdoor.TlsFrontDoor`: it accepts TLS connections
+under a :class:`~.profile.HubTlsProfile` (an accept loop in a thread, one thread per
+connection), then runs proton's engine in server mode on the decrypted bytes, the way
+IoT Hub serves devices:
+
+* **SASL** — ANONYMOUS (and MSSBCBS, the C SDK's name for it), after which the device
+  must authenticate through ``$cbs``; EXTERNAL, offered when the device presented a
+  certificate: the identity is that certificate, checked against the registry
+  (registered thumbprint, or registered CA with the device id as CN). A connection
+  without a SASL layer is accepted too, as IoT Hub accepts X.509 devices: the
+  certificate is then checked when the device attaches its links.
+* **Claims-based security** — ``put-token`` requests on ``$cbs`` are verified with
+  :meth:`~.registry.DeviceRegistry.verify_sas` and answered with ``status-code`` 200 or
+  401 (``status-description`` says why). A new token on the live connection extends
+  the authorization; when the last token expires without renewal the connection is
+  closed with ``amqp:unauthorized-access``.
+* **Links** — ``/devices/{id}/messages/events`` (the endpoint receives telemetry,
+  settles it *accepted* and records it with its properties) and
+  ``/devices/{id}/messages/devicebound`` (the endpoint sends the device's
+  cloud-to-device queue from the shared :class:`~.state.HubState`; *accepted* completes
+  a message, *rejected* dead-letters it, *released* or *modified* puts it back until
+  ``max_delivery_count``). Module addresses
+  (``/devices/{id}/modules/{m}/...``) and the ``amqps://{hub}`` prefix are accepted.
+
+Each connection is reported to the hub's :class:`~.log.ConnectionLog` and the
+``on_connection`` callbacks as a :class:`~.log.ConnectionEvent` (TLS version, cipher,
+SNI, certificate thumbprint, device id, result, reason): ``deviceConnect`` once, when
+the device authenticated or was refused, and ``deviceDisconnect`` when an accepted
+connection ends::
+
+    endpoint = AmqpEndpoint(profile, registry, on_connection=print)
+    with endpoint:
+        endpoint.enqueue_c2d("dev1", b"reboot", {"priority": "high"})
+        ...                      # devices connect to endpoint.port
+        print(endpoint.received)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import re
+import select
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from .. import _amqp_engine as amqp  # first: MissingDependencyError without proton
+from ..errors import AuthenticationError
+from .frontdoor import TlsFrontDoor, TlsMeta
+from .https import ReceivedMessage
+from .log import ConnectionEvent, ConnectionLog
+from .profile import HubTlsProfile, PeerTls, peer_tls
+from .registry import DeviceNotRegisteredError, DeviceRegistry, certificate_thumbprints
+from .state import HubState, Telemetry
+
+from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
+
+__all__ = ["AmqpEndpoint"]
+
+logger = logging.getLogger("iothub_tls.endpoint")
+
+_MAX_MESSAGE = 256 * 1024  # IoT Hub's device-to-cloud message size limit
+_ADDRESS = re.compile(
+    r"^(?:amqps?://(?P<host>[^/]+))?/devices/(?P<device>[^/]+)"
+    r"(?:/modules/(?P<module>[^/]+))?/messages/(?P<kind>events|devicebound)$",
+    re.IGNORECASE,
+)
+_AUDIENCE = re.compile(r"^(?P<host>[^/]+)/devices/(?P<device>[^/]+)(?:/modules/[^/]+)?/?$")
+_UNAUTHORIZED = "amqp:unauthorized-access"
+_NOT_FOUND = "amqp:not-found"
+
+
+@dataclass
+class _Conn:
+    """The state of one device connection."""
+
+    meta: TlsMeta
+    tls: PeerTls
+    sasl_mechanism: str | None = None
+    #: device id -> (auth type, authorized until (epoch s) or None for certificates)
+    authorized: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    reported: bool = False
+    accepted_device: str | None = None
+    put_tokens: int = 0
+    #: delivery -> (lock token, delivery count) of the cloud-to-device message it carries
+    c2d_unsettled: dict[Any, tuple[str, int]] = field(default_factory=dict)
+    #: sender links of devicebound, with their device id
+    c2d_links: list[tuple[Any, str]] = field(default_factory=list)
+    cbs_reply_link: Any = None
+    closing: str | None = None
+
+
+class AmqpEndpoint(TlsFrontDoor):
+    """IoT Hub's device AMQP 1.0 endpoint on ``host:port`` over the profile's TLS.
+
+    :param profile: the server TLS (versions, suites, certificates, device certificates).
+    :param registry: devices and their credentials.
+    :param state: the hub's shared state (telemetry, cloud-to-device queues); a private
+        one when not given. Share it with the other front doors so a message queued for
+        a device reaches it whichever protocol it uses.
+    :param port: 0 picks a free port; read :attr:`port` after :meth:`start`. After
+        :meth:`stop`, :meth:`start` listens on the same port again.
+    :param log: the hub's shared connection log; a private one when not given.
+    :param on_connection: called with each AMQP :class:`~.log.ConnectionEvent`
+        (``deviceConnect`` once per connection when the device authenticated or was
+        refused, or when TLS failed; ``deviceDisconnect`` when an accepted connection
+        ends). Called on the connection's thread; exceptions are logged and ignored.
+    :param handshake_timeout: seconds a client has for TLS and SASL.
+    :param idle_timeout: the AMQP idle timeout the endpoint announces and enforces.
+    :param max_delivery_count: a cloud-to-device message released (abandoned) this many
+        times is dead-lettered instead of delivered again (IoT Hub's default: 10).
+    """
+
+    protocol = "Amqp"
+
+    def __init__(
+        self,
+        profile: HubTlsProfile,
+        registry: DeviceRegistry,
+        state: HubState | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log: ConnectionLog | None = None,
+        on_connection: Callable[[ConnectionEvent], None] | None = None,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float = 240.0,
+        max_delivery_count: int = 10,
+    ) -> None:
+        if not isinstance(profile, HubTlsProfile):
+            raise TypeError(f"profile must be a HubTlsProfile, not {type(profile).__name__}")
+        if not isinstance(registry, DeviceRegistry):
+            raise TypeError(f"registry must be a DeviceRegistry, not {type(registry).__name__}")
+        super().__init__(
+            profile.server_context(),
+            host=host,
+            port=port,
+            log=log,
+            handshake_timeout=handshake_timeout,
+        )
+        self.profile = profile
+        self.registry = registry
+        self.state = state or HubState()
+        self.idle_timeout = float(idle_timeout)
+        if not 1 <= max_delivery_count <= 100:
+            raise ValueError("max_delivery_count must be 1..100 (IoT Hub default: 10)")
+        self.max_delivery_count = max_delivery_count
+        self._state_lock = threading.Lock()
+        self._received: list[ReceivedMessage] = []
+        self._open: dict[int, _Conn] = {}
+        if on_connection is not None:
+            self.add_connection_listener(on_connection)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind and serve in background threads (again on the same port after a stop)."""
+        super().start()
+        self.requested_port = self.port
+        logger.info("AMQP endpoint on %s:%d, %s", self.host, self.port, self.profile.describe())
+
+    def __enter__(self) -> AmqpEndpoint:
+        self.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._listener is not None
+
+    # -- what tests and `serve` drive ----------------------------------------------------
+
+    def enqueue_c2d(
+        self,
+        device_id: str,
+        payload: bytes | str,
+        properties: Mapping[str, str] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        """Queue a cloud-to-device message in the hub's state; returns its message id.
+        A connected device gets it on its devicebound link right away.
+
+        :raises DeviceNotRegisteredError: for a device the registry does not hold.
+        """
+        if self.registry.get(device_id) is None:
+            raise DeviceNotRegisteredError(
+                f"device {device_id!r} is not registered: add it to the registry first"
+            )
+        body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        message = self.state.enqueue_c2d(
+            device_id,
+            body,
+            dict(properties or {}),
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+        return message.message_id
+
+    @property
+    def received(self) -> tuple[ReceivedMessage, ...]:
+        """Telemetry accepted over AMQP so far, oldest first."""
+        with self._state_lock:
+            return tuple(self._received)
+
+    @property
+    def connections(self) -> tuple[ConnectionEvent, ...]:
+        """The AMQP events in the connection log."""
+        return tuple(e for e in list(self.log.events) if e.protocol == self.protocol)
+
+    @property
+    def put_tokens(self) -> tuple[int, ...]:
+        """Accepted ``$cbs`` put-tokens of each open connection (a renewal counts)."""
+        with self._state_lock:
+            return tuple(c.put_tokens for c in self._open.values())
+
+    def add_connection_listener(self, callback: Callable[[ConnectionEvent], None]) -> None:
+        """Call ``callback`` with every AMQP connection event."""
+
+        def listener(event: ConnectionEvent) -> None:
+            if event.protocol != self.protocol:
+                return
+            try:
+                callback(event)
+            except Exception:  # a broken log sink must not break the endpoint
+                logger.exception("connection listener %r failed", callback)
+
+        self.log.subscribe(listener)
+
+    # -- the front door -----------------------------------------------------------------
+
+    def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
+        conn = _Conn(meta, peer_tls(tls))
+        with self._state_lock:
+            self._open[id(conn)] = conn
+        try:
+            leftover = self._sasl(tls, conn)
+            if leftover is not None:
+                self._run(tls, conn, leftover)
+        except (OSError, ssl.SSLError) as exc:
+            conn.closing = conn.closing or f"connection lost: {exc}"
+        finally:
+            with self._state_lock:
+                self._open.pop(id(conn), None)
+            self._abandon_unsettled(conn)
+            if conn.accepted_device is not None:
+                self.disconnected(meta, conn.accepted_device, conn.closing)
+            else:
+                self._outcome(conn, None, False, conn.closing or "closed before authenticating")
+
+    def _outcome(
+        self, conn: _Conn, device_id: str | None, success: bool, reason: str | None = None
+    ) -> None:
+        """Log the connection's first authentication outcome (once per connection)."""
+        if conn.reported:
+            return
+        conn.reported = True
+        if success:
+            conn.accepted_device = device_id
+        self.connected(conn.meta, device_id, success=success, reason=reason)
+
+    # -- SASL ---------------------------------------------------------------------------
+
+    def _sasl(self, tls: ssl.SSLSocket, conn: _Conn) -> bytes | None:
+        """Run the SASL exchange (blocking, within the handshake timeout); returns the
+        bytes that follow it for the AMQP engine, or None when the connection ends."""
+        mechanisms = ["ANONYMOUS", "MSSBCBS"]
+        if conn.tls.client_chain:
+            mechanisms.insert(0, "EXTERNAL")
+        server = amqp.SaslServer(mechanisms)
+        while server.state in ("header", "mechanisms"):
+            try:
+                data = tls.recv(65536)
+            except (OSError, ssl.SSLError):
+                data = b""
+            if not data:
+                conn.closing = "closed during the SASL exchange"
+                return None
+            server.feed(data)
+            tls.sendall(server.take_output())
+        if server.state == "invalid":
+            tls.sendall(server.take_output())
+            self._outcome(conn, None, False, "not an AMQP 1.0 client (bad protocol header)")
+            return None
+        if server.state == "skipped":
+            conn.sasl_mechanism = None
+            return server.leftover
+        init = server.init
+        assert init is not None
+        conn.sasl_mechanism = init.mechanism
+        if init.mechanism in ("ANONYMOUS", "MSSBCBS"):
+            server.outcome(amqp.SaslCode.OK)
+        elif init.mechanism == "EXTERNAL" and "EXTERNAL" in mechanisms:
+            try:
+                device_id = self._certificate_identity(conn)
+            except AuthenticationError as exc:
+                server.outcome(amqp.SaslCode.AUTH)
+                tls.sendall(server.take_output())
+                self._outcome(conn, None, False, f"SASL EXTERNAL refused: {exc}")
+                return None
+            conn.authorized[device_id] = (self._auth_type(device_id), None)
+            self._outcome(conn, device_id, True)
+            server.outcome(amqp.SaslCode.OK)
+        else:
+            server.outcome(amqp.SaslCode.AUTH)
+            tls.sendall(server.take_output())
+            self._outcome(conn, None, False, f"SASL mechanism {init.mechanism!r} is not offered")
+            return None
+        tls.sendall(server.take_output())
+        return server.leftover
+
+    def _certificate_identity(self, conn: _Conn, device_id: str | None = None) -> str:
+        """The device a TLS client certificate identifies (registered thumbprint, or CN
+        of a certificate from a registered CA); checked against ``device_id`` if given."""
+        tls = conn.tls
+        if not tls.client_chain:
+            raise AuthenticationError("no device certificate was presented in TLS")
+        chain = list(tls.client_chain)
+        if device_id is None:
+            sha1, sha256 = certificate_thumbprints(chain[0])
+            for device in self.registry.devices:
+                if sha1 in device.thumbprints or sha256 in device.thumbprints:
+                    device_id = device.device_id
+                    break
+            else:
+                device_id = tls.client_subject or ""
+            if not device_id or self.registry.get(device_id) is None:
+                raise AuthenticationError(
+                    f"no registered device has the certificate presented (SHA-256 "
+                    f"thumbprint {sha256}, CN {tls.client_subject!r})"
+                )
+        self.registry.verify_certificate(device_id, chain)
+        return device_id
+
+    def _auth_type(self, device_id: str) -> str:
+        device = self.registry.get(device_id)
+        return device.auth_type if device is not None else "unknown"
+
+    # -- the AMQP connection ------------------------------------------------------------
+
+    def _run(self, tls: ssl.SSLSocket, conn: _Conn, leftover: bytes) -> None:
+        engine = amqp.Engine(
+            server=True,
+            container_id=f"iothub-tls-{uuid.uuid4().hex[:8]}",
+            idle_timeout=self.idle_timeout,
+        )
+        tls.setblocking(False)
+        engine.feed(leftover)
+        outbuf = b""
+        while True:
+            now = time.monotonic()
+            deadline = engine.tick(now)
+            for event in engine.events():
+                self._on_event(conn, engine, event)
+            self._expire_tokens(conn, engine)
+            self._deliver_c2d(conn)
+            if not outbuf:
+                outbuf = engine.output()
+            if outbuf:
+                try:
+                    n = tls.send(outbuf)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    n = 0
+                except OSError:
+                    break
+                engine.consumed(n)
+                outbuf = outbuf[n:]
+                if not outbuf:
+                    continue
+            if engine.closed or self._stopping.is_set():
+                break
+            wait = 0.2
+            if deadline:
+                wait = max(0.0, min(wait, deadline - now))
+            if tls.pending():
+                wait = 0.0
+            try:
+                readable, _, _ = select.select([tls], [tls] if outbuf else [], [], wait)
+            except (OSError, ValueError):
+                break
+            if readable or tls.pending():
+                self._read(tls, engine)
+        self._abandon_unsettled(conn)
+
+    @staticmethod
+    def _read(tls: ssl.SSLSocket, engine: amqp.Engine) -> None:
+        while True:
+            try:
+                data = tls.recv(65536)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                return
+            except OSError:
+                engine.feed_eof()
+                return
+            if not data:
+                engine.feed_eof()
+                return
+            engine.feed(data)
+            if not tls.pending():
+                return
+
+    def _on_event(self, conn: _Conn, engine: amqp.Engine, event: Any) -> None:
+        kind = event.type
+        E = Event
+        if kind == E.CONNECTION_REMOTE_OPEN:
+            event.connection.open()
+        elif kind == E.SESSION_REMOTE_OPEN:
+            event.session.open()
+        elif kind == E.LINK_REMOTE_OPEN:
+            self._on_attach(conn, event.link)
+        elif kind == E.LINK_FLOW:
+            pass  # deliveries go out on the next loop turn
+        elif kind == E.DELIVERY:
+            delivery = event.delivery
+            if delivery.link.is_receiver:
+                self._on_incoming(conn, engine, delivery)
+            else:
+                self._on_disposition(conn, delivery)
+        elif kind == E.LINK_REMOTE_CLOSE:
+            link = event.link
+            self._release_link(conn, link)
+            if not link.state & Endpoint.LOCAL_CLOSED:
+                link.close()
+        elif kind == E.SESSION_REMOTE_CLOSE:
+            if not event.session.state & Endpoint.LOCAL_CLOSED:
+                event.session.close()
+        elif kind == E.CONNECTION_REMOTE_CLOSE:
+            conn.closing = conn.closing or "closed by the device"
+            if not event.connection.state & Endpoint.LOCAL_CLOSED:
+                event.connection.close()
+
+    # -- links ----------------------------------------------------------------------------
+
+    def _refuse_link(self, link: Any, name: str, description: str) -> None:
+        link.condition = Condition(name, description)
+        link.open()
+        link.close()
+
+    def _on_attach(self, conn: _Conn, link: Any) -> None:
+        if link.state & Endpoint.LOCAL_ACTIVE:
+            return
+        remote = link.remote_target if link.is_receiver else link.remote_source
+        address = remote.address or ""
+        if address == amqp.CBS_ADDRESS:
+            link.source.copy(link.remote_source)
+            link.target.copy(link.remote_target)
+            link.open()
+            if link.is_receiver:
+                link.flow(10)
+            else:
+                conn.cbs_reply_link = link
+            return
+        match = _ADDRESS.match(address)
+        if match is None:
+            self._refuse_link(link, _NOT_FOUND, f"no such node: {address!r}")
+            return
+        device_id = unquote(match["device"])
+        kind = match["kind"].lower()
+        host = match["host"]
+        if host is not None and host.lower() != self.registry.hub_host:
+            self._refuse_link(link, _NOT_FOUND, f"{host!r} is not this hub")
+            return
+        wrong_direction = (kind == "events") != bool(link.is_receiver)
+        if wrong_direction:
+            self._refuse_link(
+                link, "amqp:not-allowed", f"{address!r} cannot be attached in this direction"
+            )
+            return
+        if not self._authorize(conn, link, device_id):
+            return
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        link.open()
+        if kind == "events":
+            link.flow(100)
+        else:
+            conn.c2d_links.append((link, device_id))
+
+    def _authorize(self, conn: _Conn, link: Any, device_id: str) -> bool:
+        """May this connection use ``device_id``'s links? Refuses the link (or, for an
+        X.509 device without SASL whose certificate does not match, the connection)."""
+        if device_id in conn.authorized:
+            return True
+        if conn.sasl_mechanism is None and conn.tls is not None and conn.tls.client_chain:
+            # IoT Hub's X.509 connections: no SASL, the TLS certificate is the identity.
+            try:
+                self._certificate_identity(conn, device_id)
+            except AuthenticationError as exc:
+                self._outcome(conn, device_id, False, str(exc))
+                self._close(conn, link.connection, _UNAUTHORIZED, str(exc))
+                return False
+            conn.authorized[device_id] = (self._auth_type(device_id), None)
+            self._outcome(conn, device_id, True)
+            return True
+        if conn.authorized:
+            reason = (
+                f"this connection is authenticated for {', '.join(sorted(conn.authorized))}, "
+                f"not for device {device_id!r}"
+            )
+        else:
+            reason = (
+                f"no credentials for device {device_id!r}: put a SAS token on $cbs first, "
+                "or present the device certificate"
+            )
+            self._outcome(conn, device_id, False, reason)
+        self._refuse_link(link, _UNAUTHORIZED, reason)
+        return False
+
+    def _close(self, conn: _Conn, connection: Any, name: str, description: str) -> None:
+        conn.closing = description
+        connection.condition = Condition(name, description)
+        connection.close()
+
+    def _release_link(self, conn: _Conn, link: Any) -> None:
+        conn.c2d_links = [(lnk, dev) for lnk, dev in conn.c2d_links if lnk != link]
+        for delivery, (token, _) in list(conn.c2d_unsettled.items()):
+            if delivery.link == link:
+                conn.c2d_unsettled.pop(delivery)
+                with contextlib.suppress(KeyError):
+                    self.state.settle_c2d(token, "abandon")
+
+    def _abandon_unsettled(self, conn: _Conn) -> None:
+        """Messages delivered on a connection that ended unsettled go back to the queue."""
+        for token, _ in conn.c2d_unsettled.values():
+            with contextlib.suppress(KeyError):
+                self.state.settle_c2d(token, "abandon")
+        conn.c2d_unsettled.clear()
+
+    # -- deliveries -------------------------------------------------------------------------
+
+    def _on_incoming(self, conn: _Conn, engine: amqp.Engine, delivery: Any) -> None:
+        link = delivery.link
+        if not delivery.readable or delivery.partial:
+            if delivery.pending > _MAX_MESSAGE:
+                delivery.update(Delivery.REJECTED)
+                delivery.settle()
+            return
+        data = link.recv(delivery.pending)
+        link.advance()
+        try:
+            message = amqp.decode_message(bytes(data or b""))
+        except Exception as exc:
+            delivery.local.condition = Condition("amqp:decode-error", str(exc))
+            delivery.update(Delivery.REJECTED)
+            delivery.settle()
+            return
+        address = link.remote_target.address or ""
+        if address == amqp.CBS_ADDRESS:
+            delivery.update(Delivery.ACCEPTED)
+            delivery.settle()
+            self._on_put_token(conn, message)
+        else:
+            match = _ADDRESS.match(address)
+            device_id = unquote(match["device"]) if match else ""
+            module_id = unquote(match["module"]) if match and match["module"] else None
+            self._record(conn, device_id, module_id, message)
+            delivery.update(Delivery.ACCEPTED)
+            delivery.settle()
+        link.flow(1)
+
+    def _record(self, conn: _Conn, device_id: str, module_id: str | None, message: Any) -> None:
+        body = message.body
+        if isinstance(body, memoryview):
+            body = body.tobytes()
+        elif isinstance(body, str):
+            body = body.encode("utf-8")
+        elif not isinstance(body, bytes):
+            body = b"" if body is None else str(body).encode("utf-8")
+        props = {str(k): str(v) for k, v in (message.properties or {}).items()}
+        system = {
+            name: str(value)
+            for name, value in (
+                ("message-id", message.id),
+                ("correlation-id", message.correlation_id),
+                ("content-type", message.content_type),
+                ("content-encoding", message.content_encoding),
+            )
+            if value
+        }
+        tls = conn.tls
+        entry = ReceivedMessage(
+            device_id=device_id,
+            body=body,
+            properties=props,
+            message_id=system.get("message-id"),
+            correlation_id=system.get("correlation-id"),
+            content_type=system.get("content-type"),
+            content_encoding=system.get("content-encoding"),
+            batch=False,
+            auth_type=conn.authorized.get(device_id, ("unknown", None))[0],
+            tls_version=tls.version,
+            cipher=tls.iana_cipher,
+            time=dt.datetime.now(dt.timezone.utc),
+        )
+        with self._state_lock:
+            self._received.append(entry)
+        self.state.record_telemetry(
+            Telemetry(device_id, body, props, system, self.protocol, module_id)
+        )
+
+    def _on_put_token(self, conn: _Conn, request: Any) -> None:
+        props = request.properties or {}
+        operation = props.get("operation")
+        token_type = props.get("type")
+        audience = str(props.get("name") or "")
+        token = request.body
+        if isinstance(token, memoryview):
+            token = token.tobytes().decode("utf-8", "replace")
+        elif isinstance(token, bytes):
+            token = token.decode("utf-8", "replace")
+        status, description = 200, "OK"
+        device_id: str | None = None
+        match = _AUDIENCE.match(audience)
+        if operation != "put-token":
+            status, description = 400, f"unsupported $cbs operation {operation!r}"
+        elif token_type not in amqp.CBS_TOKEN_TYPES:
+            status, description = 400, f"unsupported token type {token_type!r}"
+        elif match is None or match["host"].lower() != self.registry.hub_host:
+            status, description = (
+                401,
+                (f"the token audience {audience!r} is not a device of {self.registry.hub_host}"),
+            )
+        elif not isinstance(token, str):
+            status, description = 400, "the token must be an AMQP string"
+        else:
+            device_id = unquote(match["device"])
+            try:
+                device = self.registry.verify_sas(device_id, token)
+            except (AuthenticationError, DeviceNotRegisteredError) as exc:
+                status, description = 401, str(exc)
+            else:
+                expiry = amqp_token_expiry(token)
+                conn.authorized[device.device_id] = (device.auth_type, expiry)
+                conn.put_tokens += 1
+                self._outcome(conn, device.device_id, True)
+        if status != 200:
+            self._outcome(conn, device_id, False, f"$cbs put-token refused: {description}")
+        self._reply_cbs(conn, request, status, description)
+
+    def _reply_cbs(self, conn: _Conn, request: Any, status: int, description: str) -> None:
+        link = conn.cbs_reply_link
+        if link is None or link.credit <= 0:
+            logger.info("no $cbs reply link with credit for %s; reply dropped", conn.meta.caller)
+            return
+        reply: Any = Message()
+        reply.correlation_id = request.id
+        reply.address = request.reply_to
+        reply.properties = {"status-code": status, "status-description": description}
+        delivery = link.delivery(uuid.uuid4().hex)
+        link.send(amqp.encode_message(reply))
+        link.advance()
+        delivery.settle()
+
+    def _expire_tokens(self, conn: _Conn, engine: amqp.Engine) -> None:
+        if conn.closing is not None:
+            return
+        now = time.time()
+        for device_id, (_, until) in list(conn.authorized.items()):
+            if until is not None and until <= now:
+                self._close(
+                    conn,
+                    engine.connection,
+                    _UNAUTHORIZED,
+                    f"the SAS token for {device_id!r} expired and was not renewed on $cbs",
+                )
+                return
+
+    def _deliver_c2d(self, conn: _Conn) -> None:
+        for link, device_id in conn.c2d_links:
+            while link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE:
+                item = self.state.lock_next_c2d(device_id)
+                if item is None:
+                    break
+                assert item.lock_token is not None
+                message: Any = Message()
+                message.body = item.payload
+                message.inferred = True  # a data section, as IoT Hub sends it
+                message.id = item.message_id
+                if item.correlation_id is not None:
+                    message.correlation_id = item.correlation_id
+                message.address = f"/devices/{device_id}/messages/devicebound"
+                message.properties = dict(item.properties)
+                message.delivery_count = max(0, item.delivery_count - 1)
+                # IoT Hub's lock token is the delivery tag (a GUID)
+                delivery = link.delivery(uuid.UUID(item.lock_token).bytes)
+                link.send(amqp.encode_message(message))
+                link.advance()
+                conn.c2d_unsettled[delivery] = (item.lock_token, item.delivery_count)
+
+    def _on_disposition(self, conn: _Conn, delivery: Any) -> None:
+        found = conn.c2d_unsettled.get(delivery)
+        if found is None:
+            return
+        token, deliveries = found
+        outcome = amqp.Outcome.from_proton(delivery.remote_state)
+        if outcome is None and not delivery.settled:
+            return
+        conn.c2d_unsettled.pop(delivery)
+        if outcome is amqp.Outcome.ACCEPTED:
+            settlement = "complete"
+        elif outcome is amqp.Outcome.REJECTED:
+            settlement = "reject"  # dead-lettered
+        elif deliveries >= self.max_delivery_count:
+            settlement = "reject"  # IoT Hub dead-letters after maxDeliveryCount attempts
+        else:
+            settlement = "abandon"  # released / modified: delivered again
+        with contextlib.suppress(KeyError):  # the lock may have expired meanwhile
+            self.state.settle_c2d(token, settlement)
+        delivery.settle()
+
+
+def amqp_token_expiry(token: str) -> float | None:
+    """The ``se`` of a SAS token (already verified), as epoch seconds."""
+    from ..auth import SasToken
+
+    try:
+        return float(SasToken.parse(token).expiry)
+    except ValueError:
+        return None
