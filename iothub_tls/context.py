@@ -633,7 +633,9 @@ def explain_handshake_error(
         remedy = _VERIFY_REMEDIES.get(code, "the server certificate chain could not be verified")
         new = CertificateVerificationError(
             errno,
-            f"{where} failed: certificate verify failed: {exc.verify_message} "
+            # keeps OpenSSL's reason code: tools that sort failures by it still can
+            f"{where} failed: certificate verify failed (CERTIFICATE_VERIFY_FAILED): "
+            f"{exc.verify_message} "
             f"(OpenSSL verify code {code}); {remedy}. Pinned roots: "
             f"{', '.join(policy.roots.common_names)}",
         )

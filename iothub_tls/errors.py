@@ -15,6 +15,8 @@ standard-library base where one applies, so existing ``except ValueError`` or
     ├── FeatureUnavailableError (RuntimeError)   a requested protection needs the OpenSSL shim,
     │                                            which cannot work on this platform
     ├── MissingDependencyError (ImportError)     an optional extra is not installed
+    ├── IncompatibleDependencyError (RuntimeError)  an installed package is a version a
+    │                                            feature was not verified with
     ├── TLSHandshakeError (ssl.SSLError)         OpenSSL refused the handshake; the message keeps
     │   │                                        OpenSSL's reason and adds the rule and a remedy
     │   ├── ProtocolVersionError                 the peer does not speak TLS 1.2 or later
@@ -66,6 +68,7 @@ __all__ = [
     "HandshakeClosedError",
     "HandshakeTimeoutError",
     "IdentityError",
+    "IncompatibleDependencyError",
     "IoTHubTLSError",
     "MissingDependencyError",
     "NotAuthorizedError",
@@ -132,6 +135,24 @@ class MissingDependencyError(IoTHubTLSError, ImportError):
         self.extra = extra
         self.package = package
         super().__init__(f"this feature needs {package}: pip install 'iothub-tls[{extra}]'")
+
+
+class IncompatibleDependencyError(IoTHubTLSError, RuntimeError):
+    """An installed package is a version a feature was not verified with.
+
+    ``package``, ``installed`` and ``tested`` say which, what is there and what works.
+    """
+
+    def __init__(
+        self, package: str, installed: str, tested: tuple[str, ...], what: str, remedy: str
+    ) -> None:
+        self.package = package
+        self.installed = installed
+        self.tested = tested
+        super().__init__(
+            f"{what} was verified with {package} {', '.join(tested)}, but {installed} is "
+            f"installed: {remedy}"
+        )
 
 
 class TLSHandshakeError(IoTHubTLSError, ssl.SSLError):
