@@ -32,9 +32,11 @@ standard-library base where one applies, so existing ``except ValueError`` or
     └── ClientError                              transport-level failures of the device clients
         ├── ConnectionFailedError (ConnectionError)  could not connect / connection lost for good
         ├── AuthenticationError                  the hub refused the credentials
+        │   └── ConnectRefusedError              MQTT CONNACK 5 (also a NotAuthorizedError)
         ├── NotAuthorizedError                   the hub refused the operation for this identity
         ├── OperationTimeoutError (TimeoutError) an operation did not complete in time
         ├── DeliveryError                        a message was not accepted by the hub
+        │   ├── QueueFullError                   MQTT: too many unacknowledged messages
         │   ├── MessageLockLostError             HTTPS: the C2D lock expired (412)
         │   └── MessageTooLargeError (ValueError) HTTPS: over IoT Hub's 256 KB (413)
         ├── InvalidMessageError (ValueError)     HTTPS: a property or id IoT Hub refuses
@@ -61,6 +63,7 @@ __all__ = [
     "CertificateVerificationError",
     "CipherSuiteError",
     "ClientError",
+    "ConnectRefusedError",
     "ConnectionFailedError",
     "ConnectionStringError",
     "DeliveryError",
@@ -76,6 +79,7 @@ __all__ = [
     "PolicyError",
     "PolicyViolation",
     "ProtocolVersionError",
+    "QueueFullError",
     "RootIntegrityError",
     "RootStoreError",
     "SasTokenError",
@@ -201,6 +205,15 @@ class NotAuthorizedError(ClientError):
     """The hub refused an operation for this identity."""
 
 
+class ConnectRefusedError(AuthenticationError, NotAuthorizedError):
+    """The hub answered CONNECT with return code 5, *not authorized*.
+
+    IoT Hub gives this answer for a wrong or expired SAS token as well as for a disabled
+    or unknown device and an unregistered certificate, so the error is both an
+    :class:`~iothub_tls.errors.AuthenticationError` and a
+    :class:`~iothub_tls.errors.NotAuthorizedError`."""
+
+
 class OperationTimeoutError(ClientError, TimeoutError):
     """An operation did not complete within its timeout."""
 
@@ -210,3 +223,9 @@ class DeliveryError(ClientError):
 
     #: the hub's verdict where the protocol has one ("rejected", "released", "modified")
     outcome: str | None = None
+
+
+class QueueFullError(DeliveryError):
+    """The client already holds as many unacknowledged messages as
+    ``MqttOptions.queue_size`` allows (typically while it is disconnected). The message
+    was not accepted: send it again later, or raise ``queue_size``."""
