@@ -10,6 +10,7 @@ off verification, lowering the TLS version, adding trust anchors to a pinned con
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -31,7 +32,7 @@ from .errors import (
     TLSHandshakeError,
 )
 from .info import TlsInfo, inspect_connection, verified_chain_der
-from .policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust
+from .policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust, iana_name
 from .roots import spki_sha256
 
 if TYPE_CHECKING:
@@ -287,8 +288,16 @@ class HardenedSSLContext(ssl.SSLContext):
 
     # -- refusals that explain themselves -----------------------------------------------
 
-    def _explain(self, exc: BaseException, host: str | None) -> BaseException:
-        return explain_handshake_error(exc, self._policy, host)
+    def _explain(self, exc: BaseException, conn: ssl.SSLSocket | ssl.SSLObject) -> BaseException:
+        agreed = None
+        if not conn.__dict__.get("_iothub_offered"):
+            # Without an offered session, a cipher is set only once the server's hello
+            # was processed: the server agreed on it before failing.
+            with contextlib.suppress(OSError, ValueError):
+                agreed = conn.cipher()
+        return explain_handshake_error(
+            exc, self._policy, conn.server_hostname, agreed=agreed[0] if agreed else None
+        )
 
     # -- locked against weakening -------------------------------------------------------
 
@@ -513,26 +522,29 @@ class _HandshakeChecks:
         conn = cast(Any, self)
         owner = _owner(conn)
         key = _session_key(conn)
-        if (
-            isinstance(conn, ssl.SSLSocket)
-            and owner.policy.session_resumption
-            and conn.session is None
-            and not conn.__dict__.get("_iothub_session_offered")
-        ):
-            conn.__dict__["_iothub_session_offered"] = True
-            remembered = owner._recall(key)
-            if remembered is not None:
-                try:
-                    conn.session = remembered.session
-                except ValueError:  # a handshake already started: nothing to offer
-                    pass
+        state = conn.__dict__
+        if "_iothub_offered" not in state:  # first call (non-blocking handshakes repeat)
+            if (
+                isinstance(conn, ssl.SSLSocket)
+                and owner.policy.session_resumption
+                and conn.session is None
+            ):
+                remembered = owner._recall(key)
+                if remembered is not None:
+                    with contextlib.suppress(ValueError):  # handshake already started
+                        conn.session = remembered.session
+            state["_iothub_offered"] = conn.session is not None
         try:
             super().do_handshake(*args)  # type: ignore[misc]
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
-        except (ssl.SSLError, TimeoutError) as exc:
-            owner._forget(key)
-            raise owner._explain(exc, conn.server_hostname) from exc
+        except (ssl.SSLError, TimeoutError, ConnectionResetError, BrokenPipeError) as exc:
+            explained = owner._explain(exc, conn)
+            if not isinstance(explained, HandshakeClosedError):
+                # A refusal: start afresh next time. A dropped or stalled connection
+                # (flaky network) keeps the session, so the retry can still resume.
+                owner._forget(key)
+            raise explained from exc
         try:
             info = owner._after_handshake(conn, key)
         except PolicyViolation:
@@ -596,6 +608,23 @@ _CIPHER_REASONS = {
     "WRONG_CIPHER_RETURNED",
 }
 _CLOSED_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF"}
+_NOT_TLS_REASONS = {
+    "WRONG_VERSION_NUMBER",
+    "HTTP_REQUEST",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+}
+# Alerts a server sends when it refuses the device's own certificate (mutual TLS).
+_CLIENT_CERT_REASONS = {
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "SSLV3_ALERT_CERTIFICATE_REVOKED",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "TLSV1_ALERT_ACCESS_DENIED",
+}
 
 # OpenSSL X509_V_ERR_* codes -> what to do about them
 _VERIFY_REMEDIES = {
@@ -619,10 +648,11 @@ _VERIFY_REMEDIES = {
 
 
 def explain_handshake_error(
-    exc: BaseException, policy: TlsPolicy, host: str | None
+    exc: BaseException, policy: TlsPolicy, host: str | None, *, agreed: str | None = None
 ) -> BaseException:
     """Translate an ssl handshake failure into the matching :mod:`iothub_tls.errors`
-    class, keeping OpenSSL's reason and adding the rule and the remedy."""
+    class, keeping OpenSSL's reason and adding the rule and the remedy. ``agreed`` is the
+    suite the server chose before failing, if it got that far."""
     where = f"TLS handshake with {host}" if host else "TLS handshake"
     reason = getattr(exc, "reason", None) or ""
     original = getattr(exc, "verify_message", None) or str(exc)
@@ -656,6 +686,15 @@ def explain_handshake_error(
             "2025-08-31); this device never offers older versions. Upgrade the server "
             "or gateway to TLS 1.2+",
         )
+    elif reason in _CIPHER_REASONS and agreed:
+        # The server chose a suite, then ended the handshake: not a cipher problem.
+        new = TLSHandshakeError(
+            errno,
+            f"{where} failed: the server agreed on {iana_name(agreed)} and then ended the "
+            f"handshake ({reason}): it most likely requires a device certificate that was not "
+            "presented or that it does not accept. Pass the registered certificate as "
+            "identity=ClientIdentity.from_files(...)",
+        )
     elif reason in _CIPHER_REASONS:
         if policy.ciphers is CipherProfile.ECC_ONLY:
             rule = (
@@ -681,6 +720,28 @@ def explain_handshake_error(
             f"{where} failed: the server closed the connection during the handshake "
             f"({original}). A server that only speaks TLS 1.0/1.1, accepts none of IoT Hub's "
             "recommended suites, or requires a client certificate may do this",
+        )
+    elif isinstance(exc, ConnectionResetError | BrokenPipeError):
+        new = HandshakeClosedError(
+            errno,
+            f"{where} failed: the server reset the connection during the handshake "
+            f"({original}). A server that only speaks TLS 1.0/1.1 or refuses every "
+            "suite this device offers may do this; so may a firewall",
+        )
+    elif reason in _NOT_TLS_REASONS:
+        new = TLSHandshakeError(
+            errno,
+            f"{where} failed: the server did not answer with TLS ({reason}): check the port "
+            "(IoT Hub: 8883 MQTT, 5671 AMQP, 443 HTTPS and WebSockets) and that no proxy "
+            "intercepts the connection",
+        )
+    elif reason in _CLIENT_CERT_REASONS:
+        new = TLSHandshakeError(
+            errno,
+            f"{where} failed: the server refused this device's certificate ({reason}). "
+            "Register the device's certificate (its thumbprint, or the CA that issued it) "
+            "with the hub, check it has not expired, and pass it as "
+            "identity=ClientIdentity.from_files(...)",
         )
     elif isinstance(exc, ssl.SSLError):
         new = TLSHandshakeError(errno, f"{where} failed: {original}")

@@ -374,8 +374,9 @@ def test_mutual_tls_without_identity_is_refused(pki, tls_server):
     server = tls_server(
         [pki.rsa_leaf], max_version=V12, client_ca=device.cert_pem, require_client_cert=True
     )
-    with pytest.raises(it.TLSHandshakeError):
+    with pytest.raises(it.TLSHandshakeError, match="requires a device certificate") as err:
         connect(it.create_ssl_context(pki.policy()), server.port)
+    assert not isinstance(err.value, it.CipherSuiteError)  # the suites were fine
 
 
 # -- the context refuses to be weakened ------------------------------------------------------
@@ -513,3 +514,63 @@ def test_system_trust_requires_the_anchor_to_be_a_policy_root(
     allowed = it.create_ssl_context(pki.policy(trust=it.Trust.SYSTEM))
     with connect(allowed, server.port) as tls:
         assert it.tls_info(tls).anchor == "iothub-tls Test Root G2"
+
+
+# -- more refusals that explain themselves ----------------------------------------------------
+
+
+def test_a_port_that_does_not_speak_tls(pki):
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def answer_http():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer_http, daemon=True).start()
+    try:
+        with pytest.raises(it.TLSHandshakeError, match="did not answer with TLS"):
+            connect(it.create_ssl_context(pki.policy()), listener.getsockname()[1])
+    finally:
+        listener.close()
+
+
+def test_device_certificate_from_an_unknown_ca_is_explained(pki, tls_server):
+    server = tls_server(
+        [pki.rsa_leaf],
+        max_version=V12,
+        client_ca=CA("Registered Device CA").cert_pem,
+        require_client_cert=True,
+    )
+    stranger = CA("Unregistered CA").issue(cn="device-9", client=True)
+    identity = it.ClientIdentity.from_pem(stranger.cert_chain_pem, stranger.key_pem)
+    with pytest.raises(it.TLSHandshakeError, match="refused this device's certificate") as err:
+        connect(it.create_ssl_context(pki.policy(), identity=identity), server.port)
+    assert err.value.reason == "TLSV1_ALERT_UNKNOWN_CA"
+
+
+def test_a_stalled_attempt_keeps_the_session_for_the_next_reconnect(pki, tls_server):
+    server = tls_server([pki.rsa_leaf], max_version=V12)
+    ctx = it.create_ssl_context(pki.policy())
+    connect(ctx, server.port).close()
+    server.stall = True  # the network misbehaves once
+    with pytest.raises(it.HandshakeTimeoutError):
+        connect(ctx, server.port, timeout=0.3)
+    server.stall = False
+    with connect(ctx, server.port) as tls:
+        assert it.tls_info(tls).session_reused is True
+
+
+def test_a_refusal_forgets_the_session(pki, tls_server):
+    server = tls_server([pki.rsa_leaf], max_version=V12)
+    ctx = it.create_ssl_context(pki.policy())
+    connect(ctx, server.port).close()
+    assert ctx._recall((HOST, server.port)) is not None
+    with pytest.raises(it.CertificateVerificationError):
+        connect(ctx, server.port, host="localhost.invalid")
+    assert ctx._recall(("localhost.invalid", server.port)) is None

@@ -1,0 +1,133 @@
+"""The benchmark harness in smoke mode (tiny sizes), so it never rots.
+
+It checks that one command produces the markdown table and the JSON document with the
+expected structure, and the facts the comparisons rest on (the ECC and RSA variants
+really got different certificates, reconnects really resumed, fragment length was
+really negotiated). It never asserts a timing: smoke numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.brokers import require_binary
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = [
+    "context_creation",
+    "handshake",
+    "resumption",
+    "fragment",
+    "mqtt_throughput",
+    "gateway",
+]
+HEADLINE_KEYS = {"measure", "value", "unit", "low", "high", "target", "met", "note"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    require_binary("mosquitto")
+    from bench.run import main
+
+    out = tmp_path_factory.mktemp("bench")
+    return main(["--smoke", "--out", str(out)]), out
+
+
+def test_smoke_run_writes_table_and_json(smoke_run: tuple[int, Path]) -> None:
+    code, out = smoke_run
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == 1 and doc["smoke"] is True
+    for key in ("cpu", "cores", "python", "openssl", "paho-mqtt", "mosquitto"):
+        assert doc["machine"][key], key
+    assert list(doc["benchmarks"]) == BENCHMARKS
+    for name, bench in doc["benchmarks"].items():
+        assert bench["skipped"] is None, (name, bench["skipped"])
+        assert bench["title"] and bench["method"], name
+        assert bench["headlines"], name
+        for headline in bench["headlines"]:
+            assert set(headline) == HEADLINE_KEYS, name
+        for table in bench["tables"]:
+            assert table["rows"] and all(set(row) <= set(table["columns"]) for row in table["rows"])
+    assert {row["benchmark"] for row in doc["summary"]} == {
+        b["title"] for b in doc["benchmarks"].values()
+    }
+
+    md = (out / "results.md").read_text()
+    assert "Smoke run" in md
+    assert "| benchmark | measure | result | spread | target | met |" in md
+    for bench in doc["benchmarks"].values():
+        assert f"## {bench['title']}" in md
+
+
+def test_targets_are_reported_with_their_verdict(smoke_run: tuple[int, Path]) -> None:
+    _, out = smoke_run
+    doc = json.loads((out / "results.json").read_text())
+    targets = {row["measure"]: row for row in doc["summary"] if row.get("target")}
+    assert "create_ssl_context() faster than the certifi context" in targets
+    assert any("resumed reconnect, server→client bytes" in m for m in targets)
+    assert any("MqttDeviceClient overhead vs raw paho" in m for m in targets)
+    assert all(isinstance(row["met"], bool) for row in targets.values())
+
+
+def test_comparisons_compare_what_they_claim(smoke_run: tuple[int, Path]) -> None:
+    _, out = smoke_run
+    benches = json.loads((out / "results.json").read_text())["benchmarks"]
+
+    handshake = benches["handshake"]["data"]
+    for cell in handshake.values():
+        assert cell["STRONG (RSA)"]["server_key"] == "RSA-2048"
+        assert cell["ECC_ONLY (ECDSA)"]["server_key"] == "ECDSA P-256"
+
+    contexts = benches["context_creation"]["data"]
+    assert contexts["create_ssl_context()"]["roots_loaded"] == 2
+    assert contexts["create_default_context(cafile=certifi)"]["roots_loaded"] > 100
+
+    for version in ("TLS 1.2", "TLS 1.3"):
+        resumption = benches["resumption"]["data"][version]
+        assert resumption["ratios"]["every_reconnect_resumed"] is True
+        assert resumption["full"]["resumed_share"] == 0
+
+        fragment = benches["fragment"]["data"]
+        for mfl in (512, 1024, 2048, 4096):
+            cell = fragment[f"{version} / {mfl}"]
+            assert cell["negotiated"] == mfl
+            assert mfl < cell["largest_record"] <= mfl + 64
+        assert fragment[f"{version} / none"]["largest_record"] > 16384
+
+    gateway = benches["gateway"]["data"]["runs"]
+    for key, runs in gateway.items():
+        for run in runs:
+            assert "error" not in run, (key, run)
+            expected = run["n"] if run["resumption"] else 0
+            assert run["resumed_on_reconnect"] == expected, key
+
+
+def test_one_command_as_a_script(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "bench/run.py", "--smoke", "--only", "fragment", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert list(doc["benchmarks"]) == ["fragment"]
+    assert (tmp_path / "results.md").read_text().startswith("# Benchmark results")
+
+
+def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.run import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--smoke", "--only", "handshakes"])
+    assert exit_info.value.code == 2
+    assert (
+        "unknown benchmark(s) handshakes; choose from context_creation" in capsys.readouterr().err
+    )
