@@ -78,6 +78,11 @@ class OpenSSLShim:
                 ("SSL_get_SSL_CTX", vp, [vp]),
                 ("SSL_get_session", vp, [vp]),
                 ("SSL_SESSION_get_max_fragment_length", ctypes.c_uint8, [vp]),
+                (
+                    "SSL_SESSION_get0_ticket",
+                    None,
+                    [vp, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)],
+                ),
                 ("SSL_get0_verified_chain", vp, [vp]),
                 ("OPENSSL_sk_num", c_int, [vp]),
                 ("OPENSSL_sk_value", vp, [vp, c_int]),
@@ -142,6 +147,20 @@ class OpenSSLShim:
             buf = ctypes.create_string_buffer(value.encode("ascii"))
             if self._f["SSL_CTX_ctrl"](ptr, cmd, 0, ctypes.cast(buf, ctypes.c_void_p)) != 1:
                 raise OSError(f"OpenSSL refused the signature algorithm list {value!r}")
+
+    def session_ticket(self, sslobj: Any) -> bytes:
+        """The session ticket the connection holds now (b"" if none): a new value means a
+        TLS 1.3 NewSessionTicket arrived. Far cheaper than ``SSLSocket.session``, which
+        serialises the whole session."""
+        session = self._f["SSL_get_session"](self.ssl_pointer(sslobj))
+        if not session:
+            return b""
+        tick = ctypes.c_void_p()
+        length = ctypes.c_size_t()
+        self._f["SSL_SESSION_get0_ticket"](session, ctypes.byref(tick), ctypes.byref(length))
+        if not tick.value or not length.value:
+            return b""
+        return ctypes.string_at(tick.value, length.value)
 
     def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
         """Fragment length the server agreed to, in bytes, or None."""

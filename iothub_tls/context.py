@@ -181,10 +181,9 @@ class HardenedSSLContext(ssl.SSLContext):
             remembered = self._recall((server_hostname, None))
             session = remembered.session if remembered else None
         target: Any = self._system if self._system is not None else super()
-        return cast(
-            ssl.SSLObject,
-            target.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session),
-        )
+        obj = target.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
+        obj.__dict__["_iothub_offered"] = session is not None
+        return cast(ssl.SSLObject, obj)
 
     # -- session memory -----------------------------------------------------------------
 
@@ -220,7 +219,7 @@ class HardenedSSLContext(ssl.SSLContext):
         session. Raises PolicyViolation (the caller closes the connection)."""
         info = inspect_connection(conn)
         remembered = self._recall(key)
-        if info.session_reused and remembered is not None and not verified_chain_der(conn):
+        if info.session_reused and remembered is not None and info.anchor is None:
             # A resumed session exchanges no certificate: report the verified chain of
             # the handshake that created it.
             info = replace(info, chain=remembered.chain, anchor=remembered.anchor)
@@ -243,7 +242,8 @@ class HardenedSSLContext(ssl.SSLContext):
             )
         if policy.trust is Trust.SYSTEM and not info.session_reused:
             self._check_system_anchor(conn, info)
-        if policy.session_resumption:
+        if policy.session_resumption and info.version == "TLSv1.2" and not info.session_reused:
+            # TLS 1.2: the session exists now. TLS 1.3: the ticket comes later (read()).
             self._capture_session(conn, key, info)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("TLS connection to %s: %s", info.sni, info)
@@ -272,16 +272,13 @@ class HardenedSSLContext(ssl.SSLContext):
         conn: ssl.SSLSocket | ssl.SSLObject,
         key: tuple[str | None, int | None],
         info: TlsInfo,
-        *,
-        not_id: bytes | None = None,
     ) -> bool:
-        """Remember a resumable session. In TLS 1.3 the ticket arrives after the
-        handshake, so the socket tries again after reads (``not_id``: skip the session
-        the handshake itself produced)."""
+        """Remember the connection's session if it is resumable (reads
+        ``conn.session`` once: CPython serialises the whole session to hand it out)."""
         session = conn.session
-        if session is None or session.id == not_id:
-            return False
-        if not (session.has_ticket or (info.version == "TLSv1.2" and session.id)):
+        if session is None or not (
+            session.has_ticket or (info.version == "TLSv1.2" and session.id)
+        ):
             return False
         self._remember(key, _Remembered(session, info.chain, info.anchor))
         return True
@@ -512,6 +509,18 @@ def _session_key(conn: Any) -> tuple[str | None, int | None]:
     return (conn.server_hostname, port)
 
 
+def _session_ticket(conn: Any) -> bytes | None:
+    """The connection's current session ticket, cheaply (None without the shim)."""
+    try:
+        return shim("session tracking").session_ticket(conn)
+    except (FeatureUnavailableError, OSError):
+        return None
+
+
+# Tickets follow the handshake at once; a server that sends none is not asked forever.
+_TICKET_READS = 16
+
+
 class _HandshakeChecks:
     """Shared by the socket and object classes: translate refusals, run the policy
     checks after the handshake, capture TLS 1.3 tickets after reads."""
@@ -524,16 +533,16 @@ class _HandshakeChecks:
         key = _session_key(conn)
         state = conn.__dict__
         if "_iothub_offered" not in state:  # first call (non-blocking handshakes repeat)
-            if (
-                isinstance(conn, ssl.SSLSocket)
-                and owner.policy.session_resumption
-                and conn.session is None
-            ):
+            # SSLSocket keeps the session it was given in ``_session``; reading the
+            # ``session`` property instead would serialise it.
+            offered = getattr(conn, "_session", None) is not None
+            if isinstance(conn, ssl.SSLSocket) and owner.policy.session_resumption and not offered:
                 remembered = owner._recall(key)
                 if remembered is not None:
                     with contextlib.suppress(ValueError):  # handshake already started
                         conn.session = remembered.session
-            state["_iothub_offered"] = conn.session is not None
+                        offered = True
+            state["_iothub_offered"] = offered
         try:
             super().do_handshake(*args)  # type: ignore[misc]
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
@@ -556,8 +565,8 @@ class _HandshakeChecks:
         conn.__dict__["_iothub_session_key"] = key
         if owner.policy.session_resumption and info.version == "TLSv1.3":
             # The ticket (a new session) comes with a later record: catch it in read().
-            session = conn.session
-            conn.__dict__["_iothub_handshake_session_id"] = session.id if session else None
+            state["_iothub_handshake_ticket"] = _session_ticket(conn)
+            state["_iothub_ticket_reads"] = 0
             conn._iothub_ticket_pending = True
 
     def read(self, *args: Any) -> Any:
@@ -565,12 +574,16 @@ class _HandshakeChecks:
         if self._iothub_ticket_pending:
             conn = cast(Any, self)
             state = conn.__dict__
-            if _owner(conn)._capture_session(
-                conn,
-                state["_iothub_session_key"],
-                state["_iothub_tls_info"],
-                not_id=state["_iothub_handshake_session_id"],
+            ticket = _session_ticket(conn)
+            # a new ticket arrived (without the shim: look at the session itself)
+            if (ticket is None or (ticket and ticket != state["_iothub_handshake_ticket"])) and (
+                _owner(conn)._capture_session(
+                    conn, state["_iothub_session_key"], state["_iothub_tls_info"]
+                )
             ):
+                self._iothub_ticket_pending = False
+            state["_iothub_ticket_reads"] += 1
+            if state["_iothub_ticket_reads"] >= _TICKET_READS:
                 self._iothub_ticket_pending = False
         return data
 
