@@ -18,6 +18,8 @@ def test_demo_runs_every_step(capsys):
         trip = next(o for (p, s), o in steps.items() if p == protocol and s.startswith("telemetry"))
         assert trip["info"]["version"] == "TLSv1.3"
         assert trip["info"]["anchor"] == "iothub-tls Local Hub Root"
+        # a dual-certificate hub presents RSA unless the device accepts only ECDSA
+        assert trip["info"]["server_key_type"] == "RSA"
         assert steps[(protocol, "legacy client, TLS 1.1")]["info"]["refused"]
         assert steps[(protocol, "legacy client, weak suite")]["info"]["refused"]
     assert steps[("MQTT", "reconnect (session resumed)")]["info"]["session_reused"] is True

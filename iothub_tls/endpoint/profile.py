@@ -16,6 +16,7 @@ suites). It can deliberately be made weaker to simulate a hub from before 2025-0
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import tempfile
@@ -25,12 +26,15 @@ from typing import Any
 
 from cryptography import x509
 
+from .._openssl import shim
 from ..auth import ClientIdentity, StrPath
-from ..errors import IdentityError, PolicyError
+from ..errors import FeatureUnavailableError, IdentityError, PolicyError
 from ..info import key_description, verified_chain_der
 from ..policy import STRONG_SUITES, WEAK_SUITES, CipherSuite, iana_name
 from ..roots import common_name
 from .registry import certificate_thumbprints
+
+logger = logging.getLogger("iothub_tls.endpoint")
 
 __all__ = [
     "HubTlsProfile",
@@ -71,6 +75,10 @@ _VERSION_NAME = {
     ssl.TLSVersion.TLSv1_3: "TLSv1.3",
 }
 _SNI_ATTR = "_iothub_endpoint_sni"
+_RSA_FIRST_SIGALGS = (
+    "RSA-PSS+SHA256:RSA-PSS+SHA384:RSA-PSS+SHA512:RSA+SHA256:RSA+SHA384:RSA+SHA512:"
+    "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512"
+)
 
 
 @dataclass(frozen=True)
@@ -289,11 +297,22 @@ class HubTlsProfile:
         # suite in its own order (strong first), as IoT Hub does.
         ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
         ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-        suites = [s.openssl for s in self.cipher_suites] or [s.openssl for s in STRONG_SUITES]
+        # Like IoT Hub, present the RSA certificate unless the device accepts only ECDSA:
+        # RSA suites first in the server's order (TLS 1.2) and RSA signature algorithms
+        # first (TLS 1.3, where the signature algorithm picks the certificate).
+        served = sorted(
+            self.cipher_suites or STRONG_SUITES, key=lambda s: s.authentication != "RSA"
+        )
+        suites = [s.openssl for s in served]
         # OpenSSL 3 speaks TLS 1.0/1.1 and the RSA key-exchange suites only at
         # security level 0; IoT Hub's own profile runs at level 2.
         level = 0 if self.legacy else 2
         ctx.set_ciphers(":".join(suites) + f":@SECLEVEL={level}")
+        if self.server_key == "dual":
+            try:
+                shim("the hub's signature algorithm order").set_sigalgs(ctx, _RSA_FIRST_SIGALGS)
+            except (FeatureUnavailableError, OSError) as exc:
+                logger.warning("dual certificate: OpenSSL's own order applies (%s)", exc)
         if self.legacy_ciphers:
             _load_dh_group(ctx)
         for cred in self.certificates:
