@@ -115,6 +115,8 @@ def test_sas_device_sends_telemetry_and_is_logged(hub_pki, hub):
     assert got.payload == b'{"t":1}'
     assert got.properties == {"temp unit": "°C"}
     assert got.system_properties == {"$.mid": "m-1", "$.ct": "application/json"}
+    (seen,) = hub.received
+    assert (seen.message_id, seen.content_type, seen.auth_type) == ("m-1", "application/json", "sas")
     assert "+" not in bag and "%20" in bag
     assert _wait(lambda: any(e.operation == "deviceDisconnect" for e in hub.log.events))
     connect = next(e for e in hub.log.events if e.operation == "deviceConnect")

@@ -48,19 +48,18 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 from .. import _amqp_engine as amqp  # first: MissingDependencyError without proton
 from ..errors import AuthenticationError
-from .frontdoor import TlsFrontDoor, TlsMeta
-from .https import ReceivedMessage
+from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import DeviceNotRegisteredError, DeviceRegistry, certificate_thumbprints
-from .state import HubState, Telemetry
+from .state import HubState, ReceivedMessage, Telemetry
 
 from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
 
@@ -99,7 +98,7 @@ class _Conn:
     closing: str | None = None
 
 
-class AmqpEndpoint(TlsFrontDoor):
+class AmqpEndpoint(HubFrontDoor):
     """IoT Hub's device AMQP 1.0 endpoint on ``host:port`` over the profile's TLS.
 
     :param profile: the server TLS (versions, suites, certificates, device certificates).
@@ -136,105 +135,34 @@ class AmqpEndpoint(TlsFrontDoor):
         idle_timeout: float = 240.0,
         max_delivery_count: int = 10,
     ) -> None:
-        if not isinstance(profile, HubTlsProfile):
-            raise TypeError(f"profile must be a HubTlsProfile, not {type(profile).__name__}")
-        if not isinstance(registry, DeviceRegistry):
-            raise TypeError(f"registry must be a DeviceRegistry, not {type(registry).__name__}")
         super().__init__(
-            profile.server_context(),
+            profile,
+            registry,
+            state,
             host=host,
             port=port,
             log=log,
+            on_connection=on_connection,
             handshake_timeout=handshake_timeout,
         )
-        self.profile = profile
-        self.registry = registry
-        self.state = state or HubState()
         self.idle_timeout = float(idle_timeout)
         if not 1 <= max_delivery_count <= 100:
             raise ValueError("max_delivery_count must be 1..100 (IoT Hub default: 10)")
         self.max_delivery_count = max_delivery_count
         self._state_lock = threading.Lock()
-        self._received: list[ReceivedMessage] = []
         self._open: dict[int, _Conn] = {}
-        if on_connection is not None:
-            self.add_connection_listener(on_connection)
 
     # -- life cycle ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Bind and serve in background threads (again on the same port after a stop)."""
-        super().start()
-        self.requested_port = self.port
-        logger.info("AMQP endpoint on %s:%d, %s", self.host, self.port, self.profile.describe())
 
     def __enter__(self) -> AmqpEndpoint:
         self.start()
         return self
 
     @property
-    def running(self) -> bool:
-        return self._listener is not None
-
-    # -- what tests and `serve` drive ----------------------------------------------------
-
-    def enqueue_c2d(
-        self,
-        device_id: str,
-        payload: bytes | str,
-        properties: Mapping[str, str] | None = None,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-    ) -> str:
-        """Queue a cloud-to-device message in the hub's state; returns its message id.
-        A connected device gets it on its devicebound link right away.
-
-        :raises DeviceNotRegisteredError: for a device the registry does not hold.
-        """
-        if self.registry.get(device_id) is None:
-            raise DeviceNotRegisteredError(
-                f"device {device_id!r} is not registered: add it to the registry first"
-            )
-        body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        message = self.state.enqueue_c2d(
-            device_id,
-            body,
-            dict(properties or {}),
-            message_id=message_id,
-            correlation_id=correlation_id,
-        )
-        return message.message_id
-
-    @property
-    def received(self) -> tuple[ReceivedMessage, ...]:
-        """Telemetry accepted over AMQP so far, oldest first."""
-        with self._state_lock:
-            return tuple(self._received)
-
-    @property
-    def connections(self) -> tuple[ConnectionEvent, ...]:
-        """The AMQP events in the connection log."""
-        return tuple(e for e in list(self.log.events) if e.protocol == self.protocol)
-
-    @property
     def put_tokens(self) -> tuple[int, ...]:
         """Accepted ``$cbs`` put-tokens of each open connection (a renewal counts)."""
         with self._state_lock:
             return tuple(c.put_tokens for c in self._open.values())
-
-    def add_connection_listener(self, callback: Callable[[ConnectionEvent], None]) -> None:
-        """Call ``callback`` with every AMQP connection event."""
-
-        def listener(event: ConnectionEvent) -> None:
-            if event.protocol != self.protocol:
-                return
-            try:
-                callback(event)
-            except Exception:  # a broken log sink must not break the endpoint
-                logger.exception("connection listener %r failed", callback)
-
-        self.log.subscribe(listener)
 
     # -- the front door -----------------------------------------------------------------
 
@@ -601,10 +529,8 @@ class AmqpEndpoint(TlsFrontDoor):
             cipher=tls.iana_cipher,
             time=dt.datetime.now(dt.timezone.utc),
         )
-        with self._state_lock:
-            self._received.append(entry)
-        self.state.record_telemetry(
-            Telemetry(device_id, body, props, system, self.protocol, module_id)
+        self.accept_telemetry(
+            entry, Telemetry(device_id, body, props, system, self.protocol, module_id)
         )
 
     def _on_put_token(self, conn: _Conn, request: Any) -> None:

@@ -10,12 +10,16 @@ import logging
 import socket
 import ssl
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .log import ConnectionEvent, ConnectionLog, tls_failure_reason
+from .profile import HubTlsProfile
+from .registry import DeviceNotRegisteredError, DeviceRegistry
+from .state import HubState, ReceivedMessage, Telemetry
 
-__all__ = ["PortInUseError", "TlsFrontDoor", "TlsMeta"]
+__all__ = ["HubFrontDoor", "PortInUseError", "TlsFrontDoor", "TlsMeta"]
 
 logger = logging.getLogger("iothub_tls.endpoint")
 
@@ -236,3 +240,119 @@ class TlsFrontDoor:
                 caller=meta.caller,
             )
         )
+
+
+class HubFrontDoor(TlsFrontDoor):
+    """A protocol front door of the local hub: the hub's TLS profile, its device
+    registry and its shared state (telemetry, cloud-to-device queues), so a message
+    queued for a device reaches it whichever protocol it uses.
+
+    :param port: 0 picks a free port; read :attr:`port` after :meth:`start`. After
+        :meth:`stop`, :meth:`start` listens on the same port again.
+    :param on_connection: called with each of this door's connection events, on the
+        connection's thread; exceptions are logged and ignored.
+    """
+
+    def __init__(
+        self,
+        profile: HubTlsProfile,
+        registry: DeviceRegistry,
+        state: HubState | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log: ConnectionLog | None = None,
+        on_connection: Callable[[ConnectionEvent], None] | None = None,
+        handshake_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(profile, HubTlsProfile):
+            raise TypeError(f"profile must be a HubTlsProfile, not {type(profile).__name__}")
+        if not isinstance(registry, DeviceRegistry):
+            raise TypeError(f"registry must be a DeviceRegistry, not {type(registry).__name__}")
+        super().__init__(
+            profile.server_context(),
+            host=host,
+            port=port,
+            log=log,
+            handshake_timeout=handshake_timeout,
+        )
+        self.profile = profile
+        self.registry = registry
+        self.state = state or HubState()
+        self._received_lock = threading.Lock()
+        self._received: list[ReceivedMessage] = []
+        if on_connection is not None:
+            self.add_connection_listener(on_connection)
+
+    def start(self) -> None:
+        """Bind and serve in background threads (again on the same port after a stop)."""
+        super().start()
+        self.requested_port = self.port
+        logger.info(
+            "%s endpoint on %s:%d, %s",
+            self.protocol,
+            self.host,
+            self.port,
+            self.profile.describe(),
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._listener is not None
+
+    def enqueue_c2d(
+        self,
+        device_id: str,
+        payload: bytes | str,
+        properties: Mapping[str, str] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> str:
+        """Queue a cloud-to-device message in the hub's state; returns its message id.
+
+        :raises DeviceNotRegisteredError: for a device the registry does not hold.
+        """
+        if self.registry.get(device_id) is None:
+            raise DeviceNotRegisteredError(
+                f"device {device_id!r} is not registered: add it to the registry first"
+            )
+        body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
+        message = self.state.enqueue_c2d(
+            device_id,
+            body,
+            dict(properties or {}),
+            message_id=message_id,
+            correlation_id=correlation_id,
+        )
+        return message.message_id
+
+    @property
+    def received(self) -> tuple[ReceivedMessage, ...]:
+        """Telemetry accepted by this door so far, oldest first."""
+        with self._received_lock:
+            return tuple(self._received)
+
+    def accept_telemetry(self, received: ReceivedMessage, telemetry: Telemetry) -> None:
+        """Record a device-to-cloud message: in this door's list and the hub's state."""
+        with self._received_lock:
+            self._received.append(received)
+        self.state.record_telemetry(telemetry)
+
+    @property
+    def connections(self) -> tuple[ConnectionEvent, ...]:
+        """This door's events in the connection log."""
+        return tuple(e for e in list(self.log.events) if e.protocol == self.protocol)
+
+    def add_connection_listener(self, callback: Callable[[ConnectionEvent], None]) -> None:
+        """Call ``callback`` with every connection event of this door."""
+
+        def listener(event: ConnectionEvent) -> None:
+            if event.protocol != self.protocol:
+                return
+            try:
+                callback(event)
+            except Exception:  # a broken log sink must not break the endpoint
+                logger.exception("connection listener %r failed", callback)
+
+        self.log.subscribe(listener)

@@ -39,11 +39,11 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import _http_protocol as proto
 from ..errors import AuthenticationError
-from .frontdoor import TlsFrontDoor, TlsMeta
+from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import DeviceNotRegisteredError, DeviceRegistry
-from .state import HubState, Telemetry
+from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HttpsEndpoint", "ReceivedMessage"]
 
@@ -51,27 +51,6 @@ logger = logging.getLogger("iothub_tls.endpoint")
 
 #: Requests larger than this are refused without reading them (a message is 256 KB).
 _MAX_REQUEST_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ReceivedMessage:
-    """A device-to-cloud message a front door (HTTPS or AMQP) accepted."""
-
-    device_id: str
-    body: bytes
-    properties: Mapping[str, str]
-    message_id: str | None
-    correlation_id: str | None
-    content_type: str | None
-    content_encoding: str | None
-    #: True when it arrived in a batch request.
-    batch: bool
-    #: "sas", "selfSigned" or "certificateAuthority"
-    auth_type: str
-    tls_version: str
-    #: IANA name of the cipher suite
-    cipher: str
-    time: dt.datetime
 
 
 @dataclass
@@ -126,7 +105,7 @@ def _iso(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class HttpsEndpoint(TlsFrontDoor):
+class HttpsEndpoint(HubFrontDoor):
     """IoT Hub's device REST API on ``host:port`` over the profile's TLS.
 
     :param profile: the server TLS (versions, suites, certificates, device certificates).
@@ -160,43 +139,27 @@ class HttpsEndpoint(TlsFrontDoor):
         handshake_timeout: float = 10.0,
         idle_timeout: float = 60.0,
     ) -> None:
-        if not isinstance(profile, HubTlsProfile):
-            raise TypeError(f"profile must be a HubTlsProfile, not {type(profile).__name__}")
-        if not isinstance(registry, DeviceRegistry):
-            raise TypeError(f"registry must be a DeviceRegistry, not {type(registry).__name__}")
         super().__init__(
-            profile.server_context(),
+            profile,
+            registry,
+            state,
             host=host,
             port=port,
             log=log,
+            on_connection=on_connection,
             handshake_timeout=handshake_timeout,
         )
-        self.profile = profile
-        self.registry = registry
-        self.state = state or HubState()
         self.idle_timeout = idle_timeout
         self._clock = clock
         self._state_lock = threading.Condition()
-        self._received: list[ReceivedMessage] = []
         self._faults: deque[_Fault] = deque()
         self._active = 0
-        if on_connection is not None:
-            self.add_connection_listener(on_connection)
 
     # -- life cycle ---------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Bind and serve in background threads."""
-        super().start()
-        logger.info("HTTPS endpoint on %s:%d, %s", self.host, self.port, self.profile.describe())
 
     def __enter__(self) -> HttpsEndpoint:
         self.start()
         return self
-
-    @property
-    def running(self) -> bool:
-        return self._listener is not None
 
     def drop_connections(self, timeout: float = 5.0) -> None:
         """Close every open connection (as a hub does with idle ones) and wait until
@@ -212,57 +175,6 @@ class HttpsEndpoint(TlsFrontDoor):
                 self._state_lock.wait(0.05)
 
     # -- what tests and `serve` drive ----------------------------------------------------
-
-    def enqueue_c2d(
-        self,
-        device_id: str,
-        payload: bytes | str,
-        properties: Mapping[str, str] | None = None,
-        *,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-    ) -> str:
-        """Queue a cloud-to-device message in the hub's state; returns its message id.
-
-        :raises DeviceNotRegisteredError: for a device the registry does not hold.
-        """
-        if self.registry.get(device_id) is None:
-            raise DeviceNotRegisteredError(
-                f"device {device_id!r} is not registered: add it to the registry first"
-            )
-        body = payload.encode("utf-8") if isinstance(payload, str) else bytes(payload)
-        message = self.state.enqueue_c2d(
-            device_id,
-            body,
-            dict(properties or {}),
-            message_id=message_id,
-            correlation_id=correlation_id,
-        )
-        return message.message_id
-
-    @property
-    def received(self) -> tuple[ReceivedMessage, ...]:
-        """Telemetry accepted over HTTPS so far, oldest first."""
-        with self._state_lock:
-            return tuple(self._received)
-
-    @property
-    def connections(self) -> tuple[ConnectionEvent, ...]:
-        """The HTTPS events in the connection log."""
-        return tuple(e for e in list(self.log.events) if e.protocol == self.protocol)
-
-    def add_connection_listener(self, callback: Callable[[ConnectionEvent], None]) -> None:
-        """Call ``callback`` with every HTTPS connection event."""
-
-        def listener(event: ConnectionEvent) -> None:
-            if event.protocol != self.protocol:
-                return
-            try:
-                callback(event)
-            except Exception:  # a broken log sink must not break the endpoint
-                logger.exception("connection listener %r failed", callback)
-
-        self.log.subscribe(listener)
 
     def fail_next(
         self,
@@ -341,16 +253,15 @@ class HttpsEndpoint(TlsFrontDoor):
             cipher=tls.iana_cipher,
             time=dt.datetime.now(dt.timezone.utc),
         )
-        with self._state_lock:
-            self._received.append(entry)
-        self.state.record_telemetry(
+        self.accept_telemetry(
+            entry,
             Telemetry(
                 device_id=device_id,
                 payload=message.body,
                 properties=dict(message.properties),
                 system_properties=message.system_properties,
                 protocol=self.protocol,
-            )
+            ),
         )
 
 

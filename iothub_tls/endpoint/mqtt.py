@@ -10,21 +10,24 @@ Anything else closes the connection, as IoT Hub does.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import socket
 import ssl
 import threading
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IoTHubTLSError
+from ..policy import iana_name
 from . import mqtt_codec as codec
-from .frontdoor import TlsFrontDoor, TlsMeta
-from .log import ConnectionLog
+from .frontdoor import HubFrontDoor, TlsMeta
+from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile
 from .registry import DeviceRegistry
-from .state import C2DMessage, HubState, Telemetry
+from .state import C2DMessage, HubState, ReceivedMessage, Telemetry
 
 __all__ = ["MqttEndpoint", "decode_properties", "encode_properties"]
 
@@ -63,6 +66,7 @@ class _Session:
     meta: TlsMeta
     device_id: str
     module_id: str | None
+    auth_type: str
     subscriptions: set[str] = field(default_factory=set)
     inflight: dict[int, C2DMessage] = field(default_factory=dict)
     write_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -80,7 +84,7 @@ class _Session:
             return self.next_id
 
 
-class MqttEndpoint(TlsFrontDoor):
+class MqttEndpoint(HubFrontDoor):
     """IoT Hub's device MQTT endpoint, locally. Devices authenticate against
     ``registry``; its ``hub_host`` is the name they put in their username and SAS
     resource."""
@@ -96,18 +100,19 @@ class MqttEndpoint(TlsFrontDoor):
         host: str = "127.0.0.1",
         port: int = 0,
         log: ConnectionLog | None = None,
+        on_connection: Callable[[ConnectionEvent], None] | None = None,
         connect_timeout: float = 10.0,
     ) -> None:
         super().__init__(
-            profile.server_context(),
+            profile,
+            registry,
+            state,
             host=host,
             port=port,
             log=log,
+            on_connection=on_connection,
             handshake_timeout=connect_timeout,
         )
-        self.profile = profile
-        self.registry = registry
-        self.state = state or HubState()
         self.hostname = registry.hub_host
         self.connect_timeout = connect_timeout
         self._sessions: dict[str, _Session] = {}
@@ -196,14 +201,15 @@ class MqttEndpoint(TlsFrontDoor):
             return None
         try:
             if connect.password:
-                self.registry.verify_sas(device_id, connect.password.decode("utf-8", "replace"))
+                token = connect.password.decode("utf-8", "replace")
+                auth_type = self.registry.verify_sas(device_id, token).auth_type
             else:  # X.509: no password; the TLS client certificate identifies the device
                 chain = [meta.client_cert] if meta.client_cert else []
-                self.registry.verify_certificate(device_id, chain)
+                auth_type = self.registry.verify_certificate(device_id, chain).auth_type
         except (IoTHubTLSError, LookupError) as exc:
             refuse(_NOT_AUTHORIZED, f"not authorized: {exc}")
             return None
-        session = _Session(tls, meta, device_id, module)
+        session = _Session(tls, meta, device_id, module, auth_type)
         with self._sessions_lock:
             previous = self._sessions.get(connect.client_id)
             self._sessions[connect.client_id] = session
@@ -288,8 +294,25 @@ class MqttEndpoint(TlsFrontDoor):
             app, system = decode_properties(packet.topic[len(events) :])
             if packet.retain:
                 app["mqtt-retain"] = "true"
-            self.state.record_telemetry(
-                Telemetry(session.device_id, packet.payload, app, system, "Mqtt", session.module_id)
+            meta = session.meta
+            self.accept_telemetry(
+                ReceivedMessage(
+                    device_id=session.device_id,
+                    body=packet.payload,
+                    properties=app,
+                    message_id=system.get("$.mid"),
+                    correlation_id=system.get("$.cid"),
+                    content_type=system.get("$.ct"),
+                    content_encoding=system.get("$.ce"),
+                    batch=False,
+                    auth_type=session.auth_type,
+                    tls_version=meta.tls_version or "",
+                    cipher=iana_name(meta.cipher or ""),
+                    time=dt.datetime.now(dt.timezone.utc),
+                ),
+                Telemetry(
+                    session.device_id, packet.payload, app, system, "Mqtt", session.module_id
+                ),
             )
         elif path == "$iothub/twin/GET/":
             rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]

@@ -4,16 +4,17 @@ a device reaches it over whichever protocol it connects with."""
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["C2DMessage", "HubState", "Telemetry", "Twin"]
+__all__ = ["C2DMessage", "HubState", "ReceivedMessage", "Telemetry", "Twin"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,27 @@ class Telemetry:
     protocol: str
     module_id: str | None = None
     received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True)
+class ReceivedMessage:
+    """A device-to-cloud message a front door (HTTPS or AMQP) accepted."""
+
+    device_id: str
+    body: bytes
+    properties: Mapping[str, str]
+    message_id: str | None
+    correlation_id: str | None
+    content_type: str | None
+    content_encoding: str | None
+    #: True when it arrived in a batch request.
+    batch: bool
+    #: "sas", "selfSigned" or "certificateAuthority"
+    auth_type: str
+    tls_version: str
+    #: IANA name of the cipher suite
+    cipher: str
+    time: dt.datetime
 
 
 @dataclass
