@@ -26,7 +26,7 @@ RSA_STRONG = STRONG - {s.iana for s in ECC_SUITES}
 @pytest.fixture(scope="module")
 def default_hub(tmp_path_factory):
     hub = LocalHub(
-        HubOptions(tmp_path_factory.mktemp("hub"), mqtt_port=0, amqp_port=None, https_port=0)
+        HubOptions(tmp_path_factory.mktemp("hub"), mqtt_port=0, amqp_port=0, https_port=0)
     )
     with hub:
         yield hub
@@ -37,7 +37,7 @@ def legacy_hub(tmp_path_factory):
     options = HubOptions(
         tmp_path_factory.mktemp("legacy"),
         mqtt_port=0,
-        amqp_port=None,
+        amqp_port=0,
         https_port=0,
         min_version=ssl.TLSVersion.TLSv1,
         legacy_ciphers=True,
@@ -47,14 +47,14 @@ def legacy_hub(tmp_path_factory):
         yield hub
 
 
-@pytest.mark.parametrize("door", ["mqtt", "https"])
+@pytest.mark.parametrize("door", ["mqtt", "amqp", "https"])
 def test_default_profile_as_sslscan_sees_it(default_hub, door):
     protocols, suites = sslscan(default_hub.ports[door], "localhost")
     assert protocols == {"TLSv1.2", "TLSv1.3"}
     assert suites == STRONG  # dual certificate: ECDSA and RSA suites
 
 
-@pytest.mark.parametrize("door", ["mqtt", "https"])
+@pytest.mark.parametrize("door", ["mqtt", "amqp", "https"])
 def test_legacy_profile_as_sslscan_sees_it(legacy_hub, door):
     protocols, suites = sslscan(legacy_hub.ports[door], "localhost")
     assert protocols == {"TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"}
