@@ -14,38 +14,32 @@ through paho-mqtt 1.6.x or 2.x (``pip install 'iothub-tls[mqtt]'``). TLS always 
 refusal reaches the caller of :meth:`MqttDeviceClient.connect` as the core's own
 exception. The same context is reused for every reconnection, so TLS sessions resume.
 
-Threads: one network thread drives paho (it alone touches the socket); one callback
-thread runs the application's callbacks and method handlers, so a slow or failing
-callback never stalls or kills the connection (exceptions are logged).
+Threads: one network thread drives paho (it alone touches the socket, and waits on it
+with ``poll()``, so descriptor numbers above 1023 are fine); a callback thread, started
+with the first callback, runs the application's callbacks and method handlers, so a slow
+or failing callback never stalls or kills the connection (exceptions are logged).
 """
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import contextlib
 import json
 import logging
 import queue
-import random
-import secrets
-import select
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from . import __version__
+from ._mqtt_callbacks import Dispatcher
+from ._mqtt_commands import ClientConfig, MethodResponse, TwinRequest, completed_within
+from ._mqtt_network import Network
+from ._mqtt_paho import TESTED_PAHO_VERSIONS as TESTED_PAHO_VERSIONS
 from ._mqtt_protocol import (
-    METHODS_FILTER,
     MQTT_PORT,
-    TWIN_DESIRED_FILTER,
-    TWIN_RESPONSE_FILTER,
-    WEBSOCKET_PATH,
     WEBSOCKET_PORT,
     C2DMessage,
     ConnectRefusedError,
@@ -53,40 +47,22 @@ from ._mqtt_protocol import (
     MqttOptions,
     QueueFullError,
     ReconnectPolicy,
-    RequestTracker,
-    backoff_delay,
-    c2d_filter,
     check_message_size,
-    connack_code,
-    connack_error,
-    is_certificate_alert,
-    is_permanent,
-    method_response_topic,
     parse_c2d,
     parse_desired_patch,
     parse_method_request,
-    parse_twin_response,
     telemetry_topic,
-    twin_error,
-    twin_get_topic,
-    twin_patch_topic,
     username,
 )
 from .auth import ClientIdentity, ConnectionString, SasTokenProvider
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
-    AuthenticationError,
     ClientError,
-    ConnectionFailedError,
     DeliveryError,
     IdentityError,
-    IncompatibleDependencyError,
-    IoTHubTLSError,
-    MissingDependencyError,
-    NotAuthorizedError,
     OperationTimeoutError,
 )
-from .info import TlsInfo, tls_info
+from .info import TlsInfo
 from .policy import TlsPolicy
 
 __all__ = [
@@ -104,836 +80,6 @@ logger = logging.getLogger("iothub_tls.mqtt")
 MethodHandler = Callable[[Any], "tuple[int, Any]"]
 """A direct method handler: called with the request's JSON payload (None when empty),
 returns ``(status, payload)``; the payload must be JSON-serialisable (None: empty)."""
-
-
-# --------------------------------------------------------------------------------------
-# paho-mqtt 1.6.x / 2.x
-# --------------------------------------------------------------------------------------
-
-
-#: paho-mqtt versions the client is tested with (CI runs both).
-TESTED_PAHO_VERSIONS = ("1.6.1", "2.2.0")
-_PAHO_REMEDY = "pip install 'paho-mqtt>=1.6,<3'"
-
-
-def _import_paho() -> Any:
-    try:
-        import paho.mqtt
-        import paho.mqtt.client as paho_client
-    except ImportError as exc:
-        raise MissingDependencyError("mqtt", "paho-mqtt") from exc
-    version = str(getattr(paho.mqtt, "__version__", "unknown"))
-    major, _, rest = version.partition(".")
-    minor = rest.partition(".")[0]
-    supported = major == "2" or (major == "1" and minor.isdigit() and int(minor) >= 6)
-    if not supported:
-        raise IncompatibleDependencyError(
-            "paho-mqtt", version, TESTED_PAHO_VERSIONS, "the MQTT client", _PAHO_REMEDY
-        )
-    if not callable(getattr(paho_client.Client, "_create_socket_connection", None)):
-        raise IncompatibleDependencyError(
-            "paho-mqtt",
-            f"{version} (without Client._create_socket_connection)",
-            TESTED_PAHO_VERSIONS,
-            "the MQTT client",
-            _PAHO_REMEDY,
-        )
-    return paho_client
-
-
-_CLIENT_CLASSES: dict[int, Any] = {}
-
-
-def _client_class(mqtt: Any) -> Any:
-    """A paho ``Client`` subclass that opens its TCP connection to our address.
-
-    paho connects to the host it sends as SNI. Overriding its TCP step lets the client
-    dial another address (a test broker, a local port forward) while TLS still names
-    and verifies the hub. paho 1.6 times the TLS handshake with the keep-alive; the
-    subclass swaps in the handshake timeout until the socket is open.
-    """
-    key = id(mqtt)
-    if key in _CLIENT_CLASSES:
-        return _CLIENT_CLASSES[key]
-    base = mqtt.Client
-
-    class _Client(base):  # type: ignore[misc,valid-type]
-        _itls_address: tuple[str, int]
-        _itls_connect_timeout: float
-        _itls_handshake_timeout: float
-        _itls_keepalive: int | None = None
-        _itls_swap_keepalive = False
-
-        def _create_socket_connection(self) -> socket.socket:
-            host, port = self._itls_address
-            try:
-                sock = socket.create_connection((host, port), timeout=self._itls_connect_timeout)
-            except OSError as exc:
-                raise ConnectionFailedError(
-                    f"could not open a TCP connection to {host}:{port}: {exc}"
-                ) from exc
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._itls_swap_keepalive:
-                self._itls_keepalive = getattr(self, "_keepalive")  # noqa: B009
-                self._keepalive = self._itls_handshake_timeout
-            return sock
-
-        def _itls_restore_keepalive(self) -> None:
-            if self._itls_keepalive is not None:
-                self._keepalive = self._itls_keepalive
-                self._itls_keepalive = None
-
-    _CLIENT_CLASSES[key] = _Client
-    return _Client
-
-
-class _Paho:
-    """One paho client, configured for IoT Hub, with its callbacks normalised across
-    paho 1.6 (positional ints and dicts) and 2.x (ReasonCode objects)."""
-
-    def __init__(
-        self,
-        *,
-        client_id: str,
-        websockets: bool,
-        address: tuple[str, int],
-        context: HardenedSSLContext,
-        options: MqttOptions,
-        on_connack: Callable[[int, bool], None],
-        on_suback: Callable[[int, list[int]], None],
-        on_puback: Callable[[int], None],
-        on_message: Callable[[str, bytes], None],
-    ) -> None:
-        mqtt = _import_paho()
-        self.mqtt = mqtt
-        self.v2 = hasattr(mqtt, "CallbackAPIVersion")
-        kwargs: dict[str, Any] = {
-            "client_id": client_id,
-            "clean_session": False,  # keep subscriptions and queued C2D across connections
-            "protocol": mqtt.MQTTv311,
-            "transport": "websockets" if websockets else "tcp",
-            "reconnect_on_failure": False,  # we reconnect; never downgrade to MQTT 3.1
-        }
-        cls = _client_class(mqtt)
-        client = cls(mqtt.CallbackAPIVersion.VERSION2, **kwargs) if self.v2 else cls(**kwargs)
-        client._itls_address = address
-        client._itls_connect_timeout = options.connect_timeout
-        client._itls_handshake_timeout = options.handshake_timeout
-        if self.v2:
-            client.connect_timeout = options.handshake_timeout  # TLS and WebSocket upgrade
-        else:
-            client._itls_swap_keepalive = True
-        client.suppress_exceptions = True
-        client.enable_logger(logging.getLogger("iothub_tls.mqtt.paho"))
-        # The one place TLS comes from: the hardened context, unchanged.
-        client.tls_set_context(context)
-        if websockets:
-            client.ws_set_options(path=WEBSOCKET_PATH)
-        self.client = client
-        self._on_connack = on_connack
-        self._on_suback = on_suback
-        self._on_puback = on_puback
-        self._on_message = on_message
-        client.on_connect = self._connect_cb
-        client.on_subscribe = self._subscribe_cb
-        client.on_publish = self._publish_cb
-        client.on_message = self._message_cb
-        client.on_socket_open = self._socket_open_cb
-        client.on_log = self._log_cb
-        self.last_error: str | None = None
-
-    # paho callbacks (network thread) -------------------------------------------------
-
-    def _connect_cb(self, _client: Any, _userdata: Any, flags: Any, rc: Any, *_: Any) -> None:
-        if isinstance(flags, dict):
-            present = bool(flags.get("session present"))
-        else:
-            present = bool(getattr(flags, "session_present", False))
-        self._on_connack(connack_code(rc), present)
-
-    def _subscribe_cb(self, _client: Any, _userdata: Any, mid: int, granted: Any, *_: Any) -> None:
-        self._on_suback(mid, [int(getattr(g, "value", g)) for g in granted])
-
-    def _publish_cb(self, _client: Any, _userdata: Any, mid: int, *_: Any) -> None:
-        self._on_puback(mid)
-
-    def _message_cb(self, _client: Any, _userdata: Any, message: Any) -> None:
-        self._on_message(message.topic, bytes(message.payload))
-
-    def _log_cb(self, _client: Any, _userdata: Any, level: int, text: str) -> None:
-        # paho reports socket errors (e.g. a TLS alert after the handshake) only here.
-        if level == self.mqtt.MQTT_LOG_ERR:
-            self.last_error = text
-
-    def _socket_open_cb(self, client: Any, *_: Any) -> None:
-        client._itls_restore_keepalive()
-
-    # driving it ------------------------------------------------------------------------
-
-    def connect(self, host: str, port: int, keepalive: int) -> None:
-        try:
-            self.client.connect(host, port, keepalive=keepalive)
-        finally:
-            self.client._itls_restore_keepalive()
-
-    def socket(self) -> Any:
-        return self.client.socket()
-
-    def ssl_socket(self) -> ssl.SSLSocket | None:
-        """The TLS socket, also when paho wrapped it in its WebSocket framing."""
-        sock = self.socket()
-        inner = getattr(sock, "_socket", None)
-        for candidate in (sock, inner):
-            if isinstance(candidate, ssl.SSLSocket):
-                return candidate
-        return None
-
-    def force_close(self) -> None:
-        closer = getattr(self.client, "_sock_close", None)
-        if callable(closer):
-            with contextlib.suppress(Exception):
-                closer()
-
-    def success(self, rc: Any) -> bool:
-        return int(rc) == int(self.mqtt.MQTT_ERR_SUCCESS)
-
-    def no_connection(self, rc: Any) -> bool:
-        return int(rc) == int(self.mqtt.MQTT_ERR_NO_CONN)
-
-
-# --------------------------------------------------------------------------------------
-# The callback thread
-# --------------------------------------------------------------------------------------
-
-
-class _Dispatcher:
-    """Runs application callbacks one at a time on their own thread; an exception is
-    logged, never propagated."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(
-            target=self._run, name="iothub-tls-mqtt-callbacks", daemon=True
-        )
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._queue.put((fn, args))
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:
-                logger.exception("an MQTT callback (%s) raised", getattr(fn, "__name__", fn))
-
-
-# --------------------------------------------------------------------------------------
-# The network thread
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Telemetry:
-    topic: str
-    payload: bytes
-    future: concurrent.futures.Future[None]
-
-
-@dataclass
-class _TwinRequest:
-    operation: str  # "GET" or "PATCH"
-    payload: bytes
-    future: concurrent.futures.Future[tuple[bytes, int | None]]
-    deadline: float
-
-
-@dataclass
-class _MethodResponse:
-    status: int
-    request_id: str
-    payload: bytes
-
-
-class _Closing(Exception):
-    """close() was called while the network thread was connecting."""
-
-
-def _settle(
-    future: concurrent.futures.Future[Any],
-    *,
-    result: Any = None,
-    error: BaseException | None = None,
-) -> None:
-    """Complete a future unless it already is (cancelled by a caller that timed out)."""
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-
-def _wait(future: concurrent.futures.Future[Any], timeout: float) -> bool:
-    """True when ``future`` completed within ``timeout``. (Catching the TimeoutError of
-    ``future.result(timeout)`` would also catch a TimeoutError *set on* the future, such
-    as HandshakeTimeoutError.)"""
-    done, _ = concurrent.futures.wait([future], timeout=timeout)
-    return bool(done)
-
-
-class _Network:
-    """Owns the paho client and the connection; runs on one thread.
-
-    Other threads only append commands (:meth:`submit`) and wake the thread through a
-    socket pair; everything that touches paho or the socket happens here.
-    """
-
-    def __init__(
-        self,
-        *,
-        config: _Config,
-        on_message: Callable[[str, bytes], None],
-        on_reconnect: Callable[[], None],
-    ) -> None:
-        self._config = config
-        self._route = on_message
-        self._on_reconnect = on_reconnect
-        options = config.options
-        self._paho = _Paho(
-            client_id=config.cs.client_id,
-            websockets=config.websockets,
-            address=(config.connect_host, config.port),
-            context=config.context,
-            options=options,
-            on_connack=self._connack_cb,
-            on_suback=self._suback_cb,
-            on_puback=self._puback_cb,
-            on_message=self._message_cb,
-        )
-        self._lock = threading.Lock()
-        self._commands: collections.deque[Any] = collections.deque()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._alive = True
-        self._closing = False
-        self._outstanding = 0
-        # network-thread state
-        self._outbox: collections.deque[_Telemetry] = collections.deque()
-        self._inflight: dict[int, _Telemetry] = {}
-        self._twin_waiting: collections.deque[_TwinRequest] = collections.deque()
-        self._twins: RequestTracker[_TwinRequest] = RequestTracker(secrets.token_hex(3))
-        self._connack: tuple[int, bool] | None = None
-        self._subacks: dict[int, list[int] | None] = {}
-        self._established = False
-        self._permanent: BaseException | None = None
-        # visible to other threads
-        self.tls_info: TlsInfo | None = None
-        self.failure: BaseException | None = None
-        self.reconnects = 0
-        self.connected = threading.Event()
-        self.first: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._thread = threading.Thread(target=self._run, name="iothub-tls-mqtt", daemon=True)
-
-    # -- other threads ------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def submit(self, command: Any) -> None:
-        """Hand a command to the network thread (raises once the thread has ended)."""
-        with self._lock:
-            if not self._alive:
-                raise self._ended_error()
-            self._commands.append(command)
-        self._wake()
-
-    def submit_telemetry(self, topic: str, payload: bytes) -> concurrent.futures.Future[None]:
-        future: concurrent.futures.Future[None] = concurrent.futures.Future()
-        with self._lock:
-            if not self._alive:
-                raise self._ended_error()
-            if self._outstanding >= self._config.options.queue_size:
-                raise QueueFullError(
-                    f"{self._outstanding} messages are already waiting for the hub's "
-                    f"acknowledgement (queue_size={self._config.options.queue_size}"
-                    f"{'' if self.connected.is_set() else ', the client is reconnecting'}); "
-                    "the message was not accepted: retry later or raise "
-                    "MqttOptions.queue_size"
-                )
-            self._outstanding += 1
-            self._commands.append(_Telemetry(topic, payload, future))
-        future.add_done_callback(self._release)
-        self._wake()
-        return future
-
-    def close(self, timeout: float) -> None:
-        with self._lock:
-            self._closing = True
-        self._wake()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        """False once the thread stopped (closed, failed, or the first connect failed)."""
-        with self._lock:
-            return self._alive
-
-    def _release(self, _future: concurrent.futures.Future[None]) -> None:
-        with self._lock:
-            self._outstanding -= 1
-
-    def _ended_error(self) -> ClientError:
-        if self.failure is not None:
-            error: ClientError = ConnectionFailedError(
-                f"the client stopped reconnecting after: {self.failure}"
-            )
-            error.__cause__ = self.failure
-            return error
-        return ClientError("the client is closed: call connect() again first")
-
-    def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
-
-    # -- paho callbacks (network thread) ------------------------------------------------
-
-    def _connack_cb(self, code: int, session_present: bool) -> None:
-        self._connack = (code, session_present)
-
-    def _suback_cb(self, mid: int, granted: list[int]) -> None:
-        if mid in self._subacks:
-            self._subacks[mid] = granted
-
-    def _puback_cb(self, mid: int) -> None:
-        item = self._inflight.pop(mid, None)
-        if item is not None:
-            _settle(item.future)
-
-    def _message_cb(self, topic: str, payload: bytes) -> None:
-        try:
-            response = parse_twin_response(topic)
-            if response is not None:
-                request = self._twins.finish(response.request_id)
-                if request is not None:
-                    error = twin_error(response.status, request.operation, payload)
-                    if error is not None:
-                        _settle(request.future, error=error)
-                    else:
-                        _settle(request.future, result=(payload, response.version))
-                return
-            self._route(topic, payload)
-        except Exception:
-            logger.exception("could not process a message on %r", topic)
-
-    # -- the thread -----------------------------------------------------------------------
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException as exc:  # pragma: no cover - a bug must not leave callers hanging
-            logger.exception("the MQTT network thread failed")
-            self._finish(exc)
-        finally:
-            self._paho.force_close()
-            for sock in (self._wake_r, self._wake_w):
-                sock.close()
-
-    def _loop(self) -> None:
-        policy = self._config.options.reconnect
-        first = True
-        attempt = 0
-        while True:
-            try:
-                self._establish()
-            except _Closing:
-                self._finish(None)
-                return
-            except BaseException as exc:
-                self._paho.force_close()
-                if first:
-                    self._finish(None, first_error=exc)
-                    return
-                if is_permanent(exc) or exc is self._permanent:
-                    logger.error("reconnecting is pointless, giving up: %s", exc)
-                    self._finish(exc)
-                    return
-                attempt += 1
-                if policy.max_attempts is not None and attempt >= policy.max_attempts:
-                    logger.error("giving up after %d reconnection attempts: %s", attempt, exc)
-                    self._finish(exc)
-                    return
-                delay = backoff_delay(policy, attempt + 1, random.random())  # noqa: S311
-                logger.warning(
-                    "reconnection attempt %d failed (%s); next attempt in %.1f s",
-                    attempt,
-                    exc,
-                    delay,
-                )
-                if not self._idle(delay):
-                    self._finish(None)
-                    return
-                continue
-            attempt = 0
-            self.connected.set()
-            if first:
-                first = False
-                self.first.set_result(None)
-            else:
-                self.reconnects += 1
-                logger.info("reconnected to %s (%s)", self._config.server_hostname, self.tls_info)
-                self._on_reconnect()
-            reason = self._serve()
-            self.connected.clear()
-            self._established = False
-            self._requeue_twins()
-            if reason == "closing":
-                self._finish(None)
-                return
-            if reason == "renew":
-                logger.info("reconnecting with a fresh SAS token")
-                continue
-            logger.warning("lost the connection to %s; reconnecting", self._config.server_hostname)
-            delay = backoff_delay(policy, 1, random.random())  # noqa: S311
-            if not self._idle(delay):
-                self._finish(None)
-                return
-
-    # connecting -------------------------------------------------------------------------
-
-    def _establish(self) -> None:
-        cfg = self._config
-        options = cfg.options
-        self._connack = None
-        self._subacks = {}
-        self._permanent = None
-        self._paho.last_error = None
-        password = cfg.sas.token() if cfg.sas is not None else None
-        self._paho.client.username_pw_set(cfg.username, password)
-        if self._closing:
-            raise _Closing
-        try:
-            self._paho.connect(cfg.server_hostname, cfg.port, options.keepalive)
-        except IoTHubTLSError:
-            raise  # the core's TLS refusals and our TCP errors, unchanged
-        except (OSError, ValueError) as exc:
-            # After TCP connect and the TLS handshake: a reset or refusal during the
-            # WebSocket upgrade, or (paho 1.6 writes CONNECT at once) a server that
-            # closed the TLS connection right after the handshake.
-            if isinstance(exc, ssl.SSLError) or self._paho.socket() is not None:
-                raise self._closed_before_connack(str(exc)) from exc
-            raise ConnectionFailedError(
-                f"connection to {cfg.connect_host}:{cfg.port} failed after TCP connect: {exc}"
-            ) from exc
-
-        deadline = time.monotonic() + options.connect_timeout
-        while self._connack is None:
-            alive = self._wait_step(deadline, "a CONNACK (the answer to MQTT CONNECT)")
-            if self._connack is None and not alive:
-                raise self._closed_before_connack()
-        code, _session_present = self._connack
-        refusal = connack_error(code, cfg.server_hostname)
-        if refusal is not None:
-            error, retryable = refusal
-            if not retryable:
-                self._permanent = error
-            raise error
-        ssl_sock = self._paho.ssl_socket()
-        if ssl_sock is not None:
-            self.tls_info = tls_info(ssl_sock)
-
-        # (Re)subscribe every time: cheap, and correct whether or not the hub kept the
-        # session. QoS 1 for C2D (the hub redelivers until PUBACK), 0 for twin/methods.
-        filters = [(TWIN_RESPONSE_FILTER, 0), (TWIN_DESIRED_FILTER, 0), (METHODS_FILTER, 0)]
-        if cfg.cs.module_id is None:
-            filters.insert(0, (c2d_filter(cfg.cs.device_id), 1))
-        by_mid: dict[int, str] = {}
-        for topic_filter, qos in filters:
-            rc, mid = self._paho.client.subscribe(topic_filter, qos)
-            if not self._paho.success(rc):
-                raise ConnectionFailedError(f"could not subscribe to {topic_filter} (paho rc {rc})")
-            self._subacks[mid] = None
-            by_mid[mid] = topic_filter
-        while any(v is None for v in self._subacks.values()):
-            if not self._wait_step(deadline, "the SUBACKs") and any(
-                v is None for v in self._subacks.values()
-            ):
-                raise ConnectionFailedError(
-                    f"{cfg.server_hostname} closed the connection while subscribing"
-                )
-        for mid, granted in self._subacks.items():
-            if granted is not None and any(g >= 0x80 for g in granted):
-                raise NotAuthorizedError(
-                    f"{cfg.server_hostname} refused the subscription to {by_mid[mid]} "
-                    "(SUBACK 0x80): this identity may not use that feature"
-                )
-        self._established = True
-        self._flush()
-
-    def _closed_before_connack(self, detail: str | None = None) -> ClientError:
-        host = self._config.server_hostname
-        detail = detail or self._paho.last_error
-        if detail is not None and is_certificate_alert(detail):
-            return AuthenticationError(
-                f"{host} refused the device certificate ({detail}): check that the "
-                "certificate is registered with (or chains to a CA trusted by) the server"
-            )
-        hint = ""
-        if self._config.context.identity is not None:
-            hint = (
-                " If the server checks client certificates it may have refused the "
-                "device certificate (TLS 1.3 servers do so after the handshake)."
-            )
-        return ConnectionFailedError(
-            f"{host} closed the connection before answering MQTT CONNECT"
-            f"{f' ({detail})' if detail else ''}: it may not speak MQTT 3.1.1 on this port, "
-            f"or it refused the connection.{hint}"
-        )
-
-    def _wait_step(self, deadline: float, what: str) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise OperationTimeoutError(
-                f"no answer from {self._config.server_hostname} within "
-                f"{self._config.options.connect_timeout:g} s while waiting for {what}: the "
-                "server accepted TLS but does not answer MQTT"
-            )
-        alive = self._step(min(remaining, 0.5))
-        if self._closing:
-            raise _Closing
-        return alive
-
-    # serving ----------------------------------------------------------------------------
-
-    def _serve(self) -> str:
-        sas = self._config.sas
-        while True:
-            if self._closing:
-                self._disconnect()
-                return "closing"
-            if sas is not None and sas.needs_renewal():
-                self._disconnect()
-                return "renew"
-            if not self._step(self._until_next_deadline(1.0)):
-                return "lost"
-
-    def _step(self, timeout: float) -> bool:
-        """One round of select + read + write + keep-alive; False once the connection is
-        gone."""
-        paho = self._paho
-        sock = paho.socket()
-        if sock is None:
-            self._take_commands()
-            return False
-        try:
-            pending = sock.pending() if hasattr(sock, "pending") else 0
-            wlist = [sock] if paho.client.want_write() else []
-            readable, writable, _ = select.select(
-                [sock, self._wake_r], wlist, [], 0 if pending else max(timeout, 0)
-            )
-            if self._wake_r in readable:
-                with contextlib.suppress(OSError):
-                    while self._wake_r.recv(4096):
-                        pass
-            self._take_commands()
-            if self._established:
-                self._flush()
-            if sock in readable or pending:
-                paho.client.loop_read()
-            if paho.socket() is not None and (writable or paho.client.want_write()):
-                paho.client.loop_write()
-            if paho.socket() is not None:
-                paho.client.loop_misc()
-        except (OSError, ValueError) as exc:
-            logger.warning("connection error: %s", exc)
-            paho.force_close()
-        except Exception:  # a paho bug or a malformed packet must not end the thread
-            logger.exception("unexpected error on the MQTT connection; reconnecting")
-            paho.force_close()
-        self._expire_twins()
-        return paho.socket() is not None
-
-    def _idle(self, delay: float) -> bool:
-        """Wait ``delay`` seconds between attempts, still taking commands; False when
-        close() was called."""
-        deadline = time.monotonic() + delay
-        while not self._closing:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            wait = min(remaining, self._until_next_deadline(0.5))
-            with contextlib.suppress(OSError, ValueError):
-                readable, _, _ = select.select([self._wake_r], [], [], wait)
-                if readable:
-                    while self._wake_r.recv(4096):
-                        pass
-            self._take_commands()
-            self._expire_twins()
-        return False
-
-    def _disconnect(self) -> None:
-        """A clean MQTT DISCONNECT (so the hub does not publish a will), bounded in time."""
-        paho = self._paho
-        if paho.socket() is None:
-            return
-        with contextlib.suppress(Exception):
-            paho.client.disconnect()
-        deadline = time.monotonic() + 2.0
-        while paho.socket() is not None and time.monotonic() < deadline:
-            with contextlib.suppress(Exception):
-                paho.client.loop_write()
-                if paho.socket() is not None:
-                    paho.client.loop_read()
-            time.sleep(0.01)
-        paho.force_close()
-
-    # commands ---------------------------------------------------------------------------
-
-    def _take_commands(self) -> None:
-        while True:
-            with self._lock:
-                if not self._commands:
-                    return
-                command = self._commands.popleft()
-            if isinstance(command, _Telemetry):
-                self._outbox.append(command)
-            elif isinstance(command, _TwinRequest):
-                self._twin_waiting.append(command)
-            elif isinstance(command, _MethodResponse):
-                self._send_method_response(command)
-
-    def _flush(self) -> None:
-        paho = self._paho
-        while self._outbox and paho.socket() is not None:
-            item = self._outbox.popleft()
-            if not item.future.set_running_or_notify_cancel():
-                continue  # the sender timed out and withdrew it
-            info = paho.client.publish(item.topic, item.payload, qos=1)
-            if paho.success(info.rc) or paho.no_connection(info.rc):
-                # paho keeps QoS 1 messages and resends them after a reconnect.
-                self._inflight[info.mid] = item
-            else:
-                _settle(
-                    item.future,
-                    error=DeliveryError(
-                        f"the message could not be queued for sending (paho rc {info.rc})"
-                    ),
-                )
-        while self._twin_waiting and paho.socket() is not None:
-            request = self._twin_waiting.popleft()
-            if request.future.done():
-                continue
-            rid = self._twins.start(request, request.deadline)
-            topic = twin_get_topic(rid) if request.operation == "GET" else twin_patch_topic(rid)
-            paho.client.publish(topic, request.payload, qos=0)
-
-    def _send_method_response(self, response: _MethodResponse) -> None:
-        if not self._established or self._paho.socket() is None:
-            logger.warning(
-                "the connection was lost before the answer to method request %s could be "
-                "sent; the caller will see a timeout",
-                response.request_id,
-            )
-            return
-        topic = method_response_topic(response.status, response.request_id)
-        self._paho.client.publish(topic, response.payload, qos=0)
-
-    def _requeue_twins(self) -> None:
-        """Twin requests unanswered when the connection dropped are sent again (with new
-        request ids) after the reconnection; GET and PATCH are both idempotent."""
-        pending = [request for _, request in self._twins.pending()]
-        self._twins.drain()
-        self._twin_waiting.extendleft(reversed(pending))
-
-    def _until_next_deadline(self, longest: float) -> float:
-        """Seconds until the next twin request expires, at most ``longest``."""
-        deadlines = [r.deadline for r in self._twin_waiting]
-        tracked = self._twins.next_deadline()
-        if tracked is not None:
-            deadlines.append(tracked)
-        if not deadlines:
-            return longest
-        return max(0.0, min(longest, min(deadlines) - time.monotonic()))
-
-    def _expire_twins(self) -> None:
-        now = time.monotonic()
-        expired = self._twins.expire(now)
-        expired += [r for r in self._twin_waiting if r.deadline <= now]
-        if not expired:
-            return
-        self._twin_waiting = collections.deque(r for r in self._twin_waiting if r.deadline > now)
-        for request in expired:
-            _settle(
-                request.future,
-                error=OperationTimeoutError(
-                    f"the hub did not answer the twin {request.operation} in time"
-                ),
-            )
-
-    # ending -----------------------------------------------------------------------------
-
-    def _finish(
-        self, failure: BaseException | None, first_error: BaseException | None = None
-    ) -> None:
-        """Stop accepting commands and settle everything still pending."""
-        with self._lock:
-            self._alive = False
-            self.failure = failure
-        self.connected.clear()
-        self._take_commands()
-        if first_error is not None:
-            _settle(self.first, error=first_error)
-        elif not self.first.done():
-            _settle(
-                self.first, error=ConnectionFailedError("the client was closed while connecting")
-            )
-        reason = (
-            f"the connection failed for good ({failure})"
-            if failure is not None
-            else "the client was closed"
-        )
-        for item in [*self._inflight.values(), *self._outbox]:
-            error = DeliveryError(f"{reason} before the hub acknowledged the message")
-            error.__cause__ = failure
-            _settle(item.future, error=error)
-        self._inflight.clear()
-        self._outbox.clear()
-        for request in [*self._twin_waiting, *self._twins.drain()]:
-            lost = ConnectionFailedError(f"{reason} before the hub answered the twin request")
-            lost.__cause__ = failure
-            _settle(request.future, error=lost)
-        self._twin_waiting.clear()
-
-
-# --------------------------------------------------------------------------------------
-# The public client
-# --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Config:
-    cs: ConnectionString
-    server_hostname: str
-    connect_host: str
-    port: int
-    websockets: bool
-    context: HardenedSSLContext
-    sas: SasTokenProvider | None
-    username: str
-    options: MqttOptions
 
 
 def _as_bytes(payload: bytes | bytearray | memoryview | str) -> bytes:
@@ -1027,7 +173,7 @@ class MqttDeviceClient:
         client_type = f"iothub-tls/{__version__}"
         if options.product_info:
             client_type += f" {options.product_info}"
-        self._config = _Config(
+        self._config = ClientConfig(
             cs=cs,
             server_hostname=cs.hostname,
             connect_host=host or cs.hostname,
@@ -1041,9 +187,9 @@ class MqttDeviceClient:
             options=options,
         )
         self._lock = threading.Lock()
-        self._network: _Network | None = None
+        self._network: Network | None = None
         self._last_tls_info: TlsInfo | None = None
-        self._dispatcher: _Dispatcher | None = None
+        self._dispatcher: Dispatcher | None = None
         self._c2d: queue.Queue[C2DMessage] = queue.Queue()
         self._methods: dict[str, MethodHandler] = {}
         self.on_c2d: Callable[[C2DMessage], None] | None = None
@@ -1176,8 +322,8 @@ class MqttDeviceClient:
             started = network is not None and network.alive
             if not started:
                 if self._dispatcher is None:
-                    self._dispatcher = _Dispatcher()
-                network = _Network(
+                    self._dispatcher = Dispatcher()
+                network = Network(
                     config=self._config, on_message=self._route, on_reconnect=self._reconnected
                 )
                 self._network = network
@@ -1188,7 +334,7 @@ class MqttDeviceClient:
         network.start()
         opts = self._config.options
         bound = opts.connect_timeout * 2 + opts.handshake_timeout + 10
-        if not _wait(network.first, bound):  # pragma: no cover - bounded by the thread
+        if not completed_within(network.first, bound):  # pragma: no cover - bounded by the thread
             network.close(1.0)
             raise OperationTimeoutError(f"connect() did not finish within {bound:g} s")
         network.first.result()  # raises the first connection's error, unchanged
@@ -1217,7 +363,7 @@ class MqttDeviceClient:
     ) -> None:
         self.close()
 
-    def _require_network(self) -> _Network:
+    def _require_network(self) -> Network:
         network = self._network
         if network is None:
             raise ClientError("the client is not connected: call connect() first")
@@ -1288,19 +434,24 @@ class MqttDeviceClient:
             message_id=message_id,
             correlation_id=correlation_id,
         )
-        wait = self._config.options.operation_timeout if timeout is None else timeout
-        if not _wait(future, wait):
+        limit = self._config.options.operation_timeout if timeout is None else timeout
+        try:
+            # exception() returns a TimeoutError set on the future instead of raising it
+            error = future.exception(limit)
+        except concurrent.futures.TimeoutError:
             if future.cancel():
                 raise OperationTimeoutError(
-                    f"the message could not be sent within {wait:g} s (no connection); it "
+                    f"the message could not be sent within {limit:g} s (no connection); it "
                     "was withdrawn and will not be sent"
-                )
+                ) from None
             if not future.done():
                 raise OperationTimeoutError(
-                    f"the hub did not acknowledge the message within {wait:g} s; it was "
+                    f"the hub did not acknowledge the message within {limit:g} s; it was "
                     "sent and may still be delivered"
-                )
-        future.result()
+                ) from None
+            error = future.exception()
+        if error is not None:
+            raise error
 
     # -- cloud-to-device ------------------------------------------------------------------
 
@@ -1332,11 +483,11 @@ class MqttDeviceClient:
     ) -> tuple[bytes, int | None]:
         wait = self._config.options.operation_timeout if timeout is None else timeout
         future: concurrent.futures.Future[tuple[bytes, int | None]] = concurrent.futures.Future()
-        request = _TwinRequest(operation, payload, future, time.monotonic() + wait)
+        request = TwinRequest(operation, payload, future, time.monotonic() + wait)
         self._require_network().submit(request)
         # The network thread fails the request at its deadline; the margin only guards
         # against that thread having died.
-        if not _wait(future, wait + 5.0):  # pragma: no cover
+        if not completed_within(future, wait + 5.0):  # pragma: no cover
             raise OperationTimeoutError(
                 f"the hub did not answer the twin {operation} within {wait:g} s"
             )
@@ -1439,7 +590,7 @@ class MqttDeviceClient:
         if network is None:
             return
         with contextlib.suppress(ClientError):
-            network.submit(_MethodResponse(status, request.request_id, body))
+            network.submit(MethodResponse(status, request.request_id, body))
 
     def _call_method(self, request: MethodRequest, payload: bytes) -> tuple[int, bytes]:
         def error(status: int, message: str) -> tuple[int, bytes]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -1277,3 +1278,167 @@ def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     client = MqttDeviceClient(HOST, "d", shared_access_key=new_key(), options=FAST)
     with pytest.raises(errors.MissingDependencyError, match=r"pip install 'iothub-tls\[mqtt\]'"):
         client.connect()
+
+
+# --------------------------------------------------------------------------- the network thread
+
+
+@contextlib.contextmanager
+def descriptors_taken_below(limit: int) -> Iterator[list[int]]:
+    """Hold every descriptor number below ``limit`` (raising the open-file soft limit
+    if needed), so that the sockets opened meanwhile get numbers of ``limit`` or more."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = limit + 512
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        reason = f"the open-file hard limit ({hard}) is below {wanted}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < limit:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        yield held
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def socket_number(client: MqttDeviceClient) -> int:
+    """The descriptor of the client's current connection."""
+    network = client._network
+    assert network is not None
+    sock = network._client.socket()
+    assert sock is not None
+    return int(sock.fileno())
+
+
+def test_clients_work_with_descriptor_numbers_above_1023(hub: Hub) -> None:
+    # A gateway holding hundreds of devices, or any process with many open files:
+    # select() cannot watch descriptor 1024 or above (FD_SETSIZE); the client must.
+    observer = hub.peer("observer")  # paho's own loop uses select(): opened first, low
+    observer.subscribe("devices/+/messages/events/#")
+    service = hub.peer("service")
+    TwinService(hub.peer("twin-service"), {"rate": 1})
+    with descriptors_taken_below(1100):
+        proxy = CutProxy(hub.sas_port)
+        clients = [
+            hub.x509_client(),
+            hub.sas_client(port=proxy.port),
+            hub.sas_client(hub.ws, websockets=True),
+        ]
+        for client in clients:
+            client.connect()
+            assert socket_number(client) >= 1100
+        x509, sas, ws = clients
+        for client in clients:
+            client.send_telemetry(f"from {client.device_id}".encode())
+        received = sorted(observer.expect()[1] for _ in clients)
+        assert received == [b"from device-sas", b"from device-ws", b"from device-x509"]
+        service.publish("devices/device-x509/messages/devicebound/n=1", b"down")
+        assert x509.receive_c2d(timeout=WAIT).payload == b"down"
+        assert ws.get_twin()["desired"]["rate"] == 1
+
+        proxy.cut()  # reconnecting waits, then connects, again on high descriptors
+        wait_for(lambda: sas.reconnect_count == 1 and sas.connected, "the reconnection")
+        assert socket_number(sas) >= 1100
+        sas.send_telemetry(b"after the reconnection")
+        assert observer.expect()[1] == b"after the reconnection"
+        for client in clients:
+            client.close()
+        proxy.close()
+
+
+def test_a_failure_of_the_network_loop_reaches_connect_as_the_cause(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import select
+
+    from iothub_tls import _mqtt_network
+
+    broken = OSError(12, "Cannot allocate memory")
+
+    class FailingPoller:
+        """The platform's poll object, except that waiting fails."""
+
+        def __init__(self) -> None:
+            self._poller = select.poll()
+            self.register = self._poller.register
+            self.modify = self._poller.modify
+            self.unregister = self._poller.unregister
+
+        def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+            raise broken
+
+    monkeypatch.setattr(_mqtt_network, "new_poller", FailingPoller)
+    client = hub.sas_client()
+    with pytest.raises(errors.ConnectionFailedError) as caught:
+        client.connect()
+    assert caught.value.__cause__ is broken
+    message = str(caught.value)
+    assert "network loop failed while waiting for a CONNACK" in message
+    assert "Cannot allocate memory" in message
+    assert "closed the connection" not in message  # the broker did nothing wrong
+    assert not client.connected
+
+
+def test_the_selectors_fallback_sends_receives_and_reconnects(
+    hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Platforms without select.poll (Windows) wait through selectors instead.
+    from iothub_tls import _mqtt_network, _mqtt_poller
+
+    monkeypatch.setattr(_mqtt_network, "new_poller", _mqtt_poller.SelectorPoller)
+    proxy = CutProxy(hub.sas_port)
+    observer = hub.peer("observer")
+    observer.subscribe("devices/device-sas/messages/events/#")
+    client = hub.sas_client(port=proxy.port)
+    client.connect()
+    futures = [client.send_telemetry_async(f"n={i}".encode()) for i in range(30)]
+    assert [f.result(WAIT) for f in futures] == [None] * 30
+    assert [observer.expect()[1] for _ in futures] == [f"n={i}".encode() for i in range(30)]
+    proxy.cut()
+    wait_for(lambda: client.reconnect_count == 1 and client.connected, "the reconnection")
+    client.send_telemetry(b"after")
+    assert observer.expect()[1] == b"after"
+    proxy.close()
+
+
+def test_a_place_in_the_queue_is_free_when_send_returns(hub: Hub) -> None:
+    # Acknowledgements are settled in batches; the queue count must be given back
+    # before the sender wakes, or back-to-back sends would see a full queue.
+    client = hub.sas_client(options=dataclasses.replace(FAST, queue_size=1))
+    client.connect()
+    for i in range(200):
+        client.send_telemetry(f"n={i}".encode())
+    futures = [client.send_telemetry_async(b"x")]
+    with pytest.raises(QueueFullError):
+        client.send_telemetry_async(b"y")
+    futures[0].result(WAIT)
+    client.send_telemetry(b"z")
+
+
+def client_threads() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("iothub-tls-mqtt"))
+
+
+def test_a_client_without_callbacks_runs_one_thread(hub: Hub) -> None:
+    service = hub.peer("service")
+    before = client_threads()
+    client = hub.x509_client()
+    client.connect()
+    client.send_telemetry(b"no callbacks")
+    assert client_threads() == sorted([*before, "iothub-tls-mqtt"])  # the network thread
+
+    received: queue.Queue[C2DMessage] = queue.Queue()
+    client.on_c2d = received.put
+    service.publish("devices/device-x509/messages/devicebound/", b"hello")
+    assert received.get(timeout=WAIT).payload == b"hello"  # on the callback thread
+    assert client_threads() == sorted([*before, "iothub-tls-mqtt", "iothub-tls-mqtt-callbacks"])
+    client.close()
+    wait_for(lambda: client_threads() == before, "the client's threads to end")
