@@ -30,7 +30,6 @@ from typing import Any
 
 from ._mqtt_commands import ClientConfig, Message, MethodResponse, TwinRequest, settle
 from ._mqtt_paho import Paho
-from ._mqtt_poller import IN, OUT, READABLE, millis, new_poller
 from ._mqtt_protocol import (
     METHODS_FILTER,
     TWIN_DESIRED_FILTER,
@@ -48,6 +47,7 @@ from ._mqtt_protocol import (
     twin_get_topic,
     twin_patch_topic,
 )
+from ._poller import IN, OUT, READABLE, millis, new_poller
 from .errors import (
     AuthenticationError,
     ClientError,

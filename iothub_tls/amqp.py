@@ -27,7 +27,6 @@ import contextlib
 import logging
 import math
 import queue
-import select
 import socket
 import ssl
 import threading
@@ -42,6 +41,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from ._poller import readable
 from .auth import ClientIdentity, ConnectionString, SasTokenProvider
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
@@ -809,11 +809,13 @@ class AmqpConnection:
             wait = max(0.0, min(waits))
             if tls.pending():
                 wait = 0.0
-            readable, _, _ = select.select([tls, self._wake_r], [tls] if outbuf else [], [], wait)
-            if self._wake_r in readable:
+            ready = readable(
+                [tls.fileno(), self._wake_r.fileno()], [tls.fileno()] if outbuf else [], wait
+            )
+            if self._wake_r.fileno() in ready:
                 with contextlib.suppress(OSError):
                     self._wake_r.recv(4096)
-            if tls in readable or tls.pending():
+            if tls.fileno() in ready or tls.pending():
                 self._read(tls, proto)
 
     def _read(self, tls: ssl.SSLSocket, proto: Any) -> None:

@@ -691,3 +691,21 @@ def test_missing_proton_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delattr(iothub_tls, "_amqp_engine")
     with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[amqp\]'"):
         AmqpConnection("h")
+
+
+def test_client_and_endpoint_work_with_descriptor_numbers_above_1023(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    """select() cannot watch descriptor 1024 or above: a gateway or a busy hub would
+    stall. Both sides of the connection here get numbers of 1100 or more."""
+    from tests.descriptors import descriptors_taken_below
+
+    with descriptors_taken_below(1100) as held:  # every number below 1100 is taken
+        assert len(held) >= 1000
+        with client_for(endpoint, pki, sas_string(registry)) as client:
+            client.send_telemetry(b"high descriptor")
+            endpoint.enqueue_c2d("dev-sas", b"back down")
+            message = client.receive_c2d(timeout=10)
+            message.complete()
+    assert message.payload == b"back down"
+    assert [m.body for m in endpoint.received] == [b"high descriptor"]

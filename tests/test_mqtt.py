@@ -61,6 +61,7 @@ from iothub_tls.mqtt import (
 from iothub_tls.policy import STRONG_SUITES
 from tests.brokers import Mosquitto, MosquittoListener, require_binary
 from tests.conftest import HOST, PKI
+from tests.descriptors import descriptors_taken_below
 from tests.pki import CA, NOW
 from tests.tlsserver import TLSServer
 
@@ -1283,32 +1284,6 @@ def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- the network thread
 
 
-@contextlib.contextmanager
-def descriptors_taken_below(limit: int) -> Iterator[list[int]]:
-    """Hold every descriptor number below ``limit`` (raising the open-file soft limit
-    if needed), so that the sockets opened meanwhile get numbers of ``limit`` or more."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = limit + 512
-    if hard != resource.RLIM_INFINITY and hard < wanted:
-        reason = f"the open-file hard limit ({hard}) is below {wanted}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    held: list[int] = []
-    try:
-        while not held or held[-1] < limit:
-            held.append(os.open(os.devnull, os.O_RDONLY))
-        yield held
-    finally:
-        for fd in held:
-            os.close(fd)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def socket_number(client: MqttDeviceClient) -> int:
     """The descriptor of the client's current connection."""
     network = client._network
@@ -1391,9 +1366,9 @@ def test_the_selectors_fallback_sends_receives_and_reconnects(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Platforms without select.poll (Windows) wait through selectors instead.
-    from iothub_tls import _mqtt_network, _mqtt_poller
+    from iothub_tls import _mqtt_network, _poller
 
-    monkeypatch.setattr(_mqtt_network, "new_poller", _mqtt_poller.SelectorPoller)
+    monkeypatch.setattr(_mqtt_network, "new_poller", _poller.SelectorPoller)
     proxy = CutProxy(hub.sas_port)
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")

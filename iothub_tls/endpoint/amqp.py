@@ -43,7 +43,6 @@ import contextlib
 import datetime as dt
 import logging
 import re
-import select
 import ssl
 import threading
 import time
@@ -54,6 +53,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from .. import _amqp_engine as amqp  # first: MissingDependencyError without proton
+from .._poller import readable
 from ..errors import AuthenticationError
 from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
@@ -312,10 +312,10 @@ class AmqpEndpoint(HubFrontDoor):
             if tls.pending():
                 wait = 0.0
             try:
-                readable, _, _ = select.select([tls], [tls] if outbuf else [], [], wait)
+                ready = readable([tls.fileno()], [tls.fileno()] if outbuf else [], wait)
             except (OSError, ValueError):
                 break
-            if readable or tls.pending():
+            if ready or tls.pending():
                 self._read(tls, engine)
         self._abandon_unsettled(conn)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import select
 import selectors
+from collections.abc import Sequence
 from typing import Protocol
 
 
@@ -76,3 +77,17 @@ def new_poller() -> Poller:
 def millis(seconds: float) -> int:
     """A poll timeout: whole milliseconds, rounded up so a deadline is not missed."""
     return 0 if seconds <= 0 else math.ceil(seconds * 1000)
+
+
+def readable(read: Sequence[int], write: Sequence[int], seconds: float) -> set[int]:
+    """Like ``select.select(read, write, [], seconds)[0]`` (waking also when a ``write``
+    descriptor becomes writable), without select's limit on descriptor numbers."""
+    poller = new_poller()
+    try:
+        for fd in set(read) | set(write):
+            poller.register(fd, (READABLE if fd in read else 0) | (OUT if fd in write else 0))
+        return {fd for fd, events in poller.poll(millis(seconds)) if events & READABLE}
+    finally:
+        close = getattr(poller, "close", None)
+        if close is not None:
+            close()
