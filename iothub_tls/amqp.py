@@ -37,10 +37,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from ._lifecycle import Connectable
 from ._poller import readable
 from .auth import ClientIdentity, ConnectionString, SasTokenProvider
 from .context import HardenedSSLContext, create_ssl_context
@@ -340,7 +340,7 @@ _PERMANENT = (
 )
 
 
-class AmqpConnection:
+class AmqpConnection(Connectable):
     """An AMQP 1.0 connection over the hardened TLS context, with links that survive
     reconnects.
 
@@ -545,18 +545,6 @@ class AmqpConnection:
             self._thread.join(timeout)
         self._wake_r.close()
         self._wake_w.close()
-
-    def __enter__(self) -> AmqpConnection:
-        self.connect()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- operations (user threads) --------------------------------------------------------
 
@@ -943,7 +931,7 @@ def _text_or_none(value: object) -> str | None:
     return None if value is None else str(value)
 
 
-class AmqpDeviceClient:
+class AmqpDeviceClient(Connectable):
     """An IoT Hub device (or module) over AMQP 1.0 on port 5671.
 
     Build it with :meth:`from_connection_string`; use it as a context manager or call
@@ -1067,18 +1055,6 @@ class AmqpDeviceClient:
 
     def close(self) -> None:
         self._connection.close()
-
-    def __enter__(self) -> AmqpDeviceClient:
-        self.connect()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def tls_info(self) -> TlsInfo | None:

@@ -58,6 +58,7 @@ from ._http_protocol import (
     ThrottledError,
     UnexpectedResponseError,
 )
+from ._lifecycle import Connectable
 from .auth import ClientIdentity, ConnectionString, SasTokenProvider
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
@@ -231,7 +232,7 @@ def _hub_connection_class(u: Any) -> Any:
     return HubConnection
 
 
-class HttpsDeviceClient:
+class HttpsDeviceClient(Connectable):
     """A device's HTTPS connection to IoT Hub.
 
     Build it with :meth:`from_connection_string`. Every request carries a SAS token
@@ -374,12 +375,6 @@ class HttpsDeviceClient:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-
-    def __enter__(self) -> HttpsDeviceClient:
-        return self.connect()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def tls_info(self) -> TlsInfo | None:

@@ -30,10 +30,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from types import TracebackType
 from typing import Any
 
 from . import __version__
+from ._lifecycle import Connectable
 from ._mqtt_callbacks import Dispatcher
 from ._mqtt_commands import ClientConfig, MethodResponse, TwinRequest, completed_within
 from ._mqtt_network import Network
@@ -93,7 +93,7 @@ def _as_bytes(payload: bytes | bytearray | memoryview | str) -> bytes:
     )
 
 
-class MqttDeviceClient:
+class MqttDeviceClient(Connectable):
     """An IoT Hub device (or module) over MQTT 3.1.1, TLS from the hardened context.
 
     Build it from a connection string with :meth:`from_connection_string`, or from its
@@ -350,18 +350,6 @@ class MqttDeviceClient:
             self._last_tls_info = network.tls_info
         if dispatcher is not None:
             dispatcher.stop()
-
-    def __enter__(self) -> MqttDeviceClient:
-        self.connect()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _require_network(self) -> Network:
         network = self._network
