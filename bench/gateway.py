@@ -4,8 +4,9 @@ A gateway holds one connection per downstream device, each with its own hardened
 context (a context carries the device's identity and remembers its TLS session). Two
 ways to hold them are measured:
 
-* ``MqttDeviceClient``: the product's client, a network thread and a callback thread per
-  device;
+* ``MqttDeviceClient``: the product's client, one network thread per device (its
+  callback thread starts only with the first callback, and the devices here register
+  none);
 * ``paho + one epoll loop``: paho clients driven by a single event-loop thread
   (:mod:`bench._eventloop`), the lean way a gateway can be built on the same context.
 

@@ -10,6 +10,11 @@ The work per message is kept to what paho itself needs: commands are taken in ba
 acknowledgements are settled in batches (the queue count is updated once per batch,
 before the senders wake), and keep-alive, request deadlines and token renewal are
 looked after twice a second rather than on every wake-up.
+
+Writes are batched too: paho only queues packets, and each round ends by writing what it
+queued (telemetry taken from the queue, the PUBLISHes that the round's PUBACKs released,
+PUBACKs for C2D messages, a PINGREQ) back to back, so the broker finds several packets
+per wake-up instead of one.
 """
 
 from __future__ import annotations
@@ -356,8 +361,9 @@ class Network:
             raise  # the core's TLS refusals and our TCP errors, unchanged
         except (OSError, ValueError) as exc:
             # After TCP connect and the TLS handshake: a reset or refusal during the
-            # WebSocket upgrade, or (paho 1.6 writes CONNECT at once) a server that
-            # closed the TLS connection right after the handshake.
+            # WebSocket upgrade. (CONNECT itself is only queued here; a server that
+            # closes the connection right after the handshake is noticed while
+            # waiting for the CONNACK.)
             if isinstance(exc, ssl.SSLError) or self._paho.socket() is not None:
                 raise self._closed_before_connack(str(exc)) from exc
             raise ConnectionFailedError(
@@ -497,9 +503,18 @@ class Network:
 
     def _pump(self, until: float) -> bool:
         """One round: wait for the socket or a command (until ``until`` at the latest,
-        or the next chores), then take commands, read, write; False once the
-        connection is gone."""
+        or the next chores), then take commands, read, do the chores, and write what
+        all of that queued; False once the connection is gone."""
         client = self._client
+        # Packets queued since the last round (CONNECT, SUBSCRIBE, what is left of a
+        # write the socket did not take) make the round wait for writability as well.
+        mask = IN | OUT if client.want_write() else IN
+        if mask != self._mask and self._sock_fd is not None:
+            self._mask = mask
+            try:
+                self._poller.modify(self._sock_fd, mask)
+            except (OSError, ValueError) as exc:
+                return self._fail(exc, local=True)
         due = self._chores_due
         wait_for = (due if due < until else until) - self._now
         try:
@@ -508,23 +523,25 @@ class Network:
         except (OSError, ValueError) as exc:  # this side's failure, not the peer's
             return self._fail(exc, local=True)
         try:
-            readable = writable = False
+            readable = False
             for fd, flags in events:
                 if fd == self._wake_fd:
                     self._take_commands()
                 else:
                     readable = bool(flags & READABLE)
-                    writable = bool(flags & OUT)
             if readable or self._pending:
                 client.loop_read()
                 sock = client.socket()
                 pending = self._pending_of
                 self._pending = pending() if pending is not None and sock is not None else 0
-            if writable:
-                client.loop_write()
             self._now = now = time.monotonic()
             if now >= due:
                 self._chores(now)
+            # paho only queues packets (see Paho): the round's telemetry, the PUBLISHes
+            # its PUBACKs released from paho's in-flight window, the PUBACKs for C2D
+            # messages and a PINGREQ go out here, back to back, before the senders wake.
+            if client.want_write():
+                client.loop_write()
         except Exception as exc:
             return self._fail(exc, local=False)
         finally:
@@ -533,13 +550,6 @@ class Network:
         if client.socket() is None:
             self._drop()
             return False
-        mask = IN | OUT if client.want_write() else IN
-        if mask != self._mask and self._sock_fd is not None:
-            self._mask = mask
-            try:
-                self._poller.modify(self._sock_fd, mask)
-            except (OSError, ValueError) as exc:
-                return self._fail(exc, local=True)
         return True
 
     def _chores(self, now: float) -> None:
@@ -600,12 +610,16 @@ class Network:
         if paho.socket() is not None:
             with contextlib.suppress(Exception):
                 paho.client.disconnect()
+            # paho writes what is still queued, then DISCONNECT, and closes the socket:
+            # normally in the first pass; a full send buffer takes a few.
             deadline = time.monotonic() + 2.0
-            while paho.socket() is not None and time.monotonic() < deadline:
+            while True:
                 with contextlib.suppress(Exception):
                     paho.client.loop_write()
                     if paho.socket() is not None:
                         paho.client.loop_read()
+                if paho.socket() is None or time.monotonic() >= deadline:
+                    break
                 time.sleep(0.01)
         self._drop()
         if self._acked:

@@ -2,8 +2,15 @@
 
 The MQTT client drives paho itself (``loop_read`` / ``loop_write`` / ``loop_misc`` from
 its own network thread, never ``loop_start``), so this module only makes paho
-importable, dials the right address and normalises the callbacks whose signatures
-differ between 1.6 (positional ints and dicts) and 2.x (``ReasonCode`` objects).
+importable, dials the right address, makes paho queue what it sends, and normalises the
+callbacks whose signatures differ between 1.6 (positional ints and dicts) and 2.x
+(``ReasonCode`` objects).
+
+Queued writes: without its own thread and without socket-write callbacks, paho writes
+each packet the moment it makes it, also from inside its read loop, so every PUBACK that
+frees a place in the in-flight window sends one PUBLISH on its own and the broker wakes
+once per message. With the callbacks installed (public API, same in 1.6 and 2.x) paho
+only queues packets; the network thread writes the queue once per round, after reading.
 """
 
 from __future__ import annotations
@@ -43,14 +50,15 @@ def import_paho() -> Any:
         raise IncompatibleDependencyError(
             "paho-mqtt", version, TESTED_PAHO_VERSIONS, "the MQTT client", _PAHO_REMEDY
         )
-    if not callable(getattr(paho_client.Client, "_create_socket_connection", None)):
-        raise IncompatibleDependencyError(
-            "paho-mqtt",
-            f"{version} (without Client._create_socket_connection)",
-            TESTED_PAHO_VERSIONS,
-            "the MQTT client",
-            _PAHO_REMEDY,
-        )
+    for needed in ("_create_socket_connection", "on_socket_register_write", "want_write"):
+        if getattr(paho_client.Client, needed, None) is None:
+            raise IncompatibleDependencyError(
+                "paho-mqtt",
+                f"{version} (without Client.{needed})",
+                TESTED_PAHO_VERSIONS,
+                "the MQTT client",
+                _PAHO_REMEDY,
+            )
     return paho_client
 
 
@@ -113,6 +121,10 @@ class Paho:
     ``subscribe``, ``loop_read``, ``loop_write``, ``loop_misc`` and ``socket`` directly.
     ``on_publish`` is installed as paho's callback unchanged (it is called once per
     acknowledged message, so it gets no adapter layer); the others are normalised.
+
+    paho queues every packet it makes (``publish``, ``subscribe``, ``disconnect``,
+    ``loop_misc``'s PINGREQ, ``loop_read``'s PUBACKs and released PUBLISHes) and writes
+    nothing by itself: whoever drives it calls ``loop_write`` while ``want_write()``.
     """
 
     def __init__(
@@ -162,6 +174,9 @@ class Paho:
         client.on_publish = on_publish
         client.on_message = self._message_cb
         client.on_socket_open = self._socket_open_cb
+        # With these set, paho queues packets instead of writing them at once.
+        client.on_socket_register_write = self._write_interest_cb
+        client.on_socket_unregister_write = self._write_interest_cb
         self.success = int(mqtt.MQTT_ERR_SUCCESS)
         self.no_connection = int(mqtt.MQTT_ERR_NO_CONN)
         self.last_error: str | None = None
@@ -188,6 +203,12 @@ class Paho:
 
     def _socket_open_cb(self, client: Any, *_: Any) -> None:
         client._itls_restore_keepalive()
+
+    @staticmethod
+    def _write_interest_cb(_client: Any, _userdata: Any, _sock: Any) -> None:
+        # Installed for its effect on paho (queue, do not write); the network thread
+        # asks want_write() itself, before each wait and after each round.
+        return None
 
     # driving it ------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ through paho-mqtt 1.6.x or 2.x (``pip install 'iothub-tls[mqtt]'``). TLS always 
 refusal reaches the caller of :meth:`MqttDeviceClient.connect` as the core's own
 exception. The same context is reused for every reconnection, so TLS sessions resume.
 
-Threads: one network thread drives paho (it alone touches the socket, and waits on it
-with ``poll()``, so descriptor numbers above 1023 are fine); a callback thread, started
+Threads: one network thread drives paho (it alone touches the socket, waits on it with
+``poll()``, so descriptor numbers above 1023 are fine, and writes what paho queued once
+per round, several packets per broker wake-up); a callback thread, started
 with the first callback, runs the application's callbacks and method handlers, so a slow
 or failing callback never stalls or kills the connection (exceptions are logged).
 """

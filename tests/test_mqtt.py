@@ -31,6 +31,7 @@ import logging
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import ssl
@@ -213,12 +214,14 @@ class TwinService:
 class CutProxy:
     """TCP forwarder 127.0.0.1:port -> target. :meth:`cut` drops every live connection
     (a network loss); while ``refusing`` it closes new connections at once; while
-    ``muted`` it swallows what the server sends (acknowledgements get lost)."""
+    ``muted`` it swallows what the server sends (acknowledgements get lost) and counts
+    the bytes in ``swallowed``."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.refusing = False
         self.muted = False
+        self.swallowed = 0
         self.accepted = 0
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._lock = threading.Lock()
@@ -253,7 +256,9 @@ class CutProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
         try:
             while data := src.recv(65536):
-                if not (downstream and self.muted):
+                if downstream and self.muted:
+                    self.swallowed += len(data)
+                else:
                     dst.sendall(data)
         except OSError:
             pass
@@ -756,6 +761,8 @@ def test_message_in_flight_when_the_connection_drops_is_sent_again(hub: Hub) -> 
         b"in flight",
         {"n": "1"},
     )
+    # Unmute only once the PUBACK is gone (the proxy's thread may not have read it yet).
+    wait_for(lambda: proxy.swallowed > 0, "the proxy to swallow the PUBACK")
     assert not pending.done()
     proxy.muted = False
     proxy.cut()
@@ -1417,3 +1424,70 @@ def test_a_client_without_callbacks_runs_one_thread(hub: Hub) -> None:
     assert client_threads() == sorted([*before, "iothub-tls-mqtt", "iothub-tls-mqtt-callbacks"])
     client.close()
     wait_for(lambda: client_threads() == before, "the client's threads to end")
+
+
+def test_keepalive_pings_go_out_while_the_client_is_idle(hub: Hub) -> None:
+    client = hub.x509_client(options=dataclasses.replace(FAST, keepalive=5))
+    client.connect()
+    log = hub.mosq.log_path
+    start = len(log.read_text())
+
+    def logged(line: str) -> bool:
+        return line in log.read_text()[start:]
+
+    wait_for(lambda: logged("Received PINGREQ from device-x509"), "the client's PINGREQ")
+    wait_for(lambda: logged("Sending PINGRESP to device-x509"), "the broker's PINGRESP")
+    assert (client.connected, client.reconnect_count) == (True, 0)
+    client.send_telemetry(b"still connected")
+
+
+def test_paho_queues_what_it_sends_for_the_network_loop_to_write(hub: Hub) -> None:
+    """What batched writes rest on, in paho 1.6 and 2.x alike: with the adapter's
+    socket-write callbacks, neither connect() nor publish() nor the read loop (a PUBACK
+    that releases the next PUBLISH from the in-flight window) writes anything itself."""
+    from iothub_tls._mqtt_paho import Paho
+
+    connacks: list[int] = []
+    acked: list[int] = []
+    adapter = Paho(
+        client_id="device-x509",
+        websockets=False,
+        address=("127.0.0.1", hub.mtls_port),
+        context=it.create_ssl_context(hub.pki.policy(), identity=hub.identity),
+        options=FAST,
+        on_connack=lambda code, _present: connacks.append(code),
+        on_suback=lambda _mid, _granted: None,
+        on_publish=lambda _client, _userdata, mid, *_: acked.append(mid),
+        on_message=lambda _topic, _payload: None,
+    )
+    client = adapter.client
+    queued_after_read: list[bool] = []
+
+    def drive(done: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT
+        while not done():
+            assert time.monotonic() < deadline, "the broker did not answer in time"
+            if client.want_write():
+                client.loop_write()
+            if select.select([client.socket()], [], [], 0.05)[0]:
+                before = len(acked)
+                client.loop_read()
+                if before < len(acked) < 3:
+                    queued_after_read.append(client.want_write())
+
+    client.max_inflight_messages_set(1)  # (paho 2.x refuses this once connected)
+    try:
+        adapter.connect(HOST, hub.mtls_port, 60)
+        assert client.want_write()  # CONNECT waits in paho's queue
+        drive(lambda: bool(connacks))
+        assert connacks == [0]
+
+        infos = [
+            client.publish("devices/device-x509/messages/events/", b"%d" % n, 1) for n in range(3)
+        ]
+        assert client.want_write()  # the first PUBLISH waits, the others are held back
+        drive(lambda: len(acked) == 3)
+        assert acked == [info.mid for info in infos]
+        assert queued_after_read and all(queued_after_read)
+    finally:
+        adapter.force_close()
