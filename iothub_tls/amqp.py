@@ -51,7 +51,6 @@ from .errors import (
     ClientError,
     ConnectionFailedError,
     DeliveryError,
-    IdentityError,
     NotAuthorizedError,
     OperationTimeoutError,
     PolicyError,
@@ -954,19 +953,10 @@ class AmqpDeviceClient(Connectable):
         cs = connection_string
         options = options or AmqpOptions()
         provider = None
+        cs.check_identity(identity)
         if cs.x509:
-            if identity is None:
-                raise IdentityError(
-                    "the connection string says x509=true: pass "
-                    "identity=ClientIdentity.from_files(device_cert, device_key)"
-                )
             sasl: str | None = "EXTERNAL" if sasl_external else None
         else:
-            if identity is not None:
-                raise IdentityError(
-                    "the connection string has a SharedAccessKey and an X.509 identity was "
-                    "given: use x509=true for certificate authentication, or drop identity"
-                )
             if sasl_external:
                 raise PolicyError("sasl_external=True needs an X.509 device (x509=true)")
             provider = sas_token_provider or SasTokenProvider.from_connection_string(
@@ -1031,11 +1021,7 @@ class AmqpDeviceClient(Connectable):
         :raises ConnectionStringError: naming the malformed part (never the key).
         :raises IdentityError: x509=true without ``identity``, or a key and an identity.
         """
-        cs = (
-            connection_string
-            if isinstance(connection_string, ConnectionString)
-            else ConnectionString.parse(connection_string)
-        )
+        cs = ConnectionString.coerce(connection_string)
         return cls(
             cs,
             policy=policy,

@@ -302,6 +302,28 @@ class ConnectionString:
             gateway_host_name=values.get(_GATEWAY_HOST_NAME),
         )
 
+    @classmethod
+    def coerce(cls, value: str | ConnectionString) -> ConnectionString:
+        """``value`` itself when it is one already, else :meth:`parse` of it."""
+        return value if isinstance(value, ConnectionString) else cls.parse(value)
+
+    def check_identity(self, identity: ClientIdentity | None) -> None:
+        """Check that the credentials agree: ``x509=true`` needs a device certificate,
+        and a ``SharedAccessKey`` excludes one.
+
+        :raises IdentityError: saying which way to fix it.
+        """
+        if self.x509 and identity is None:
+            raise IdentityError(
+                "the connection string says x509=true: pass "
+                "identity=ClientIdentity.from_files(device_cert, device_key)"
+            )
+        if not self.x509 and identity is not None:
+            raise IdentityError(
+                "the connection string has a SharedAccessKey and an X.509 identity was "
+                "given: use x509=true for certificate authentication, or drop identity"
+            )
+
     @property
     def hostname(self) -> str:
         """The host to open the TLS connection to (and send as SNI): the gateway when

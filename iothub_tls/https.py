@@ -276,11 +276,7 @@ class HttpsDeviceClient(Connectable):
                 "module identities cannot use IoT Hub's HTTPS device API (it has no module "
                 "routes): use MQTT or AMQP for a module, or a device connection string"
             )
-        if cs.x509 and identity is None:
-            raise ConnectionStringError(
-                "the connection string says x509=true: pass the device certificate as "
-                "identity=ClientIdentity.from_files(certfile, keyfile)"
-            )
+        cs.check_identity(identity)
         if port is not None and (isinstance(port, bool) or not 0 < int(port) < 65536):
             raise PolicyError(f"port must be 1..65535, not {port!r}")
         self._urllib3 = _urllib3()
@@ -325,11 +321,7 @@ class HttpsDeviceClient(Connectable):
         """A client for the device of ``connection_string`` (``HostName=...;DeviceId=...;
         SharedAccessKey=...`` or ``...;x509=true`` with ``identity``). Other keywords:
         see the class."""
-        cs = (
-            connection_string
-            if isinstance(connection_string, ConnectionString)
-            else ConnectionString.parse(connection_string)
-        )
+        cs = ConnectionString.coerce(connection_string)
         return cls(cs, policy=policy, identity=identity, host=host, port=port, **options)
 
     # -- connection ---------------------------------------------------------------------

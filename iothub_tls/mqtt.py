@@ -222,21 +222,8 @@ class MqttDeviceClient(Connectable):
         :raises ConnectionStringError: naming the malformed part (never the key).
         :raises IdentityError: x509=true without ``identity``, or a key and an identity.
         """
-        cs = (
-            connection_string
-            if isinstance(connection_string, ConnectionString)
-            else ConnectionString.parse(connection_string)
-        )
-        if cs.x509 and identity is None:
-            raise IdentityError(
-                "the connection string says x509=true: pass "
-                "identity=ClientIdentity.from_files(device_cert, device_key)"
-            )
-        if cs.shared_access_key is not None and identity is not None:
-            raise IdentityError(
-                "the connection string has a SharedAccessKey and an X.509 identity was "
-                "given: use x509=true for certificate authentication, or drop identity"
-            )
+        cs = ConnectionString.coerce(connection_string)
+        cs.check_identity(identity)
         return cls(
             cs.host_name,
             cs.device_id,

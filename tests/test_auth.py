@@ -1283,3 +1283,17 @@ class TestTempdirFallback:
         monkeypatch.delattr(os, "memfd_create", raising=False)
         identity = ClientIdentity.from_pem(pki.chain_pem("p256"), _key_pem(pki.keys["p256"]))
         assert _mutual_tls_peer(identity, pki, server_ca)["subject"][1] == (("commonName", "dev1"),)
+
+
+def test_connection_string_coerce_and_identity_agreement():
+    text = "HostName=hub.azure-devices.net;DeviceId=d1;x509=true"
+    cs = ConnectionString.coerce(text)
+    assert ConnectionString.coerce(cs) is cs
+    with pytest.raises(IdentityError, match="x509=true: pass identity="):
+        cs.check_identity(None)
+    sas = ConnectionString.coerce(
+        "HostName=hub.azure-devices.net;DeviceId=d1;SharedAccessKey=" + "A" * 43 + "="
+    )
+    sas.check_identity(None)
+    with pytest.raises(IdentityError, match="SharedAccessKey and an X.509 identity"):
+        sas.check_identity(object())  # type: ignore[arg-type]

@@ -240,7 +240,7 @@ def test_client_refuses_what_https_cannot_do():
         HttpsDeviceClient.from_connection_string(
             f"HostName={HOST};DeviceId=d;ModuleId=m;SharedAccessKey={KEY}"
         )
-    with pytest.raises(it.ConnectionStringError, match="x509=true: pass the device certificate"):
+    with pytest.raises(it.IdentityError, match="x509=true: pass identity="):
         HttpsDeviceClient.from_connection_string(f"HostName={HOST};DeviceId=d;x509=true")
     with pytest.raises(it.PolicyError, match="port"):
         HttpsDeviceClient.from_connection_string(
