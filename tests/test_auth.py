@@ -1295,5 +1295,5 @@ def test_connection_string_coerce_and_identity_agreement():
         "HostName=hub.azure-devices.net;DeviceId=d1;SharedAccessKey=" + "A" * 43 + "="
     )
     sas.check_identity(None)
-    with pytest.raises(IdentityError, match="SharedAccessKey and an X.509 identity"):
+    with pytest.raises(IdentityError, match=r"SharedAccessKey and an X\.509 identity"):
         sas.check_identity(object())  # type: ignore[arg-type]
