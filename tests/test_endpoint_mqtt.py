@@ -116,7 +116,8 @@ def test_sas_device_sends_telemetry_and_is_logged(hub_pki, hub):
     assert got.properties == {"temp unit": "°C"}
     assert got.system_properties == {"$.mid": "m-1", "$.ct": "application/json"}
     (seen,) = hub.received
-    assert (seen.message_id, seen.content_type, seen.auth_type) == ("m-1", "application/json", "sas")
+    assert (seen.message_id, seen.content_type) == ("m-1", "application/json")
+    assert seen.auth_type == "sas"
     assert "+" not in bag and "%20" in bag
     assert _wait(lambda: any(e.operation == "deviceDisconnect" for e in hub.log.events))
     connect = next(e for e in hub.log.events if e.operation == "deviceConnect")
@@ -269,5 +270,5 @@ def test_codec_round_trip_and_errors():
         codec.Decoder().feed(bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]))
     with pytest.raises(codec.MqttProtocolError, match="exceeds"):
         codec.Decoder(max_packet=10).feed(bytes([0x30, 20]))
-    with pytest.raises(codec.MqttProtocolError, match="MQTT 3.1.1"):
+    with pytest.raises(codec.MqttProtocolError, match=r"MQTT 3\.1\.1"):
         codec.Decoder().feed(bytes([0x10, 10, 0, 4]) + b"MQTT" + bytes([5, 0, 0, 0]))
