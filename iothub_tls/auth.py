@@ -47,7 +47,7 @@ from typing import Any, TypeAlias
 from urllib.parse import quote, unquote
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.x509.oid import NameOID
 
@@ -881,6 +881,19 @@ def _password_bytes(password: bytes | str | None) -> bytes | None:
     return bytes(password)
 
 
+def thumbprints(certificate: x509.Certificate | bytes) -> tuple[str, str]:
+    """(SHA-1, SHA-256) of a certificate's DER (a certificate or its DER bytes), in the
+    form IoT Hub shows and registers them: upper-case hex without colons."""
+    der = (
+        certificate
+        if isinstance(certificate, bytes)
+        else certificate.public_bytes(serialization.Encoding.DER)
+    )
+    # SHA-1 here is an identifier IoT Hub registers, not a security decision.
+    sha1 = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+    return sha1, hashlib.sha256(der).hexdigest().upper()
+
+
 class ClientIdentity:
     """A device's X.509 identity for mutual TLS: the leaf certificate, any intermediates,
     and the private key.
@@ -988,13 +1001,12 @@ class ClientIdentity:
     @property
     def thumbprint_sha1(self) -> str:
         """SHA-1 of the leaf's DER, upper-case hex without colons, as IoT Hub shows it."""
-        # SHA-1 here is an identifier IoT Hub registers, not a security decision.
-        return self.certificate.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303
+        return thumbprints(self.certificate)[0]
 
     @property
     def thumbprint_sha256(self) -> str:
         """SHA-256 of the leaf's DER, upper-case hex without colons, as IoT Hub shows it."""
-        return self.certificate.fingerprint(hashes.SHA256()).hex().upper()
+        return thumbprints(self.certificate)[1]
 
     @property
     def device_id(self) -> str | None:

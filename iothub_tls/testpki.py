@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .auth import thumbprints
 from .roots import common_name
 
 __all__ = [
@@ -92,14 +93,6 @@ class KeyType(enum.Enum):
         if size not in curves:
             raise ValueError(f"EC key size {size} is not supported: use 256 (P-256) or 384 (P-384)")
         return ec.generate_private_key(curves[size])
-
-
-def thumbprints(cert: x509.Certificate) -> tuple[str, str]:
-    """(SHA-1, SHA-256) of the certificate's DER in the form IoT Hub shows them:
-    upper-case hex without colons."""
-    # SHA-1 here is an identifier IoT Hub registers, not a security decision.
-    sha1 = cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303
-    return sha1, cert.fingerprint(hashes.SHA256()).hex().upper()
 
 
 # IoT Hub device ids: up to 128 case-sensitive characters, ASCII letters and digits plus

@@ -35,9 +35,10 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 
 from ..auth import SasToken
+from ..auth import thumbprints as _thumbprints
 from ..errors import AuthenticationError, IoTHubTLSError, SasTokenError
 from ..roots import common_name
 
@@ -101,10 +102,7 @@ def normalize_thumbprint(text: str) -> str:
 
 def certificate_thumbprints(der: bytes) -> tuple[str, str]:
     """(SHA-1, SHA-256) thumbprints of a DER certificate, as IoT Hub shows them."""
-    cert = x509.load_der_x509_certificate(der)
-    # SHA-1 here is an identifier IoT Hub registers, not a security decision.
-    sha1 = cert.fingerprint(hashes.SHA1()).hex().upper()  # noqa: S303
-    return sha1, cert.fingerprint(hashes.SHA256()).hex().upper()
+    return _thumbprints(der)
 
 
 @dataclass(frozen=True)
