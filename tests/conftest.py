@@ -59,6 +59,23 @@ def tls_server() -> Iterator[Callable[..., TLSServer]]:
         server.close()
 
 
+@pytest.fixture
+def start_door() -> Iterator[Callable[..., object]]:
+    """Factory: ``start_door(DoorClass, profile, registry, **options)`` -> a started
+    front door of the local hub, stopped after the test."""
+    started: list[object] = []
+
+    def make(cls: Callable[..., object], *args: object, **options: object) -> object:
+        door = cls(*args, **options)
+        door.start()  # type: ignore[attr-defined]
+        started.append(door)
+        return door
+
+    yield make
+    for door in started:
+        door.stop()  # type: ignore[attr-defined]
+
+
 def connect(
     ctx: ssl.SSLContext, port: int, host: str = HOST, *, read: bool = True, timeout: float = 5
 ) -> ssl.SSLSocket:

@@ -16,8 +16,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
@@ -77,19 +78,14 @@ def registry(devices: Devices) -> DeviceRegistry:
 
 @pytest.fixture
 def endpoints(
-    profile: HubTlsProfile, registry: DeviceRegistry
-) -> Iterator[Callable[..., AmqpEndpoint]]:
-    started: list[AmqpEndpoint] = []
+    profile: HubTlsProfile, registry: DeviceRegistry, start_door: Callable[..., Any]
+) -> Callable[..., AmqpEndpoint]:
+    """Factory: ``endpoints(profile=None, **options)`` -> a started endpoint, stopped after."""
 
     def make(custom: HubTlsProfile | None = None, **options: object) -> AmqpEndpoint:
-        endpoint = AmqpEndpoint(custom or profile, registry, **options)  # type: ignore[arg-type]
-        endpoint.start()
-        started.append(endpoint)
-        return endpoint
+        return start_door(AmqpEndpoint, custom or profile, registry, **options)  # type: ignore[no-any-return]
 
-    yield make
-    for endpoint in started:
-        endpoint.stop()
+    return make
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
@@ -104,20 +105,14 @@ def registry(pki: PKI, devices: Devices) -> DeviceRegistry:
 
 @pytest.fixture
 def endpoints(
-    profile: HubTlsProfile, registry: DeviceRegistry
-) -> Iterator[Callable[..., HttpsEndpoint]]:
+    profile: HubTlsProfile, registry: DeviceRegistry, start_door: Callable[..., Any]
+) -> Callable[..., HttpsEndpoint]:
     """Factory: ``endpoints(profile=None, **options)`` -> a started endpoint, stopped after."""
-    started: list[HttpsEndpoint] = []
 
     def make(custom: HubTlsProfile | None = None, **options: object) -> HttpsEndpoint:
-        endpoint = HttpsEndpoint(custom or profile, registry, **options)  # type: ignore[arg-type]
-        endpoint.start()
-        started.append(endpoint)
-        return endpoint
+        return start_door(HttpsEndpoint, custom or profile, registry, **options)  # type: ignore[no-any-return]
 
-    yield make
-    for endpoint in started:
-        endpoint.stop()
+    return make
 
 
 @pytest.fixture
