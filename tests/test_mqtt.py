@@ -393,6 +393,21 @@ class Hub:
             peer.stop()
 
 
+def connected_behind_proxy(hub: Hub, **options: Any) -> tuple[CutProxy, MqttDeviceClient]:
+    """A connected SAS client whose connection runs through a proxy the test can cut."""
+    proxy = CutProxy(hub.sas_port)
+    client = hub.sas_client(port=proxy.port, **options)
+    client.connect()
+    return proxy, client
+
+
+def go_offline(proxy: CutProxy, client: MqttDeviceClient) -> None:
+    """Cut the connection, refuse reconnection, and wait until the client noticed."""
+    proxy.refusing = True
+    proxy.cut()
+    wait_for(lambda: not client.connected, "the client to notice the loss")
+
+
 def acl_for(*entries: tuple[str, str]) -> str:
     lines = ["user hub", "topic readwrite #", "topic readwrite $iothub/#", ""]
     for user, topic_root in entries:
@@ -701,11 +716,9 @@ def test_direct_methods_are_answered_with_status_and_payload(hub: Hub) -> None:
 
 
 def test_network_loss_reconnects_and_resumes_the_tls_session(hub: Hub) -> None:
-    proxy = CutProxy(hub.sas_port)
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
+    proxy, client = connected_behind_proxy(hub)
     first = client.tls_info
     assert first is not None and not first.session_reused
     client.send_telemetry(b"before")
@@ -723,15 +736,11 @@ def test_network_loss_reconnects_and_resumes_the_tls_session(hub: Hub) -> None:
 
 
 def test_message_sent_while_offline_is_delivered_once_after_reconnecting(hub: Hub) -> None:
-    proxy = CutProxy(hub.sas_port)
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
+    proxy, client = connected_behind_proxy(hub)
 
-    proxy.refusing = True
-    proxy.cut()
-    wait_for(lambda: not client.connected, "the client to notice the loss")
+    go_offline(proxy, client)
     pending = client.send_telemetry_async(b"queued while offline", {"seq": "2"}, message_id="q-2")
     wait_for(lambda: proxy.accepted >= 3, "some refused reconnection attempts")
     assert not pending.done()
@@ -748,11 +757,9 @@ def test_message_sent_while_offline_is_delivered_once_after_reconnecting(hub: Hu
 
 
 def test_message_in_flight_when_the_connection_drops_is_sent_again(hub: Hub) -> None:
-    proxy = CutProxy(hub.sas_port)
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
+    proxy, client = connected_behind_proxy(hub)
 
     proxy.muted = True  # the broker gets the message, its PUBACK is lost
     pending = client.send_telemetry_async(b"in flight", {"n": "1"})
@@ -819,15 +826,11 @@ def test_broker_restart_reconnects_and_delivers_the_queued_message(hub: Hub) -> 
 
 
 def test_full_queue_refuses_with_a_specific_error(hub: Hub) -> None:
-    proxy = CutProxy(hub.sas_port)
     options = MqttOptions(
         queue_size=2, reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.2)
     )
-    client = hub.sas_client(port=proxy.port, options=options)
-    client.connect()
-    proxy.refusing = True
-    proxy.cut()
-    wait_for(lambda: not client.connected, "the client to notice the loss")
+    proxy, client = connected_behind_proxy(hub, options=options)
+    go_offline(proxy, client)
     first = client.send_telemetry_async(b"1")
     second = client.send_telemetry_async(b"2")
     with pytest.raises(QueueFullError, match=r"queue_size=2, the client is reconnecting"):
@@ -840,14 +843,10 @@ def test_full_queue_refuses_with_a_specific_error(hub: Hub) -> None:
 
 
 def test_blocking_send_times_out_while_offline_and_withdraws_the_message(hub: Hub) -> None:
-    proxy = CutProxy(hub.sas_port)
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
-    proxy.refusing = True
-    proxy.cut()
-    wait_for(lambda: not client.connected, "the client to notice the loss")
+    proxy, client = connected_behind_proxy(hub)
+    go_offline(proxy, client)
     with pytest.raises(errors.OperationTimeoutError, match="withdrawn and will not be sent"):
         client.send_telemetry(b"never", timeout=0.2)
     proxy.refusing = False
@@ -858,12 +857,8 @@ def test_blocking_send_times_out_while_offline_and_withdraws_the_message(hub: Hu
 
 
 def test_close_fails_pending_messages_loudly(hub: Hub) -> None:
-    proxy = CutProxy(hub.sas_port)
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
-    proxy.refusing = True
-    proxy.cut()
-    wait_for(lambda: not client.connected, "the client to notice the loss")
+    proxy, client = connected_behind_proxy(hub)
+    go_offline(proxy, client)
     pending = client.send_telemetry_async(b"unsent")
     client.close()
     with pytest.raises(errors.DeliveryError, match="closed before the hub acknowledged"):
@@ -874,9 +869,7 @@ def test_close_fails_pending_messages_loudly(hub: Hub) -> None:
 
 
 def test_certificate_change_during_reconnect_is_not_retried(hub: Hub, pki: PKI) -> None:
-    proxy = CutProxy(hub.sas_port)
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
+    proxy, client = connected_behind_proxy(hub)
     impostor_root = CA("Impostor Root")
     with TLSServer([impostor_root.issue(HOST, "localhost")]) as impostor:
         proxy.target_port = impostor.port
@@ -1376,11 +1369,9 @@ def test_the_selectors_fallback_sends_receives_and_reconnects(
     from iothub_tls import _mqtt_network, _poller
 
     monkeypatch.setattr(_mqtt_network, "new_poller", _poller.SelectorPoller)
-    proxy = CutProxy(hub.sas_port)
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
-    client = hub.sas_client(port=proxy.port)
-    client.connect()
+    proxy, client = connected_behind_proxy(hub)
     futures = [client.send_telemetry_async(f"n={i}".encode()) for i in range(30)]
     assert [f.result(WAIT) for f in futures] == [None] * 30
     assert [observer.expect()[1] for _ in futures] == [f"n={i}".encode() for i in range(30)]
