@@ -48,7 +48,7 @@ standard-library base where one applies, so existing ``except ValueError`` or
 
 The HTTPS-specific classes live in :mod:`iothub_tls.https`; the local endpoint's
 ``RegistryError`` (ValueError) and ``DeviceNotRegisteredError`` (LookupError) in
-:mod:`iothub_tls.endpoint.registry`.
+:mod:`iothub_tls.hub.registry`.
 
 Errors raised while handshaking are translated at the boundary (the hardened socket's
 ``do_handshake``) and chained with ``from`` to the original :mod:`ssl` exception.

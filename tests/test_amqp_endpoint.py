@@ -1,5 +1,5 @@
 """IoT Hub semantics over AMQP 1.0: :class:`iothub_tls.amqp.AmqpDeviceClient` against the
-local endpoint's AMQP front door (:class:`iothub_tls.endpoint.amqp.AmqpEndpoint`), over
+local endpoint's AMQP front door (:class:`iothub_tls.hub.amqp.AmqpEndpoint`), over
 real TLS on loopback.
 
 Covered: CBS put-token accepted and refused (bad signature, expired token), renewal
@@ -25,13 +25,13 @@ import pytest
 import iothub_tls as it
 from iothub_tls.amqp import AmqpConnection, AmqpDeviceClient, AmqpMessage, AmqpOptions
 from iothub_tls.auth import SasTokenProvider
-from iothub_tls.endpoint import (
+from iothub_tls.hub import (
     ConnectionEvent,
     DeviceRegistry,
     HubTlsProfile,
     ServerCredential,
 )
-from iothub_tls.endpoint.amqp import AmqpEndpoint
+from iothub_tls.hub.amqp import AmqpEndpoint
 from tests.conftest import HOST, PKI
 from tests.pki import CA, Issued
 from tests.tlsserver import TLSServer
@@ -581,7 +581,7 @@ class _SilentAfterSasl:
     """A TLS server that answers SASL (ANONYMOUS: ok) and then never sends the AMQP open."""
 
     def __init__(self, pki: PKI) -> None:
-        from iothub_tls._amqp_engine import SaslCode, SaslServer
+        from iothub_tls.amqp.engine import SaslCode, SaslServer
 
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ServerCredential.from_pem(
@@ -685,11 +685,11 @@ def test_sas_key_and_identity_together_are_refused(
 def test_missing_proton_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    import iothub_tls
+    import iothub_tls.amqp
 
     monkeypatch.setitem(sys.modules, "proton", None)  # "import proton" raises ImportError
-    monkeypatch.delitem(sys.modules, "iothub_tls._amqp_engine")
-    monkeypatch.delattr(iothub_tls, "_amqp_engine")
+    monkeypatch.delitem(sys.modules, "iothub_tls.amqp.engine")
+    monkeypatch.delattr(iothub_tls.amqp, "engine")
     with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[amqp\]'"):
         AmqpConnection("h")
 

@@ -618,7 +618,7 @@ def test_thumbprint_bad_input(capsys, lab, tmp_path):
 
 
 def test_testpki_api_builds_a_verifiable_chain():
-    from iothub_tls.testpki import CertificateAuthority, KeyType
+    from iothub_tls.testing.pki import CertificateAuthority, KeyType
 
     root = CertificateAuthority.root("API Root", key_type=KeyType.EC)
     issuing = root.intermediate("API Issuing", key_type=KeyType.EC)
@@ -652,7 +652,7 @@ def test_testpki_api_builds_a_verifiable_chain():
     ],
 )
 def test_testpki_api_refuses_bad_input(make, message):
-    from iothub_tls import testpki
+    from iothub_tls.testing import pki as testpki
 
     with pytest.raises(ValueError) as err:
         make(testpki)

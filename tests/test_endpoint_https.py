@@ -17,17 +17,6 @@ from typing import Any
 import pytest
 
 import iothub_tls as it
-from iothub_tls.endpoint import (
-    ConnectionEvent,
-    ConnectionLog,
-    DeviceNotRegisteredError,
-    DeviceRegistry,
-    HttpsEndpoint,
-    HubState,
-    HubTlsProfile,
-    RegistryError,
-    ServerCredential,
-)
 from iothub_tls.https import (
     DeviceNotFoundError,
     HttpsDeviceClient,
@@ -37,6 +26,17 @@ from iothub_tls.https import (
     MessageLockLostError,
     MessageTooLargeError,
     ThrottledError,
+)
+from iothub_tls.hub import (
+    ConnectionEvent,
+    ConnectionLog,
+    DeviceNotRegisteredError,
+    DeviceRegistry,
+    HttpsEndpoint,
+    HubState,
+    HubTlsProfile,
+    RegistryError,
+    ServerCredential,
 )
 from tests.conftest import HOST, PKI
 from tests.pki import CA, Issued

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iothub_tls.endpoint.state import HubState
+from iothub_tls.hub.state import HubState
 
 
 def test_lock_token_settles_only_its_own_devices_message():

@@ -15,8 +15,6 @@ from collections.abc import Iterator
 import pytest
 
 import iothub_tls as it
-from iothub_tls import _http_protocol as proto
-from iothub_tls.endpoint import DeviceRegistry, HttpsEndpoint, HubTlsProfile, ServerCredential
 from iothub_tls.https import (
     BadRequestError,
     C2DMessage,
@@ -31,6 +29,8 @@ from iothub_tls.https import (
     ThrottledError,
     UnexpectedResponseError,
 )
+from iothub_tls.https import conventions as proto
+from iothub_tls.hub import DeviceRegistry, HttpsEndpoint, HubTlsProfile, ServerCredential
 from tests.conftest import HOST, PKI
 
 # -- requests as data -------------------------------------------------------------------------

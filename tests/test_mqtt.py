@@ -1334,7 +1334,7 @@ def test_a_failure_of_the_network_loop_reaches_connect_as_the_cause(
 ) -> None:
     import select
 
-    from iothub_tls import _mqtt_network
+    from iothub_tls.mqtt import network as _mqtt_network
 
     broken = OSError(12, "Cannot allocate memory")
 
@@ -1366,7 +1366,8 @@ def test_the_selectors_fallback_sends_receives_and_reconnects(
     hub: Hub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Platforms without select.poll (Windows) wait through selectors instead.
-    from iothub_tls import _mqtt_network, _poller
+    from iothub_tls._io import poller as _poller
+    from iothub_tls.mqtt import network as _mqtt_network
 
     monkeypatch.setattr(_mqtt_network, "new_poller", _poller.SelectorPoller)
     observer = hub.peer("observer")
@@ -1436,7 +1437,7 @@ def test_paho_queues_what_it_sends_for_the_network_loop_to_write(hub: Hub) -> No
     """What batched writes rest on, in paho 1.6 and 2.x alike: with the adapter's
     socket-write callbacks, neither connect() nor publish() nor the read loop (a PUBACK
     that releases the next PUBLISH from the in-flight window) writes anything itself."""
-    from iothub_tls._mqtt_paho import Paho
+    from iothub_tls.mqtt._paho import Paho
 
     connacks: list[int] = []
     acked: list[int] = []

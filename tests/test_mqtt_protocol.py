@@ -1,4 +1,4 @@
-"""IoT Hub's MQTT conventions (``iothub_tls._mqtt_protocol``), checked without any I/O.
+"""IoT Hub's MQTT conventions (``iothub_tls.mqtt.conventions``), checked without any I/O.
 
 Expected strings are written out by hand from Microsoft's MQTT article and the SDKs'
 behaviour, not computed with the functions under test.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from iothub_tls import errors
-from iothub_tls._mqtt_protocol import (
+from iothub_tls.mqtt.conventions import (
     API_VERSION,
     MAX_MESSAGE_BYTES,
     METHODS_FILTER,

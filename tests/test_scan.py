@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 import iothub_tls as it
-from iothub_tls import scan
+from iothub_tls.diagnostics import probe as scan
+from iothub_tls.diagnostics.probe import CertificateReport, Severity
 from iothub_tls.policy import CIPHER_SUITES, ECC_SUITES, STRONG_SUITES, WEAK_SUITES
-from iothub_tls.scan import CertificateReport, Severity
 from tests.conftest import HOST
 from tests.pki import NOW, Issued, self_signed
 from tests.scanners import sslscan

@@ -15,7 +15,7 @@ import pytest
 
 import iothub_tls as it
 from iothub_tls.cli import main
-from iothub_tls.endpoint.hub import HubOptions, LocalHub, StateDirectoryError
+from iothub_tls.hub.hub import HubOptions, LocalHub, StateDirectoryError
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES, WEAK_SUITES
 from tests.scanners import sslscan
 

@@ -7,7 +7,7 @@ import argparse
 from typing import TYPE_CHECKING, Any
 
 from ..info import key_description
-from ..testpki import (
+from ..testing.pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_LEAF_DAYS,
     Issued,

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._output import EXIT_NOT_COMPLIANT, EXIT_OK, print_json, table
 
 if TYPE_CHECKING:
-    from ..endpoint.hub import LocalHub
+    from ..hub.hub import LocalHub
     from ..info import TlsInfo
     from . import Subparsers
 
@@ -94,14 +94,14 @@ class Demo:
 
 def _client_class(protocol: str) -> Any:
     if protocol == "mqtt":
-        from ..mqtt import MqttDeviceClient
+        from ..mqtt.client import MqttDeviceClient
 
         return MqttDeviceClient
     if protocol == "amqp":
-        from ..amqp import AmqpDeviceClient
+        from ..amqp.client import AmqpDeviceClient
 
         return AmqpDeviceClient
-    from ..https import HttpsDeviceClient
+    from ..https.client import HttpsDeviceClient
 
     return HttpsDeviceClient
 
@@ -196,7 +196,7 @@ def _installed(protocol: str) -> str | None:
 
 
 def run_demo(state_dir: Path) -> tuple[Demo, list[dict[str, Any]]]:
-    from ..endpoint.hub import HubOptions, LocalHub
+    from ..hub.hub import HubOptions, LocalHub
     from ..policy import CipherProfile, TlsPolicy
     from ..roots import RootSet
 

@@ -32,7 +32,7 @@ from ..errors import FeatureUnavailableError, IoTHubTLSError
 from ..info import TlsInfo, tls_info
 from ..policy import STRONG_SUITES, CipherProfile, TlsPolicy
 from ..roots import AZURE_ECC, AZURE_GLOBAL, RootSet, load_shipped, spki_sha256
-from ..testpki import CertificateAuthority, KeyType
+from ..testing.pki import CertificateAuthority, KeyType
 from ._output import EXIT_NOT_COMPLIANT, EXIT_OK, print_json, table
 
 if TYPE_CHECKING:

@@ -5,10 +5,17 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..diagnostics.probe import (
+    DEFAULT_PORT,
+    FRAGMENT_LENGTHS,
+    PROTOCOLS,
+    ProbeResult,
+    parse_target,
+    probe,
+)
 from ..errors import IoTHubTLSError
 from ..policy import CIPHER_SUITES
 from ..roots import AZURE_GLOBAL, RootSet
-from ..scan import DEFAULT_PORT, FRAGMENT_LENGTHS, PROTOCOLS, ProbeResult, parse_target, probe
 from ._output import EXIT_NOT_COMPLIANT, EXIT_OK, error, print_json, table, yes_no
 
 if TYPE_CHECKING:

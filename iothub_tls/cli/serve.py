@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._output import EXIT_OK, error, print_json, table
 
 if TYPE_CHECKING:
-    from ..endpoint.hub import LocalHub
+    from ..hub.hub import LocalHub
     from . import Subparsers
 
 _HELP = """\
@@ -148,7 +148,7 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
 
 
 def build_hub(args: argparse.Namespace, log_stream: Any) -> LocalHub:
-    from ..endpoint.hub import HubOptions, LocalHub
+    from ..hub.hub import HubOptions, LocalHub
 
     options = HubOptions(
         state_dir=args.state,
@@ -199,8 +199,8 @@ def _print_stats(hub: LocalHub, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..endpoint.frontdoor import PortInUseError
-    from ..endpoint.hub import StateDirectoryError
+    from ..hub.frontdoor import PortInUseError
+    from ..hub.hub import StateDirectoryError
 
     log_file = None
     try:

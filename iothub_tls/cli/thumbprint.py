@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from ..roots import common_name
-from ..testpki import thumbprints
+from ..testing.pki import thumbprints
 from ._output import EXIT_OK, error, print_json, table
 
 if TYPE_CHECKING:

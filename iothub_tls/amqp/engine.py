@@ -2,7 +2,7 @@
 
 python-qpid-proton's ``Connection``/``Transport``/``Collector`` take bytes and give
 bytes; this module wraps them so that the client (:mod:`iothub_tls.amqp`) and the local
-endpoint (:mod:`iothub_tls.endpoint.amqp`) can run them over *our* TLS sockets. Nothing
+endpoint (:mod:`iothub_tls.hub.amqp`) can run them over *our* TLS sockets. Nothing
 here touches a socket or a clock: callers feed received bytes, take bytes to send, pass
 the current time to :meth:`Engine.tick`, and react to the events produced.
 
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import (
+from ..errors import (
     AuthenticationError,
     ClientError,
     ConnectionFailedError,
@@ -86,6 +86,7 @@ SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 CBS_ADDRESS = "$cbs"
 CBS_TOKEN_TYPE = "servicebus.windows.net:sastoken"  # noqa: S105 - a type name
 CBS_TOKEN_TYPES = frozenset({CBS_TOKEN_TYPE, "azure-devices.net:sastoken"})
+
 
 class Outcome(enum.Enum):
     """The terminal delivery states of AMQP 1.0 (section 3.4)."""

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IoTHubTLSError
+from ..mqtt import packets as codec
 from ..policy import iana_name
-from . import mqtt_codec as codec
 from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile

@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from ._lifecycle import Connectable
-from ._poller import readable
-from .auth import ClientIdentity, ConnectionString, SasTokenProvider
-from .context import HardenedSSLContext, create_ssl_context
-from .errors import (
+from .._io.lifecycle import Connectable
+from .._io.poller import readable
+from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from ..context import HardenedSSLContext, create_ssl_context
+from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
     CipherSuiteError,
@@ -57,8 +57,8 @@ from .errors import (
     PolicyViolation,
     ProtocolVersionError,
 )
-from .info import TlsInfo
-from .policy import TlsPolicy
+from ..info import TlsInfo
+from ..policy import TlsPolicy
 
 __all__ = [
     "AMQPS_PORT",
@@ -82,7 +82,7 @@ _T = TypeVar("_T")
 
 def _engine() -> Any:
     """Import the proton-based engine lazily (the ``amqp`` extra is optional)."""
-    from . import _amqp_engine
+    from . import engine as _amqp_engine
 
     return _amqp_engine
 
@@ -963,7 +963,7 @@ class AmqpDeviceClient(Connectable):
                 cs, ttl=options.sas_ttl
             )
             sasl = "ANONYMOUS"
-        from . import __version__
+        from .. import __version__
 
         self.connection_string = cs
         base = f"/devices/{quote(cs.device_id, safe='')}"

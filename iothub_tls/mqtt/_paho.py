@@ -22,9 +22,9 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from ._mqtt_protocol import WEBSOCKET_PATH, MqttOptions, connack_code
-from .context import HardenedSSLContext
-from .errors import ConnectionFailedError, IncompatibleDependencyError, MissingDependencyError
+from ..context import HardenedSSLContext
+from ..errors import ConnectionFailedError, IncompatibleDependencyError, MissingDependencyError
+from .conventions import WEBSOCKET_PATH, MqttOptions, connack_code
 
 #: paho-mqtt versions the client is tested with (CI runs both).
 TESTED_PAHO_VERSIONS = ("1.6.1", "2.2.0")

@@ -34,7 +34,7 @@ from ..policy import STRONG_SUITES, WEAK_SUITES, CipherSuite, iana_name
 from ..roots import common_name
 from .registry import certificate_thumbprints
 
-logger = logging.getLogger("iothub_tls.endpoint")
+logger = logging.getLogger("iothub_tls.hub")
 
 __all__ = [
     "HubTlsProfile",

@@ -37,8 +37,8 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from .. import _http_protocol as proto
 from ..errors import AuthenticationError
+from ..https import conventions as proto
 from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
@@ -47,7 +47,7 @@ from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HttpsEndpoint", "ReceivedMessage"]
 
-logger = logging.getLogger("iothub_tls.endpoint")
+logger = logging.getLogger("iothub_tls.hub")
 
 #: Requests larger than this are refused without reading them (a message is 256 KB).
 _MAX_REQUEST_BYTES = 1024 * 1024

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 from urllib.parse import quote, unquote
 
-from .errors import (
+from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
     CipherSuiteError,

@@ -33,9 +33,20 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._mqtt_commands import ClientConfig, Message, MethodResponse, TwinRequest, settle
-from ._mqtt_paho import Paho
-from ._mqtt_protocol import (
+from .._io.poller import IN, OUT, READABLE, millis, new_poller
+from ..errors import (
+    AuthenticationError,
+    ClientError,
+    ConnectionFailedError,
+    DeliveryError,
+    IoTHubTLSError,
+    NotAuthorizedError,
+    OperationTimeoutError,
+)
+from ..info import TlsInfo, tls_info
+from ._paho import Paho
+from .commands import ClientConfig, Message, MethodResponse, TwinRequest, settle
+from .conventions import (
     METHODS_FILTER,
     TWIN_DESIRED_FILTER,
     TWIN_RESPONSE_FILTER,
@@ -52,17 +63,6 @@ from ._mqtt_protocol import (
     twin_get_topic,
     twin_patch_topic,
 )
-from ._poller import IN, OUT, READABLE, millis, new_poller
-from .errors import (
-    AuthenticationError,
-    ClientError,
-    ConnectionFailedError,
-    DeliveryError,
-    IoTHubTLSError,
-    NotAuthorizedError,
-    OperationTimeoutError,
-)
-from .info import TlsInfo, tls_info
 
 logger = logging.getLogger("iothub_tls.mqtt")
 

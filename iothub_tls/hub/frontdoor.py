@@ -21,7 +21,7 @@ from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HubFrontDoor", "PortInUseError", "TlsFrontDoor", "TlsMeta"]
 
-logger = logging.getLogger("iothub_tls.endpoint")
+logger = logging.getLogger("iothub_tls.hub")
 
 
 class PortInUseError(OSError):

@@ -13,7 +13,7 @@ labs, never for production devices.
 
 ::
 
-    from iothub_tls.testpki import CertificateAuthority, KeyType, PKIDirectory
+    from iothub_tls.testing.pki import CertificateAuthority, KeyType, PKIDirectory
 
     root = CertificateAuthority.root("Lab Root CA")
     issuing = root.intermediate("Lab Issuing CA")
@@ -43,8 +43,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .auth import thumbprints
-from .roots import common_name
+from ..auth import thumbprints
+from ..roots import common_name
 
 __all__ = [
     "DEFAULT_CA_DAYS",

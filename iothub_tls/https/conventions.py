@@ -1,7 +1,7 @@
 """IoT Hub's device REST API as pure data: requests built, responses parsed, no I/O.
 
 Both the device client (:mod:`iothub_tls.https`) and the local compliance endpoint
-(:mod:`iothub_tls.endpoint.https`) use this module, so the two sides cannot drift apart
+(:mod:`iothub_tls.hub.https`) use this module, so the two sides cannot drift apart
 on a header name, a path or a status code.
 
 The operations, all under ``/devices/{url-encoded device id}`` and each with the
@@ -35,7 +35,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
-from .errors import (
+from ..errors import (
     AuthenticationError,
     ClientError,
     DeliveryError,

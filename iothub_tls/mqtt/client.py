@@ -33,13 +33,22 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import __version__
-from ._lifecycle import Connectable
-from ._mqtt_callbacks import Dispatcher
-from ._mqtt_commands import ClientConfig, MethodResponse, TwinRequest, completed_within
-from ._mqtt_network import Network
-from ._mqtt_paho import TESTED_PAHO_VERSIONS as TESTED_PAHO_VERSIONS
-from ._mqtt_protocol import (
+from .. import __version__
+from .._io.lifecycle import Connectable
+from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from ..context import HardenedSSLContext, create_ssl_context
+from ..errors import (
+    ClientError,
+    DeliveryError,
+    IdentityError,
+    OperationTimeoutError,
+)
+from ..info import TlsInfo
+from ..policy import TlsPolicy
+from ._paho import TESTED_PAHO_VERSIONS as TESTED_PAHO_VERSIONS
+from .callbacks import Dispatcher
+from .commands import ClientConfig, MethodResponse, TwinRequest, completed_within
+from .conventions import (
     MQTT_PORT,
     WEBSOCKET_PORT,
     C2DMessage,
@@ -55,16 +64,7 @@ from ._mqtt_protocol import (
     telemetry_topic,
     username,
 )
-from .auth import ClientIdentity, ConnectionString, SasTokenProvider
-from .context import HardenedSSLContext, create_ssl_context
-from .errors import (
-    ClientError,
-    DeliveryError,
-    IdentityError,
-    OperationTimeoutError,
-)
-from .info import TlsInfo
-from .policy import TlsPolicy
+from .network import Network
 
 __all__ = [
     "C2DMessage",

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._mqtt_protocol import MqttOptions
-from .auth import ConnectionString, SasTokenProvider
-from .context import HardenedSSLContext
+from ..auth import ConnectionString, SasTokenProvider
+from ..context import HardenedSSLContext
+from .conventions import MqttOptions
 
 
 @dataclass(frozen=True)

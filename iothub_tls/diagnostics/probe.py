@@ -30,17 +30,17 @@ from typing import Any
 
 from cryptography import x509
 
-from ._openssl import shim as _shim
-from ._openssl import shim_status
-from .errors import (
+from .._openssl import shim as _shim
+from .._openssl import shim_status
+from ..errors import (
     ConnectionFailedError,
     FeatureUnavailableError,
     HandshakeTimeoutError,
     OperationTimeoutError,
 )
-from .info import key_description, negotiated_fragment_length, verified_chain_der
-from .policy import CIPHER_SUITES, ECC_SUITES, MAX_FRAGMENT_LENGTHS, STRONG_SUITES, WEAK_SUITES
-from .roots import AZURE_GLOBAL, RootSet, common_name
+from ..info import key_description, negotiated_fragment_length, verified_chain_der
+from ..policy import CIPHER_SUITES, ECC_SUITES, MAX_FRAGMENT_LENGTHS, STRONG_SUITES, WEAK_SUITES
+from ..roots import AZURE_GLOBAL, RootSet, common_name
 
 __all__ = [
     "DEFAULT_PORT",

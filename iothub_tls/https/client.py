@@ -44,8 +44,23 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from . import _http_protocol as proto
-from ._http_protocol import (
+from .._io.lifecycle import Connectable
+from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from ..context import HardenedSSLContext, create_ssl_context
+from ..errors import (
+    AuthenticationError,
+    ClientError,
+    ConnectionFailedError,
+    ConnectionStringError,
+    IoTHubTLSError,
+    MissingDependencyError,
+    OperationTimeoutError,
+    PolicyError,
+)
+from ..info import TlsInfo, tls_info
+from ..policy import TlsPolicy
+from . import conventions as proto
+from .conventions import (
     API_VERSION,
     BadRequestError,
     C2DMessage,
@@ -58,21 +73,6 @@ from ._http_protocol import (
     ThrottledError,
     UnexpectedResponseError,
 )
-from ._lifecycle import Connectable
-from .auth import ClientIdentity, ConnectionString, SasTokenProvider
-from .context import HardenedSSLContext, create_ssl_context
-from .errors import (
-    AuthenticationError,
-    ClientError,
-    ConnectionFailedError,
-    ConnectionStringError,
-    IoTHubTLSError,
-    MissingDependencyError,
-    OperationTimeoutError,
-    PolicyError,
-)
-from .info import TlsInfo, tls_info
-from .policy import TlsPolicy
 
 if TYPE_CHECKING:
     import urllib3
@@ -296,7 +296,7 @@ class HttpsDeviceClient(Connectable):
             if cs.shared_access_key is not None
             else None
         )
-        from . import __version__
+        from .. import __version__
 
         self._headers = {
             "Host": cs.hostname,

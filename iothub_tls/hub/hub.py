@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ..errors import IoTHubTLSError
-from ..testpki import CertificateAuthority, KeyType, PKIDirectory
+from ..testing.pki import CertificateAuthority, KeyType, PKIDirectory
 from .frontdoor import TlsFrontDoor
 from .log import ConnectionLog
 from .mqtt import MqttEndpoint

@@ -52,8 +52,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from .. import _amqp_engine as amqp  # first: MissingDependencyError without proton
-from .._poller import readable
+from .._io.poller import readable
+from ..amqp import engine as amqp  # first: MissingDependencyError without proton
 from ..errors import AuthenticationError
 from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
@@ -65,7 +65,7 @@ from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
 
 __all__ = ["AmqpEndpoint"]
 
-logger = logging.getLogger("iothub_tls.endpoint")
+logger = logging.getLogger("iothub_tls.hub")
 
 _MAX_MESSAGE = 256 * 1024  # IoT Hub's device-to-cloud message size limit
 _ADDRESS = re.compile(

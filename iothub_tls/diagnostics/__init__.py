@@ -1,0 +1,1 @@
+"""Checks callable from Python: the endpoint probe (and doctor's platform checks)."""

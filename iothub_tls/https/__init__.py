@@ -1,0 +1,39 @@
+"""HTTPS device client for IoT Hub (443) on the hardened context, and a requests
+adapter that keeps the pinning: ``pip install 'iothub-tls[https]'``.
+"""
+
+from __future__ import annotations
+
+from .client import (
+    API_VERSION,
+    BadRequestError,
+    C2DMessage,
+    DeviceNotFoundError,
+    HttpsDeviceClient,
+    HttpsRetry,
+    HubServerError,
+    InvalidMessageError,
+    Message,
+    MessageLockLostError,
+    MessageTooLargeError,
+    ThrottledError,
+    UnexpectedResponseError,
+)
+from .client import __getattr__ as __getattr__  # HardenedAdapter, built lazily
+
+__all__ = [
+    "API_VERSION",
+    "BadRequestError",
+    "C2DMessage",
+    "DeviceNotFoundError",
+    "HardenedAdapter",
+    "HttpsDeviceClient",
+    "HttpsRetry",
+    "HubServerError",
+    "InvalidMessageError",
+    "Message",
+    "MessageLockLostError",
+    "MessageTooLargeError",
+    "ThrottledError",
+    "UnexpectedResponseError",
+]

@@ -1,0 +1,25 @@
+"""MQTT 3.1.1 device client for IoT Hub (TCP 8883 or WebSockets 443) on the hardened
+context: ``pip install 'iothub-tls[mqtt]'``.
+"""
+
+from __future__ import annotations
+
+from .client import (
+    C2DMessage,
+    ConnectRefusedError,
+    MethodHandler,
+    MqttDeviceClient,
+    MqttOptions,
+    QueueFullError,
+    ReconnectPolicy,
+)
+
+__all__ = [
+    "C2DMessage",
+    "ConnectRefusedError",
+    "MethodHandler",
+    "MqttDeviceClient",
+    "MqttOptions",
+    "QueueFullError",
+    "ReconnectPolicy",
+]
