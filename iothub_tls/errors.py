@@ -35,6 +35,9 @@ standard-library base where one applies, so existing ``except ValueError`` or
         │   └── ConnectRefusedError              MQTT CONNACK 5 (also a NotAuthorizedError)
         ├── NotAuthorizedError                   the hub refused the operation for this identity
         ├── OperationTimeoutError (TimeoutError) an operation did not complete in time
+        ├── UnsupportedOperationError (NotImplementedError)  the transport cannot do this
+        │                                        (a twin over HTTPS, reject over MQTT): the
+        │                                        message names the transport that can
         ├── DeliveryError                        a message was not accepted by the hub
         │   ├── QueueFullError                   MQTT: too many unacknowledged messages
         │   ├── MessageLockLostError             HTTPS: the C2D lock expired (412)
@@ -84,6 +87,7 @@ __all__ = [
     "RootStoreError",
     "SasTokenError",
     "TLSHandshakeError",
+    "UnsupportedOperationError",
 ]
 
 
@@ -216,6 +220,12 @@ class ConnectRefusedError(AuthenticationError, NotAuthorizedError):
 
 class OperationTimeoutError(ClientError, TimeoutError):
     """An operation did not complete within its timeout."""
+
+
+class UnsupportedOperationError(ClientError, NotImplementedError):
+    """IoT Hub does not offer this operation on the client's transport (a device twin or
+    direct methods over HTTPS, rejecting or abandoning a message over MQTT). The message
+    says which transport offers it."""
 
 
 class DeliveryError(ClientError):

@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 import iothub_tls as it
 from iothub_tls import roots as roots_module
 from iothub_tls.cli import COMMANDS, main
-from iothub_tls.cli import doctor as doctor_module
+from iothub_tls.diagnostics import doctor as doctor_module
 from iothub_tls.policy import CIPHER_SUITES, STRONG_SUITES
 from tests.conftest import HOST, connect
 from tests.pki import NOW, Issued

@@ -12,11 +12,11 @@ import pytest
 
 import iothub_tls as it
 from iothub_tls.auth import generate_sas_token
-from iothub_tls.mqtt import packets as codec
 from iothub_tls.hub.mqtt import MqttEndpoint, decode_properties, encode_properties
 from iothub_tls.hub.profile import HubTlsProfile, ServerCredential
 from iothub_tls.hub.registry import DeviceRegistry
 from iothub_tls.hub.state import HubState
+from iothub_tls.mqtt import packets as codec
 from tests.pki import CA
 
 mqtt = pytest.importorskip("paho.mqtt.client")

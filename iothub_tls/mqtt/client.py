@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import __version__
+from .._io.dispatch import Dispatcher
 from .._io.lifecycle import Connectable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..context import HardenedSSLContext, create_ssl_context
@@ -46,7 +47,6 @@ from ..errors import (
 from ..info import TlsInfo
 from ..policy import TlsPolicy
 from ._paho import TESTED_PAHO_VERSIONS as TESTED_PAHO_VERSIONS
-from .callbacks import Dispatcher
 from .commands import ClientConfig, MethodResponse, TwinRequest, completed_within
 from .conventions import (
     MQTT_PORT,
@@ -310,7 +310,10 @@ class MqttDeviceClient(Connectable):
             started = network is not None and network.alive
             if not started:
                 if self._dispatcher is None:
-                    self._dispatcher = Dispatcher()
+                    self._dispatcher = Dispatcher(
+                        "mqtt",
+                        report=lambda exc: logger.error("an MQTT callback raised", exc_info=exc),
+                    )
                 network = Network(
                     config=self._config, on_message=self._route, on_reconnect=self._reconnected
                 )

@@ -1,0 +1,485 @@
+"""The device-client surface that MQTT, AMQP and HTTPS share.
+
+:class:`DeviceClient` is the :class:`typing.Protocol` every device client satisfies
+(``mypy --strict`` checks it in CI): the same factories, the same ``send_telemetry``,
+one :class:`C2DMessage` type settled with ``complete()`` / ``reject()`` / ``abandon()``,
+the same callbacks, twin and direct methods. The values here (:class:`Message`,
+:class:`C2DMessage`, :class:`MethodRequest`, :class:`ConnectionState`) are what crosses
+that surface; each transport's conventions module turns them into its wire form and
+back, and the local hub uses the same modules, so both sides agree by construction.
+
+Where a transport cannot do something IoT Hub offers elsewhere (a device twin over
+HTTPS, rejecting a message over MQTT), the call raises
+:class:`~iothub_tls.errors.UnsupportedOperationError` naming the transport that can.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+from .errors import ClientError, UnsupportedOperationError
+
+if TYPE_CHECKING:
+    from .auth import ClientIdentity, ConnectionString
+    from .info import TlsInfo
+
+__all__ = [
+    "C2DMessage",
+    "ConnectionState",
+    "DeviceClient",
+    "Message",
+    "MethodHandler",
+    "MethodRequest",
+    "Settlement",
+]
+
+logger = logging.getLogger("iothub_tls")
+
+#: Largest device-to-cloud message IoT Hub accepts, body and properties (256 KB).
+MAX_MESSAGE_BYTES = 256 * 1024
+
+_SYSTEM_KEYWORDS = ("message_id", "correlation_id", "content_type", "content_encoding")
+
+
+class ConnectionState(str, enum.Enum):
+    """What ``on_connection_state_change(state, reason)`` reports."""
+
+    #: connect() started a connection (also each reconnection attempt).
+    CONNECTING = "connecting"
+    #: authenticated and ready; also after every reconnection.
+    CONNECTED = "connected"
+    #: the connection was lost; ``reason`` is the error. The client reconnects.
+    DISCONNECTED = "disconnected"
+    #: the client stopped: ``reason`` is None after close(), else the error that made it
+    #: give up (refused credentials or certificate, retry attempts used up).
+    CLOSED = "closed"
+
+
+class Settlement(str, enum.Enum):
+    """How a cloud-to-device message is settled."""
+
+    #: done with it: the hub removes it from the device's queue.
+    COMPLETE = "complete"
+    #: the device cannot process it: the hub dead-letters it (no redelivery).
+    REJECT = "reject"
+    #: give it back: the hub delivers it again (up to the hub's max delivery count).
+    ABANDON = "abandon"
+
+
+def _as_payload(payload: object) -> bytes:
+    if isinstance(payload, str):
+        return payload.encode("utf-8")
+    if isinstance(payload, bytes | bytearray | memoryview):
+        return bytes(payload)
+    raise TypeError(
+        f"payload must be bytes or str, not {type(payload).__name__} (serialise it first, "
+        "e.g. json.dumps(...).encode())"
+    )
+
+
+def _check_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
+    if properties is None:
+        return {}
+    if not isinstance(properties, Mapping):
+        raise TypeError(
+            f"properties must be a mapping of str to str, not {type(properties).__name__}"
+        )
+    checked: dict[str, str] = {}
+    for name, value in properties.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"property names must be non-empty str, not {name!r}")
+        if not isinstance(value, str):
+            raise TypeError(
+                f"property {name!r} has a {type(value).__name__} value; application "
+                "property values are strings (convert it with str())"
+            )
+        checked[name] = value
+    return checked
+
+
+@dataclass(frozen=True)
+class Message:
+    """A device-to-cloud message: the payload, application properties (str -> str,
+    seen by the hub's routing queries) and IoT Hub's system properties.
+
+    ``Message(b"...", {"k": "v"}, content_type="application/json")``; a ``str`` payload
+    is sent as UTF-8. Every client's ``send_telemetry`` takes one, or the same fields
+    as arguments.
+    """
+
+    payload: bytes
+    properties: Mapping[str, str] = field(default_factory=dict, hash=False)
+    message_id: str | None = None
+    correlation_id: str | None = None
+    content_type: str | None = None
+    content_encoding: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "payload", _as_payload(self.payload))
+        object.__setattr__(
+            self, "properties", MappingProxyType(_check_properties(self.properties))
+        )
+        for keyword in _SYSTEM_KEYWORDS:
+            value = getattr(self, keyword)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{keyword} must be a non-empty str or None, not {value!r}")
+
+    @classmethod
+    def coerce(
+        cls,
+        payload: bytes | str | Message,
+        properties: Mapping[str, str] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+    ) -> Message:
+        """``payload`` as a :class:`Message`: a Message is taken as it is (then the other
+        arguments must be left out), anything else is built from the arguments."""
+        if isinstance(payload, Message):
+            given = (properties, message_id, correlation_id, content_type, content_encoding)
+            if any(value is not None for value in given):
+                raise TypeError(
+                    "pass either a Message or a payload with properties and system "
+                    "properties, not both"
+                )
+            return payload
+        return cls(
+            _as_payload(payload),
+            properties or {},
+            message_id=message_id,
+            correlation_id=correlation_id,
+            content_type=content_type,
+            content_encoding=content_encoding,
+        )
+
+    @property
+    def size(self) -> int:
+        """What counts against IoT Hub's 256 KB limit: the payload, the application
+        property names and values, and the system property values."""
+        system = sum(len(getattr(self, k) or "") for k in _SYSTEM_KEYWORDS)
+        app = sum(len(k) + len(v) for k, v in self.properties.items())
+        return len(self.payload) + system + app
+
+    def check_size(self) -> None:
+        """Refuse a message IoT Hub would not accept (over 256 KB with its properties)."""
+        if self.size > MAX_MESSAGE_BYTES:
+            raise ValueError(
+                f"the message is {self.size} bytes with its properties; IoT Hub accepts at "
+                f"most {MAX_MESSAGE_BYTES} bytes per device-to-cloud message: split it or "
+                "upload large data as a file"
+            )
+
+    @property
+    def text(self) -> str:
+        """The payload decoded as UTF-8."""
+        return self.payload.decode("utf-8")
+
+
+Settler = Callable[["C2DMessage", Settlement], None]
+
+
+class C2DMessage:
+    """A cloud-to-device message, the same on every transport.
+
+    Settle it once: :meth:`complete` (done: the hub removes it), :meth:`reject`
+    (dead-lettered) or :meth:`abandon` (delivered again). Over MQTT IoT Hub has no reject
+    or abandon: the client acknowledges each message when it arrives, so ``complete()``
+    does nothing more and the other two raise ``UnsupportedOperationError``.
+
+    ``properties`` are the sender's application properties; ``system_properties`` are
+    IoT Hub's, keyed as the transport carried them (``$.exp``, ``iothub-ack``, ...).
+    """
+
+    __slots__ = (
+        "_settled",
+        "_settler",
+        "content_encoding",
+        "content_type",
+        "correlation_id",
+        "delivery_count",
+        "expiry_time",
+        "lock_token",
+        "message_id",
+        "payload",
+        "properties",
+        "system_properties",
+        "transport",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        payload: bytes,
+        properties: Mapping[str, str | None] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        expiry_time: str | None = None,
+        user_id: str | None = None,
+        delivery_count: int | None = None,
+        lock_token: str | None = None,
+        system_properties: Mapping[str, str | None] | None = None,
+        transport: str = "",
+        settler: Settler | None = None,
+    ) -> None:
+        self.payload = bytes(payload)
+        self.properties: dict[str, str | None] = dict(properties or {})
+        self.message_id = message_id
+        self.correlation_id = correlation_id
+        self.content_type = content_type
+        self.content_encoding = content_encoding
+        self.expiry_time = expiry_time
+        self.user_id = user_id
+        #: how many times the hub delivered it before (AMQP, HTTPS), when known
+        self.delivery_count = delivery_count
+        #: the HTTPS lock token (ETag); None on the other transports
+        self.lock_token = lock_token
+        self.system_properties: dict[str, str | None] = dict(system_properties or {})
+        #: "mqtt", "amqp" or "https"
+        self.transport = transport
+        self._settler = settler
+        self._settled: Settlement | None = None
+
+    @property
+    def text(self) -> str:
+        """The payload decoded as UTF-8 (the usual content encoding)."""
+        return self.payload.decode("utf-8")
+
+    @property
+    def settled(self) -> Settlement | None:
+        """How the message was settled, or None."""
+        return self._settled
+
+    def _settle(self, how: Settlement) -> None:
+        if self._settled is not None:
+            raise ClientError(
+                f"this cloud-to-device message was already settled ({self._settled.value}); "
+                "a message is completed, rejected or abandoned once"
+            )
+        if self._settler is None:
+            raise UnsupportedOperationError(
+                f"this cloud-to-device message cannot be settled ({how.value}): it was not "
+                "received by a device client"
+            )
+        self._settler(self, how)
+        self._settled = how
+
+    def complete(self) -> None:
+        """Done with the message: the hub removes it from the device's queue."""
+        self._settle(Settlement.COMPLETE)
+
+    def reject(self) -> None:
+        """The device cannot process it: the hub dead-letters it, never redelivers."""
+        self._settle(Settlement.REJECT)
+
+    def abandon(self) -> None:
+        """Give it back: the hub delivers it again."""
+        self._settle(Settlement.ABANDON)
+
+    def __repr__(self) -> str:
+        return (
+            f"<C2DMessage id={self.message_id!r} {len(self.payload)} bytes"
+            f"{' over ' + self.transport if self.transport else ''}>"
+        )
+
+
+@dataclass(frozen=True)
+class MethodRequest:
+    """A direct method call: its ``name``, the JSON ``payload`` (None when empty) and
+    the hub's ``request_id``."""
+
+    name: str
+    payload: Any
+    request_id: str
+
+
+MethodHandler = Callable[[MethodRequest], "tuple[int, Any]"]
+"""A direct method handler: called with the :class:`MethodRequest`, returns
+``(status, payload)``; the payload must be JSON-serialisable (None: empty)."""
+
+
+class MethodRouter:
+    """Handlers by method name (``None``: every method without its own handler), and
+    the one rule for answering a call, shared by the MQTT and AMQP clients: unknown
+    method 404, payload that is not JSON 400, a handler that raises or returns something
+    that is not ``(status, payload)`` 500 (the exception goes to ``report``)."""
+
+    def __init__(self, report: Callable[[BaseException], None]) -> None:
+        self._handlers: dict[str | None, MethodHandler] = {}
+        self._lock = threading.Lock()
+        self._report = report
+
+    def register(self, name: str | None, handler: MethodHandler | None) -> None:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError("the method name must be a non-empty str, or None for all methods")
+        if handler is not None and not callable(handler):
+            raise TypeError("handler must be callable: handler(request) -> (status, payload)")
+        with self._lock:
+            if handler is None:
+                self._handlers.pop(name, None)
+            else:
+                self._handlers[name] = handler
+
+    def __bool__(self) -> bool:
+        return bool(self._handlers)
+
+    def invoke(self, name: str, request_id: str, raw: bytes) -> tuple[int, bytes]:
+        """Run the handler of ``name``; the (status, JSON body) to answer with."""
+
+        def error(status: int, message: str) -> tuple[int, bytes]:
+            return status, json.dumps({"error": message}).encode("utf-8")
+
+        with self._lock:
+            handler = self._handlers.get(name) or self._handlers.get(None)
+        if handler is None:
+            return error(404, f"this device has no handler for method {name!r}")
+        try:
+            payload = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return error(400, "the method payload is not valid JSON")
+        try:
+            result = handler(MethodRequest(name, payload, request_id))
+        except Exception as exc:
+            self._report(exc)
+            return error(500, f"the handler of method {name!r} failed")
+        if (
+            not isinstance(result, tuple)
+            or len(result) != 2
+            or isinstance(result[0], bool)
+            or not isinstance(result[0], int)
+            or not 0 <= result[0] <= 999
+        ):
+            self._report(
+                TypeError(
+                    f"the handler of method {name!r} returned {result!r}; it must return "
+                    "(status, payload) with an int status 0-999"
+                )
+            )
+            return error(500, f"the handler of method {name!r} returned no valid status")
+        status, value = result
+        if value is None:
+            return status, b""
+        try:
+            return status, json.dumps(value).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            self._report(exc)
+            return error(500, f"the handler of method {name!r} returned non-JSON data")
+
+
+def decode_twin_document(body: bytes) -> dict[str, Any]:
+    """A twin (or twin patch) document from the hub: a JSON object."""
+    from .errors import DeliveryError
+
+    try:
+        twin = json.loads(body.decode("utf-8")) if body else {}
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DeliveryError(f"the hub's twin document is not valid JSON: {exc}") from exc
+    if not isinstance(twin, dict):
+        raise DeliveryError("the hub's twin document is not a JSON object")
+    return twin
+
+
+def encode_reported_patch(patch: Mapping[str, Any]) -> bytes:
+    """A reported-properties patch as compact JSON (``None`` deletes a property)."""
+    if not isinstance(patch, Mapping):
+        raise TypeError(f"patch must be a mapping, not {type(patch).__name__}")
+    try:
+        return json.dumps(dict(patch), separators=(",", ":")).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"the reported-properties patch is not JSON-serialisable: {exc}") from exc
+
+
+_Client = TypeVar("_Client", bound="DeviceClient")
+
+
+@runtime_checkable
+class DeviceClient(Protocol):
+    """What every device client offers, whatever the transport.
+
+    Factories: ``from_connection_string(cs, *, policy=None, identity=None, host=None,
+    port=None, ...)``, ``from_symmetric_key(host, device_id, key, *, module_id=None,
+    ...)``, ``from_x509(host, device_id, identity, *, module_id=None, ...)``.
+    """
+
+    transport: ClassVar[str]
+
+    on_c2d: Callable[[C2DMessage], None] | None
+    on_connection_state_change: Callable[[ConnectionState, BaseException | None], None] | None
+    on_background_exception: Callable[[BaseException], None] | None
+    on_desired_update: Callable[[dict[str, Any]], None] | None
+
+    @classmethod
+    def from_connection_string(
+        cls: type[_Client],
+        connection_string: str | ConnectionString,
+        *,
+        policy: Any = None,
+        identity: ClientIdentity | None = None,
+        host: str | None = None,
+        port: int | None = None,
+    ) -> _Client: ...
+
+    @classmethod
+    def from_symmetric_key(
+        cls: type[_Client],
+        host_name: str,
+        device_id: str,
+        key: str,
+        *,
+        module_id: str | None = None,
+    ) -> _Client: ...
+
+    @classmethod
+    def from_x509(
+        cls: type[_Client],
+        host_name: str,
+        device_id: str,
+        identity: ClientIdentity,
+        *,
+        module_id: str | None = None,
+    ) -> _Client: ...
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def module_id(self) -> str | None: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def tls_info(self) -> TlsInfo | None: ...
+
+    def connect(self) -> None: ...
+    def close(self) -> None: ...
+    def __enter__(self: _Client) -> _Client: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+    def send_telemetry(
+        self,
+        payload: bytes | str | Message,
+        properties: Mapping[str, str] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        timeout: float | None = None,
+    ) -> None: ...
+
+    def receive_c2d(self, timeout: float | None = None) -> C2DMessage: ...
+
+    def get_twin(self, timeout: float | None = None) -> dict[str, Any]: ...
+    def patch_reported(
+        self, patch: Mapping[str, Any], timeout: float | None = None
+    ) -> int | None: ...
+    def on_method(self, name: str | None, handler: MethodHandler | None) -> None: ...
