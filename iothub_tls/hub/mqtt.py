@@ -15,12 +15,12 @@ import json
 import socket
 import ssl
 import threading
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import IoTHubTLSError
+from ..mqtt import conventions as mqttc
 from ..mqtt import packets as codec
 from ..policy import iana_name
 from .frontdoor import HubFrontDoor, TlsMeta
@@ -29,7 +29,7 @@ from .profile import HubTlsProfile
 from .registry import DeviceRegistry
 from .state import C2DMessage, HubState, ReceivedMessage, Telemetry
 
-__all__ = ["MqttEndpoint", "decode_properties", "encode_properties"]
+__all__ = ["MqttEndpoint"]
 
 # CONNACK return codes (MQTT 3.1.1 3.2.2.3)
 _ACCEPTED, _BAD_CREDENTIALS, _NOT_AUTHORIZED, _IDENTIFIER_REJECTED = 0, 4, 5, 2
@@ -37,27 +37,6 @@ _ACCEPTED, _BAD_CREDENTIALS, _NOT_AUTHORIZED, _IDENTIFIER_REJECTED = 0, 4, 5, 2
 
 class _Refused(Exception):
     """The device did something IoT Hub answers by closing the connection."""
-
-
-def _split_topic(topic: str) -> tuple[str, str]:
-    """('path', 'query') of a topic with an optional ``?`` property part."""
-    path, _, query = topic.partition("?")
-    return path, query
-
-
-def encode_properties(props: dict[str, str]) -> str:
-    """A property bag as IoT Hub writes it (percent-encoding, never '+')."""
-    quote = urllib.parse.quote
-    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in props.items())
-
-
-def decode_properties(bag: str) -> tuple[dict[str, str], dict[str, str]]:
-    """(application, system) properties of a property bag."""
-    app: dict[str, str] = {}
-    system: dict[str, str] = {}
-    for key, value in urllib.parse.parse_qsl(bag.lstrip("?"), keep_blank_values=True):
-        (system if key.startswith("$.") else app)[key] = value
-    return app, system
 
 
 @dataclass
@@ -262,9 +241,9 @@ class MqttEndpoint(HubFrontDoor):
 
     def _allowed_filters(self, session: _Session) -> set[str]:
         allowed = {
-            "$iothub/twin/res/#",
-            "$iothub/twin/PATCH/properties/desired/#",
-            "$iothub/methods/POST/#",
+            mqttc.TWIN_RESPONSE_FILTER,
+            mqttc.TWIN_DESIRED_FILTER,
+            mqttc.METHODS_FILTER,
         }
         if not session.module_id:  # modules get no C2D over MQTT
             allowed.add(f"devices/{session.device_id}/messages/devicebound/#")
@@ -280,7 +259,7 @@ class MqttEndpoint(HubFrontDoor):
             else:
                 granted.append(0x80)
         session.send(codec.suback(packet.packet_id, granted))
-        if "$iothub/methods/POST/#" in session.subscriptions:
+        if mqttc.METHODS_FILTER in session.subscriptions:
             client_id = self._client_id(session)
             self.state.route_methods(
                 client_id, lambda name, payload, rid: self._call_method(session, name, payload, rid)
@@ -288,69 +267,83 @@ class MqttEndpoint(HubFrontDoor):
         self._deliver_c2d(session)
 
     def _on_publish(self, session: _Session, packet: codec.Publish) -> None:
-        path, query = _split_topic(packet.topic)
-        events = self._prefix(session) + "messages/events/"
-        if packet.topic.startswith(events):
-            app, system = decode_properties(packet.topic[len(events) :])
-            if packet.retain:
-                app["mqtt-retain"] = "true"
-            meta = session.meta
-            self.accept_telemetry(
-                ReceivedMessage(
-                    device_id=session.device_id,
-                    body=packet.payload,
-                    properties=app,
-                    message_id=system.get("$.mid"),
-                    correlation_id=system.get("$.cid"),
-                    content_type=system.get("$.ct"),
-                    content_encoding=system.get("$.ce"),
-                    batch=False,
-                    auth_type=session.auth_type,
-                    tls_version=meta.tls_version or "",
-                    cipher=iana_name(meta.cipher or ""),
-                    time=dt.datetime.now(dt.timezone.utc),
-                ),
-                Telemetry(
-                    session.device_id, packet.payload, app, system, "Mqtt", session.module_id
-                ),
-            )
-        elif path == "$iothub/twin/GET/":
-            rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]
-            document = self.state.twin(self._client_id(session)).document()
+        topic = packet.topic
+        client_id = self._client_id(session)
+        telemetry = mqttc.parse_telemetry_topic(topic, session.device_id, session.module_id)
+        twin = mqttc.parse_twin_request(topic) if telemetry is None else None
+        if telemetry is not None:
+            self._accept_mqtt_telemetry(session, packet, *telemetry)
+        elif twin is not None and twin.operation == "GET":
+            document = self.state.twin(client_id).document()
             self._publish_if(
                 session,
-                "$iothub/twin/res/#",
-                f"$iothub/twin/res/200/?$rid={rid}",
+                mqttc.TWIN_RESPONSE_FILTER,
+                mqttc.twin_response_topic(200, twin.request_id),
                 json.dumps(document).encode(),
             )
-        elif path == "$iothub/twin/PATCH/properties/reported/":
-            rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]
+        elif twin is not None:  # PATCH of the reported properties
             try:
                 patch = json.loads(packet.payload or b"{}")
                 if not isinstance(patch, dict):
                     raise ValueError("not a JSON object")
             except ValueError:
                 self._publish_if(
-                    session, "$iothub/twin/res/#", f"$iothub/twin/res/400/?$rid={rid}", b""
-                )
-            else:
-                version = self.state.patch_reported(self._client_id(session), patch)
-                self._publish_if(
                     session,
-                    "$iothub/twin/res/#",
-                    f"$iothub/twin/res/204/?$rid={rid}&$version={version}",
+                    mqttc.TWIN_RESPONSE_FILTER,
+                    mqttc.twin_response_topic(400, twin.request_id),
                     b"",
                 )
-        elif path.startswith("$iothub/methods/res/"):
-            status = path[len("$iothub/methods/res/") :].strip("/")
-            rid = urllib.parse.parse_qs(query).get("$rid", [""])[0]
-            if not status.isdigit():
-                raise _Refused(f"method response with status {status!r}")
-            self.state.method_response(rid, int(status), packet.payload)
+            else:
+                version = self.state.patch_reported(client_id, patch)
+                self._publish_if(
+                    session,
+                    mqttc.TWIN_RESPONSE_FILTER,
+                    mqttc.twin_response_topic(204, twin.request_id, version),
+                    b"",
+                )
+        elif (answer := mqttc.parse_method_response(topic)) is not None:
+            self.state.method_response(answer.request_id, answer.status, packet.payload)
         else:
-            raise _Refused(f"publish to a topic IoT Hub does not accept: {packet.topic!r}")
+            raise _Refused(f"publish to a topic IoT Hub does not accept: {topic!r}")
         if packet.qos == 1 and packet.packet_id is not None:
             session.send(codec.puback(packet.packet_id))
+
+    def _accept_mqtt_telemetry(
+        self,
+        session: _Session,
+        packet: codec.Publish,
+        app: dict[str, str | None],
+        system: dict[str, str | None],
+    ) -> None:
+        # IoT Hub keeps a property sent without a value as an empty string
+        properties = {name: value or "" for name, value in app.items()}
+        if packet.retain:
+            properties["mqtt-retain"] = "true"
+        meta = session.meta
+        self.accept_telemetry(
+            ReceivedMessage(
+                device_id=session.device_id,
+                body=packet.payload,
+                properties=properties,
+                message_id=system.get("$.mid"),
+                correlation_id=system.get("$.cid"),
+                content_type=system.get("$.ct"),
+                content_encoding=system.get("$.ce"),
+                batch=False,
+                auth_type=session.auth_type,
+                tls_version=meta.tls_version or "",
+                cipher=iana_name(meta.cipher or ""),
+                time=dt.datetime.now(dt.timezone.utc),
+            ),
+            Telemetry(
+                session.device_id,
+                packet.payload,
+                properties,
+                {name: value or "" for name, value in system.items()},
+                "Mqtt",
+                session.module_id,
+            ),
+        )
 
     @staticmethod
     def _client_id(session: _Session) -> str:
@@ -382,13 +375,13 @@ class MqttEndpoint(HubFrontDoor):
         message = self.state.lock_next_c2d(session.device_id)
         if message is None:
             return
-        props = {
+        props: dict[str, str | None] = {
             "$.mid": message.message_id,
             "$.to": f"/devices/{session.device_id}/messages/deviceBound",
             **({"$.cid": message.correlation_id} if message.correlation_id else {}),
             **message.properties,
         }
-        topic = f"devices/{session.device_id}/messages/devicebound/{encode_properties(props)}"
+        topic = mqttc.c2d_topic(session.device_id, props)
         packet_id = session.packet_id()
         session.inflight[packet_id] = message
         session.send(codec.publish(topic, message.payload, qos=1, packet_id=packet_id))
@@ -400,15 +393,12 @@ class MqttEndpoint(HubFrontDoor):
         body = json.dumps({**patch, "$version": version}).encode()
         with contextlib.suppress(OSError):
             self._publish_if(
-                session,
-                "$iothub/twin/PATCH/properties/desired/#",
-                f"$iothub/twin/PATCH/properties/desired/?$version={version}",
-                body,
+                session, mqttc.TWIN_DESIRED_FILTER, mqttc.desired_patch_topic(version), body
             )
 
     @staticmethod
     def _call_method(session: _Session, name: str, payload: bytes, rid: str) -> None:
-        session.send(codec.publish(f"$iothub/methods/POST/{name}/?$rid={rid}", payload))
+        session.send(codec.publish(mqttc.method_request_topic(name, rid), payload))
 
     def connected_devices(self) -> list[str]:
         with self._sessions_lock:

@@ -47,28 +47,38 @@ __all__ = [
     "C2DMessage",
     "ConnectRefusedError",
     "MethodRequest",
+    "MethodResponse",
     "MqttOptions",
     "QueueFullError",
     "ReconnectPolicy",
     "RequestTracker",
+    "TwinRequest",
     "TwinResponse",
     "backoff_delay",
     "c2d_filter",
+    "c2d_topic",
     "connack_code",
     "connack_error",
     "decode_property_bag",
+    "desired_patch_topic",
     "encode_property_bag",
     "is_certificate_alert",
     "is_permanent",
+    "method_request_topic",
     "method_response_topic",
     "parse_c2d",
     "parse_desired_patch",
     "parse_method_request",
+    "parse_method_response",
+    "parse_telemetry_topic",
+    "parse_twin_request",
     "parse_twin_response",
+    "split_properties",
     "telemetry_topic",
     "twin_error",
     "twin_get_topic",
     "twin_patch_topic",
+    "twin_response_topic",
     "username",
 ]
 
@@ -92,6 +102,7 @@ METHODS_FILTER = "$iothub/methods/POST/#"
 _TWIN_RESPONSE_PREFIX = "$iothub/twin/res/"
 _TWIN_DESIRED_PREFIX = "$iothub/twin/PATCH/properties/desired/"
 _METHODS_PREFIX = "$iothub/methods/POST/"
+_METHODS_RESPONSE_PREFIX = "$iothub/methods/res/"
 
 
 # --------------------------------------------------------------------------------------
@@ -356,6 +367,35 @@ def telemetry_topic(
     return f"{base}messages/events/{encode_property_bag(bag)}"
 
 
+def split_properties(
+    bag: Mapping[str, str | None],
+) -> tuple[dict[str, str | None], dict[str, str | None]]:
+    """(application, system) properties of a decoded bag: system ones start with ``$.``
+    (plus ``iothub-ack`` on cloud-to-device messages)."""
+    app: dict[str, str | None] = {}
+    system: dict[str, str | None] = {}
+    for name, value in bag.items():
+        if name.startswith("$.") or name in _C2D_SERVICE_PROPERTIES:
+            system[name] = value
+        else:
+            app[name] = value
+    return app, system
+
+
+def parse_telemetry_topic(
+    topic: str, device_id: str, module_id: str | None = None
+) -> tuple[dict[str, str | None], dict[str, str | None]] | None:
+    """The hub's side of :func:`telemetry_topic`: (application, system) properties of a
+    telemetry topic of this identity, or None for any other topic."""
+    prefix = f"devices/{device_id}/"
+    if module_id is not None:
+        prefix += f"modules/{module_id}/"
+    prefix += "messages/events/"
+    if not topic.startswith(prefix):
+        return None
+    return split_properties(decode_property_bag(topic[len(prefix) :]))
+
+
 def check_message_size(topic: str, payload: bytes) -> None:
     """Refuse a message IoT Hub would not accept (body and properties over 256 KB)."""
     size = len(payload) + len(topic.encode("utf-8"))
@@ -419,20 +459,19 @@ class C2DMessage:
         return self.payload.decode("utf-8")
 
 
+def c2d_topic(device_id: str, properties: Mapping[str, str | None]) -> str:
+    """The hub's side of :func:`parse_c2d`: where a cloud-to-device message with this
+    property bag (application and system properties together) is published."""
+    return f"devices/{device_id}/messages/devicebound/{encode_property_bag(properties)}"
+
+
 def parse_c2d(topic: str, payload: bytes, device_id: str) -> C2DMessage | None:
     """The message delivered on ``topic``, or None when ``topic`` is not this device's
     cloud-to-device topic."""
     prefix = f"devices/{device_id}/messages/devicebound/"
     if not topic.startswith(prefix):
         return None
-    bag = decode_property_bag(topic[len(prefix) :])
-    app: dict[str, str | None] = {}
-    system: dict[str, str | None] = {}
-    for name, value in bag.items():
-        if name.startswith("$.") or name in _C2D_SERVICE_PROPERTIES:
-            system[name] = value
-        else:
-            app[name] = value
+    app, system = split_properties(decode_property_bag(topic[len(prefix) :]))
     return C2DMessage(payload=bytes(payload), properties=app, system_properties=system, topic=topic)
 
 
@@ -483,6 +522,46 @@ def parse_twin_response(topic: str) -> TwinResponse | None:
     if not rid:
         return None
     return TwinResponse(int(status_text), rid, _int_or_none(fields.get("$version")))
+
+
+def twin_response_topic(status: int, request_id: str, version: int | None = None) -> str:
+    """The hub's side of :func:`parse_twin_response`."""
+    # "$rid" and "$version" are written as they are, as IoT Hub does
+    query = f"$rid={_encode(request_id)}"
+    if version is not None:
+        query += f"&$version={version}"
+    return f"{_TWIN_RESPONSE_PREFIX}{status:03d}/?{query}"
+
+
+def desired_patch_topic(version: int) -> str:
+    """The hub's side of :func:`parse_desired_patch`."""
+    return f"{_TWIN_DESIRED_PREFIX}?$version={version}"
+
+
+@dataclass(frozen=True)
+class TwinRequest:
+    """What a device asked of its twin: ``operation`` is "GET" (the whole twin) or
+    "PATCH" (reported properties)."""
+
+    operation: str
+    request_id: str
+
+
+_TWIN_REQUEST_PATHS = {
+    "$iothub/twin/GET/": "GET",
+    "$iothub/twin/PATCH/properties/reported/": "PATCH",
+}
+
+
+def parse_twin_request(topic: str) -> TwinRequest | None:
+    """The hub's side of :func:`twin_get_topic` and :func:`twin_patch_topic`; None for
+    other topics or one without a request id."""
+    path, sep, query = topic.partition("?")
+    operation = _TWIN_REQUEST_PATHS.get(path)
+    if operation is None or not sep:
+        return None
+    rid = _query(query).get("$rid")
+    return TwinRequest(operation, rid) if rid else None
 
 
 def parse_desired_patch(topic: str) -> tuple[bool, int | None]:
@@ -545,11 +624,36 @@ def parse_method_request(topic: str) -> MethodRequest | None:
     return MethodRequest(unquote(name), rid)
 
 
+def method_request_topic(name: str, request_id: str) -> str:
+    """The hub's side of :func:`parse_method_request`."""
+    return f"{_METHODS_PREFIX}{_encode(name)}/?$rid={_encode(request_id)}"
+
+
+@dataclass(frozen=True)
+class MethodResponse:
+    """A device's answer to a direct method: ``$iothub/methods/res/{status}/?$rid=``."""
+
+    status: int
+    request_id: str
+
+
+def parse_method_response(topic: str) -> MethodResponse | None:
+    """The hub's side of :func:`method_response_topic`; None for other topics or a
+    malformed one."""
+    if not topic.startswith(_METHODS_RESPONSE_PREFIX):
+        return None
+    status, sep, query = topic[len(_METHODS_RESPONSE_PREFIX) :].partition("/")
+    rid = _query(query).get("$rid") if sep else None
+    if not re.fullmatch(r"\d{1,3}", status) or not rid:
+        return None
+    return MethodResponse(int(status), rid)
+
+
 def method_response_topic(status: int, request_id: str) -> str:
     """Where the device answers a method call."""
     if isinstance(status, bool) or not isinstance(status, int) or not 0 <= status <= 999:
         raise ValueError(f"a method status is an integer (e.g. 200), not {status!r}")
-    return f"$iothub/methods/res/{status}/?$rid={_encode(request_id)}"
+    return f"{_METHODS_RESPONSE_PREFIX}{status}/?$rid={_encode(request_id)}"
 
 
 # --------------------------------------------------------------------------------------
