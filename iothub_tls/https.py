@@ -26,7 +26,8 @@ are never retried)::
     ├── ThrottledError                   429 after the retries (``retry_after``)
     ├── HubServerError                   5xx after the retries
     ├── UnexpectedResponseError          any other status
-    ├── ConnectionFailedError            could not connect (after the retries)
+    ├── ConnectionFailedError            could not connect, or the connection broke — also
+    │                                    a TLS error after the handshake (after the retries)
     └── OperationTimeoutError            no response in time
 
 Errors built from a response carry ``status``, ``error_code`` and ``tracking_id``.
@@ -178,6 +179,13 @@ def _hub_connection_class(u: Any) -> Any:
     from urllib3.util.wait import wait_for_read
 
     class HubConnection(u.connection.HTTPSConnection):  # type: ignore[misc]
+        #: requests sent on the current socket (0 on a fresh connection)
+        requests_sent = 0
+
+        def connect(self) -> None:
+            self.requests_sent = 0
+            super().connect()
+
         @property
         def is_connected(self) -> bool:
             sock = self.sock
@@ -203,6 +211,7 @@ def _hub_connection_class(u: Any) -> Any:
             return False
 
         def request(self, *args: Any, **kwargs: Any) -> None:
+            self.requests_sent += 1
             try:
                 super().request(*args, **kwargs)
             except (ssl.SSLError, OSError) as exc:
@@ -453,14 +462,23 @@ class HttpsDeviceClient(Connectable):
         self, request: proto.HttpRequest, operation: str, expected: tuple[int, ...]
     ) -> tuple[int, dict[str, str], bytes]:
         renewed = False
+        replaced_stale = False
         attempt = 1
         while True:
             headers = {**self._headers, **request.headers}
             if self._tokens is not None:
                 headers["Authorization"] = self._tokens.token()
+            reusing = self._reusing_connection()
             try:
                 status, response_headers, body = self._exchange(request, headers)
             except ConnectionFailedError as exc:
+                if reusing and not replaced_stale:
+                    # A kept-alive connection that sat idle in the pool can be dead
+                    # without our knowing (a NAT or load balancer forgot it): that says
+                    # nothing about the hub. Send once more, at once, on a new connection.
+                    replaced_stale = True
+                    logger.debug("%s: the pooled connection was dead (%s)", operation, exc)
+                    continue
                 if attempt >= self.retry.attempts:
                     raise
                 delay = self.retry.backoff(attempt)
@@ -488,6 +506,17 @@ class HttpsDeviceClient(Connectable):
                     attempt += 1
                     continue
             raise proto.error_for_status(status, info, operation=operation, retry_after=retry_after)
+
+    def _reusing_connection(self) -> bool:
+        """True when the next request will go out on a pooled connection that already
+        served a request (and may have died while idle)."""
+        waiting = getattr(self._pool, "pool", None)
+        if waiting is None:
+            return False
+        return any(
+            conn is not None and conn.sock is not None and conn.requests_sent > 0
+            for conn in list(waiting.queue)
+        )
 
     def _exchange(
         self, request: proto.HttpRequest, headers: dict[str, str]
@@ -518,17 +547,35 @@ class HttpsDeviceClient(Connectable):
         return int(response.status), dict(response.headers.items()), bytes(body)
 
     def _translate(self, exc: BaseException, doing: str) -> BaseException:
-        """urllib3's wrapping undone: TLS and policy errors come out as themselves."""
+        """urllib3's wrapping undone: TLS and policy errors come out as themselves, and
+        no bare :mod:`ssl` exception escapes.
+
+        Refusals (the handshake's policy errors, the hub refusing the device
+        certificate) are returned as they are; the request loop never retries them. A
+        TLS error on an established connection — EOF without close_notify, a reset
+        under the TLS layer, a record that fails its MAC check — is the network's fault:
+        it becomes :class:`ConnectionFailedError`, which the request loop retries."""
         u = self._urllib3
         chain = _chain(exc)
+        target = f"{self._connect_host}:{self._connect_port}"
         for item in chain:
             reason = getattr(item, "reason", None)
-            if self._identity is not None and reason in _CLIENT_CERT_REFUSED:
-                failure = AuthenticationError(
-                    f"the hub refused the device certificate during the TLS handshake "
-                    f"({reason}): register its thumbprint, or its CA, for device "
-                    f"{self.device_id!r} and check that it has not expired"
-                )
+            if reason in _CLIENT_CERT_REFUSED and (
+                self._identity is not None or not isinstance(item, IoTHubTLSError)
+            ):
+                if self._identity is not None:
+                    text = (
+                        f"the hub refused the device certificate during the TLS handshake "
+                        f"({reason}): register its thumbprint, or its CA, for device "
+                        f"{self.device_id!r} and check that it has not expired"
+                    )
+                else:  # in TLS 1.3 the alert comes after the client's handshake
+                    text = (
+                        f"the hub refused the connection with TLS alert {reason}: it asks "
+                        "for a device certificate and this client has none; pass the "
+                        "registered certificate as identity=ClientIdentity.from_files(...)"
+                    )
+                failure = AuthenticationError(text)
                 vars(failure)["reason"] = reason
                 return failure
         for item in chain:
@@ -536,8 +583,12 @@ class HttpsDeviceClient(Connectable):
                 return item
         for item in chain:
             if isinstance(item, ssl.SSLError):
-                return item
-        target = f"{self._connect_host}:{self._connect_port}"
+                # Handshake failures were translated by the hardened socket (above):
+                # this one broke an established connection.
+                detail = getattr(item, "reason", None) or type(item).__name__
+                return ConnectionFailedError(
+                    f"{doing}: the TLS connection to {target} broke ({detail}: {item})"
+                )
         if any(isinstance(i, u.exceptions.ReadTimeoutError) for i in chain):
             return OperationTimeoutError(
                 f"{doing}: no response from {target} within {self.timeout:g} s"

@@ -39,6 +39,7 @@ from iothub_tls.https import (
     ThrottledError,
 )
 from tests.conftest import HOST, PKI
+from tests.faultproxy import FaultProxy
 from tests.pki import CA, Issued
 from tests.tlsserver import RecordRelay
 
@@ -786,6 +787,60 @@ def test_a_failing_listener_does_not_break_the_endpoint(endpoints, registry, cli
     endpoint = endpoints(on_connection=broken)
     client_for(endpoint, sas_cs(registry)).send_telemetry(b"still fine")
     assert endpoint.received[-1].body == b"still fine"
+
+
+# -- transport faults: tests/faultproxy.py between the device and the hub ------------------------
+
+
+@pytest.fixture
+def proxy(endpoint: HttpsEndpoint) -> Iterator[FaultProxy]:
+    with FaultProxy(endpoint.port) as p:
+        yield p
+
+
+def test_reset_pooled_connection_never_reaches_the_application(
+    endpoint, proxy, registry, client_for, sleeps
+):
+    """The pooled connection looks alive, and the network answers the next request on it
+    with a RST (a NAT or load balancer forgot it). Each such request is sent again on a
+    new connection: no ssl exception, no failed send, every message once."""
+    client = client_for(proxy, sas_cs(registry))
+    for n in range(1, 51):
+        if n % 10 == 0:
+            proxy.reset_on_next_request()
+        client.send_telemetry(f"m{n}".encode())
+    assert proxy.faults == 5 and proxy.accepted == 6  # five resets, five new connections
+    assert [m.body for m in endpoint.received] == [f"m{n}".encode() for n in range(1, 51)]
+    assert sleeps == []  # a dead pooled connection is replaced at once, without back-off
+
+
+def test_corrupted_record_on_an_established_connection_is_sent_again(
+    endpoint, proxy, registry, client_for
+):
+    client = client_for(proxy, sas_cs(registry))
+    client.send_telemetry(b"first")
+    proxy.flip_next()  # the hub's answer to the next request fails its MAC check
+    client.send_telemetry(b"second")
+    assert proxy.accepted == 2
+    # The hub had processed the request whose answer was corrupted: at least once.
+    assert [m.body for m in endpoint.received] == [b"first", b"second", b"second"]
+
+
+def test_transport_fault_after_the_last_attempt_is_connection_failed_not_ssl(
+    endpoints, profile, registry, client_for
+):
+    # TLS 1.2: no session ticket follows the handshake, so the corrupted record is the
+    # answer to the request.
+    endpoint = endpoints(replace(profile, max_version=ssl.TLSVersion.TLSv1_2))
+    with FaultProxy(endpoint.port) as proxy:
+        client = client_for(proxy, sas_cs(registry), retry=HttpsRetry(attempts=1))
+        client.connect()  # a fresh connection, not one left idle by an earlier request
+        proxy.flip_next()
+        with pytest.raises(it.ConnectionFailedError, match=r"TLS connection .* broke") as err:
+            client.send_telemetry(b"x")
+    assert not isinstance(err.value, ssl.SSLError)
+    assert "BAD_RECORD_MAC" in str(err.value)
+    assert "BAD_RECORD_MAC" in str(err.value.__cause__)  # the original, chained
 
 
 # -- profile and registry values ----------------------------------------------------------------
