@@ -11,8 +11,9 @@ Two things live here:
   :class:`~iothub_tls.HardenedSSLContext`, for applications that already speak HTTPS
   with ``requests`` (``session.mount("https://", HardenedAdapter(policy))``).
 
-Errors a request can raise (besides the TLS errors of :mod:`iothub_tls.errors`, which
-are never retried)::
+Errors a request can raise (besides the TLS errors of :mod:`iothub_tls.errors`: the
+refusals are never retried; ``HandshakeClosedError``, a peer that closed or reset the
+connection mid-handshake without a TLS alert, is a transport fault and is retried)::
 
     ClientError
     ├── AuthenticationError              401 (after one SAS token renewal)
@@ -67,6 +68,7 @@ from .errors import (
     ClientError,
     ConnectionFailedError,
     ConnectionStringError,
+    HandshakeClosedError,
     IoTHubTLSError,
     MissingDependencyError,
     OperationTimeoutError,
@@ -471,8 +473,12 @@ class HttpsDeviceClient(Connectable):
             reusing = self._reusing_connection()
             try:
                 status, response_headers, body = self._exchange(request, headers)
-            except ConnectionFailedError as exc:
-                if reusing and not replaced_stale:
+            except (ConnectionFailedError, HandshakeClosedError) as exc:
+                # HandshakeClosedError: the peer closed or reset the connection (or let
+                # it stall) during the handshake without a TLS alert, i.e. before any
+                # policy decision — a transport fault. Refusals (version, suites,
+                # certificates, policy violations) are other classes and not caught.
+                if reusing and not replaced_stale and isinstance(exc, ConnectionFailedError):
                     # A kept-alive connection that sat idle in the pool can be dead
                     # without our knowing (a NAT or load balancer forgot it): that says
                     # nothing about the hub. Send once more, at once, on a new connection.

@@ -843,6 +843,67 @@ def test_transport_fault_after_the_last_attempt_is_connection_failed_not_ssl(
     assert "BAD_RECORD_MAC" in str(err.value.__cause__)  # the original, chained
 
 
+@pytest.mark.parametrize("after", [0, 100], ids=["before-server-hello", "mid-server-hello"])
+def test_one_reset_during_the_handshake_is_retried(
+    endpoint, proxy, registry, client_for, sleeps, after
+):
+    """A peer that resets the connection before any policy decision is a transport
+    fault: the next attempt connects and the message is delivered."""
+    client = client_for(proxy, sas_cs(registry), retry=HttpsRetry(attempts=3, base_delay=0.01))
+    proxy.drop_handshakes(after=after, count=1)
+    client.send_telemetry(b"after one dropped handshake")
+    assert proxy.faults == 1 and proxy.accepted == 2
+    assert len(sleeps) == 1  # one back-off, then the second attempt
+    assert [m.body for m in endpoint.received] == [b"after one dropped handshake"]
+
+
+def test_handshake_resets_on_every_attempt_raise_handshake_closed(
+    endpoint, proxy, registry, client_for, sleeps
+):
+    client = client_for(proxy, sas_cs(registry), retry=HttpsRetry(attempts=3, base_delay=0.01))
+    proxy.drop_handshakes(after=100, count=3)
+    with pytest.raises(it.HandshakeClosedError, match="during the handshake"):
+        client.send_telemetry(b"never")
+    assert proxy.accepted == 3 and len(sleeps) == 2  # every attempt used
+    assert endpoint.received == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "policy", "error"),
+    [
+        (
+            {"min_version": ssl.TLSVersion.TLSv1, "max_version": ssl.TLSVersion.TLSv1_1,
+             "legacy_ciphers": True},
+            {},
+            it.ProtocolVersionError,
+        ),
+        (
+            {"max_version": ssl.TLSVersion.TLSv1_2, "strong_ciphers": False,
+             "legacy_ciphers": True},
+            {},
+            it.CipherSuiteError,
+        ),
+        ({}, {"ciphers": it.CipherProfile.ECC_ONLY}, it.CipherSuiteError),
+        ({}, {"roots": it.AZURE_GLOBAL}, it.CertificateVerificationError),
+    ],
+    ids=["tls1.1-only", "weak-suites-only", "ecc-only-vs-rsa", "wrong-root"],
+)  # fmt: skip
+def test_policy_refusals_are_never_retried(
+    endpoints, profile, pki, registry, client_for, sleeps, change, policy, error
+):
+    custom = replace(profile, **change)
+    if "ciphers" in policy:
+        custom = replace(custom, certificates=(_cred(pki.rsa_leaf),))
+    endpoint = endpoints(custom)
+    with FaultProxy(endpoint.port) as proxy:
+        tls = it.TlsPolicy(**policy) if "roots" in policy else pki.policy(**policy)
+        client = client_for(proxy, sas_cs(registry), policy=tls)
+        with pytest.raises(error):
+            client.send_telemetry(b"x")
+        assert proxy.accepted == 1  # one handshake, no second attempt
+    assert sleeps == []
+
+
 # -- profile and registry values ----------------------------------------------------------------
 
 
