@@ -6,6 +6,7 @@ each connection negotiated. See the README for the policy and a quickstart.
 """
 
 from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
+from .backoff import RetryPolicy
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
     AuthenticationError,
@@ -69,6 +70,7 @@ __all__ = [
     "PolicyViolation",
     "ProtocolVersionError",
     "QueueFullError",
+    "RetryPolicy",
     "RootIntegrityError",
     "RootSet",
     "RootStoreError",

@@ -43,7 +43,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _http_protocol as proto
@@ -62,6 +61,7 @@ from ._http_protocol import (
 )
 from ._lifecycle import Connectable
 from .auth import ClientIdentity, ConnectionString, SasTokenProvider
+from .backoff import RetryPolicy
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
     AuthenticationError,
@@ -89,12 +89,12 @@ __all__ = [
     "DeviceNotFoundError",
     "HardenedAdapter",
     "HttpsDeviceClient",
-    "HttpsRetry",
     "HubServerError",
     "InvalidMessageError",
     "Message",
     "MessageLockLostError",
     "MessageTooLargeError",
+    "RetryPolicy",
     "ThrottledError",
     "UnexpectedResponseError",
 ]
@@ -123,35 +123,9 @@ def _urllib3() -> Any:
     return urllib3
 
 
-@dataclass(frozen=True)
-class HttpsRetry:
-    """How the client retries throttling (429), hub failures (5xx) and lost
-    connections. TLS and policy refusals are never retried.
-
-    :param attempts: tries per operation, the first included (1 = no retry).
-    :param base_delay: first back-off in seconds; doubles per retry, with jitter.
-    :param max_delay: longest single wait. A ``Retry-After`` longer than this is not
-        waited out: :class:`ThrottledError` is raised at once with ``retry_after`` set.
-    """
-
-    attempts: int = 4
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.attempts, bool)
-            or not isinstance(self.attempts, int)
-            or not (1 <= self.attempts <= 20)
-        ):
-            raise PolicyError(f"attempts must be an int from 1 to 20, not {self.attempts!r}")
-        if not (0 <= self.base_delay <= self.max_delay):
-            raise PolicyError("need 0 <= base_delay <= max_delay (seconds)")
-
-    def backoff(self, retry: int) -> float:
-        """Delay before retry number ``retry`` (1-based): exponential, half jitter."""
-        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not crypto
+#: HttpsDeviceClient's retries by default: four tries per operation, the waits between
+#: them up to 0.5 s, doubling, never over 30 s.
+_DEFAULT_RETRY = RetryPolicy(initial_delay=0.5, max_delay=30.0, max_attempts=4)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -256,7 +230,13 @@ class HttpsDeviceClient(Connectable):
         the certificate against it.
     :param port: connect to this port instead of 443.
     :param timeout: seconds to connect and to wait for each response.
-    :param retry: retry and back-off settings (:class:`HttpsRetry`).
+    :param retry: how each operation retries throttling (429), hub failures (5xx) and
+        transport faults: a :class:`~iothub_tls.backoff.RetryPolicy` with a finite
+        ``max_attempts`` (tries per operation, the first included); by default four
+        tries, the waits between them drawn up to 0.5 s, doubling, never over 30 s. A
+        ``Retry-After`` longer than its ``max_delay`` is not waited out:
+        :class:`ThrottledError` is raised at once with ``retry_after`` set. TLS and
+        policy refusals are never retried.
     :param sas_ttl: lifetime of each SAS token in seconds.
     :param clock: time source for SAS tokens (seconds since the epoch).
     :param sleep: how to wait between retries and polls.
@@ -272,7 +252,7 @@ class HttpsDeviceClient(Connectable):
         port: int | None = None,
         api_version: str = API_VERSION,
         timeout: float = 30.0,
-        retry: HttpsRetry | None = None,
+        retry: RetryPolicy = _DEFAULT_RETRY,
         sas_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -298,7 +278,15 @@ class HttpsDeviceClient(Connectable):
         self._connect_port = int(port) if port is not None else 443
         self.api_version = api_version
         self.timeout = float(timeout)
-        self.retry = retry or HttpsRetry()
+        if not isinstance(retry, RetryPolicy):
+            raise PolicyError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+        if retry.max_attempts is None:
+            raise PolicyError(
+                "an HTTPS operation needs a finite RetryPolicy.max_attempts (tries per "
+                "operation, the first included), not None"
+            )
+        self.retry = retry
+        self._draws = random.Random()  # noqa: S311 - jitter, not a secret
         self._sleep = sleep
         self.ssl_context: HardenedSSLContext = create_ssl_context(policy, identity=identity)
         self._identity = identity
@@ -485,9 +473,9 @@ class HttpsDeviceClient(Connectable):
                     replaced_stale = True
                     logger.debug("%s: the pooled connection was dead (%s)", operation, exc)
                     continue
-                if attempt >= self.retry.attempts:
+                if attempt >= self._max_attempts:
                     raise
-                delay = self.retry.backoff(attempt)
+                delay = self._backoff(attempt)
                 logger.info("%s: %s; retrying in %.2f s", operation, exc, delay)
                 self._sleep(delay)
                 attempt += 1
@@ -502,8 +490,8 @@ class HttpsDeviceClient(Connectable):
                 continue
             retry_after = proto.parse_retry_after(_header(response_headers, "Retry-After"))
             info = proto.parse_error(response_headers, body)
-            if (status == 429 or status >= 500) and attempt < self.retry.attempts:
-                delay = retry_after if retry_after is not None else self.retry.backoff(attempt)
+            if (status == 429 or status >= 500) and attempt < self._max_attempts:
+                delay = retry_after if retry_after is not None else self._backoff(attempt)
                 if delay <= self.retry.max_delay:
                     logger.info(
                         "%s: HTTP %d (%s); retrying in %.2f s", operation, status, info.code, delay
@@ -512,6 +500,15 @@ class HttpsDeviceClient(Connectable):
                     attempt += 1
                     continue
             raise proto.error_for_status(status, info, operation=operation, retry_after=retry_after)
+
+    @property
+    def _max_attempts(self) -> int:
+        return self.retry.max_attempts or 1  # never None: checked in __init__
+
+    def _backoff(self, retry: int) -> float:
+        """The wait before retry number ``retry`` of an operation (each operation starts
+        the schedule afresh)."""
+        return self.retry.delay(retry, self._draws.random())
 
     def _reusing_connection(self) -> bool:
         """True when the next request will go out on a pooled connection that already

@@ -47,7 +47,6 @@ from ._mqtt_protocol import (
     MethodRequest,
     MqttOptions,
     QueueFullError,
-    ReconnectPolicy,
     check_message_size,
     parse_c2d,
     parse_desired_patch,
@@ -56,6 +55,7 @@ from ._mqtt_protocol import (
     username,
 )
 from .auth import ClientIdentity, ConnectionString, SasTokenProvider
+from .backoff import RetryPolicy
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
     ClientError,
@@ -73,7 +73,7 @@ __all__ = [
     "MqttDeviceClient",
     "MqttOptions",
     "QueueFullError",
-    "ReconnectPolicy",
+    "RetryPolicy",
 ]
 
 logger = logging.getLogger("iothub_tls.mqtt")
@@ -274,7 +274,7 @@ class MqttDeviceClient(Connectable):
     @property
     def failure(self) -> BaseException | None:
         """The error that made the client stop reconnecting (a refused certificate or
-        credentials, or ``ReconnectPolicy.max_attempts`` used up); None otherwise."""
+        credentials, or ``RetryPolicy.max_attempts`` used up); None otherwise."""
         network = self._network
         return network.failure if network is not None else None
 

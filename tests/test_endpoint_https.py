@@ -31,11 +31,11 @@ from iothub_tls.endpoint import (
 from iothub_tls.https import (
     DeviceNotFoundError,
     HttpsDeviceClient,
-    HttpsRetry,
     HubServerError,
     Message,
     MessageLockLostError,
     MessageTooLargeError,
+    RetryPolicy,
     ThrottledError,
 )
 from tests.conftest import HOST, PKI
@@ -140,7 +140,7 @@ def client_for(pki: PKI, sleeps: list[float]) -> Iterator[Callable[..., HttpsDev
     def make(
         endpoint: HttpsEndpoint, cs: str, *, policy: it.TlsPolicy | None = None, **options: object
     ) -> HttpsDeviceClient:
-        options.setdefault("retry", HttpsRetry(attempts=3, base_delay=0.01, max_delay=5))
+        options.setdefault("retry", RetryPolicy(initial_delay=0.01, max_delay=5, max_attempts=3))
         options.setdefault("sleep", sleeps.append)
         client = HttpsDeviceClient.from_connection_string(
             cs,
@@ -833,7 +833,7 @@ def test_transport_fault_after_the_last_attempt_is_connection_failed_not_ssl(
     # answer to the request.
     endpoint = endpoints(replace(profile, max_version=ssl.TLSVersion.TLSv1_2))
     with FaultProxy(endpoint.port) as proxy:
-        client = client_for(proxy, sas_cs(registry), retry=HttpsRetry(attempts=1))
+        client = client_for(proxy, sas_cs(registry), retry=RetryPolicy(max_attempts=1))
         client.connect()  # a fresh connection, not one left idle by an earlier request
         proxy.flip_next()
         with pytest.raises(it.ConnectionFailedError, match=r"TLS connection .* broke") as err:
@@ -849,7 +849,9 @@ def test_one_reset_during_the_handshake_is_retried(
 ):
     """A peer that resets the connection before any policy decision is a transport
     fault: the next attempt connects and the message is delivered."""
-    client = client_for(proxy, sas_cs(registry), retry=HttpsRetry(attempts=3, base_delay=0.01))
+    client = client_for(
+        proxy, sas_cs(registry), retry=RetryPolicy(initial_delay=0.01, max_attempts=3)
+    )
     proxy.drop_handshakes(after=after, count=1)
     client.send_telemetry(b"after one dropped handshake")
     assert proxy.faults == 1 and proxy.accepted == 2
@@ -860,7 +862,9 @@ def test_one_reset_during_the_handshake_is_retried(
 def test_handshake_resets_on_every_attempt_raise_handshake_closed(
     endpoint, proxy, registry, client_for, sleeps
 ):
-    client = client_for(proxy, sas_cs(registry), retry=HttpsRetry(attempts=3, base_delay=0.01))
+    client = client_for(
+        proxy, sas_cs(registry), retry=RetryPolicy(initial_delay=0.01, max_attempts=3)
+    )
     proxy.drop_handshakes(after=100, count=3)
     with pytest.raises(it.HandshakeClosedError, match="during the handshake"):
         client.send_telemetry(b"never")

@@ -57,7 +57,7 @@ from iothub_tls.mqtt import (
     MqttDeviceClient,
     MqttOptions,
     QueueFullError,
-    ReconnectPolicy,
+    RetryPolicy,
 )
 from iothub_tls.policy import STRONG_SUITES
 from tests.brokers import Mosquitto, MosquittoListener, require_binary
@@ -75,7 +75,7 @@ FAST = MqttOptions(
     connect_timeout=5,
     handshake_timeout=5,
     operation_timeout=10,
-    reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.5),
+    reconnect=RetryPolicy(initial_delay=0.05, max_delay=0.5),
 )
 WAIT = 10.0
 
@@ -667,6 +667,41 @@ def test_network_loss_reconnects_and_resumes_the_tls_session(hub: Hub) -> None:
     proxy.close()
 
 
+def test_reconnect_backoff_starts_again_after_each_healthy_connection(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = RetryPolicy(initial_delay=0.05, max_delay=5, jitter=False, healthy_after=0.2)
+    caplog.set_level(logging.WARNING, logger="iothub_tls.mqtt")
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, reconnect=policy))
+    for drop in range(1, 5):
+        time.sleep(0.3)  # healthy: up for longer than healthy_after
+        proxy.reset()
+        wait_for(
+            lambda n=drop: client.reconnect_count == n and client.connected, "the reconnection"
+        )
+    waits = [r.args[-1] for r in caplog.records if "reconnecting in" in str(r.msg)]
+    assert waits == [0.05] * 4  # without the reset: 0.05, 0.1, 0.2, 0.4
+    proxy.close()
+
+
+def test_reconnect_backoff_grows_while_connections_do_not_stay_up(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub that accepts and then drops every connection meets a growing wait, not a
+    reconnection storm at the shortest one."""
+    policy = RetryPolicy(initial_delay=0.05, max_delay=5, jitter=False, healthy_after=60)
+    caplog.set_level(logging.WARNING, logger="iothub_tls.mqtt")
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, reconnect=policy))
+    for drop in range(1, 5):
+        proxy.reset()
+        wait_for(
+            lambda n=drop: client.reconnect_count == n and client.connected, "the reconnection"
+        )
+    waits = [r.args[-1] for r in caplog.records if "reconnecting in" in str(r.msg)]
+    assert waits == [0.05, 0.1, 0.2, 0.4]
+    proxy.close()
+
+
 def test_message_sent_while_offline_is_delivered_once_after_reconnecting(hub: Hub) -> None:
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
@@ -758,9 +793,7 @@ def test_broker_restart_reconnects_and_delivers_the_queued_message(hub: Hub) -> 
 
 
 def test_full_queue_refuses_with_a_specific_error(hub: Hub) -> None:
-    options = MqttOptions(
-        queue_size=2, reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.2)
-    )
+    options = MqttOptions(queue_size=2, reconnect=RetryPolicy(initial_delay=0.05, max_delay=0.2))
     proxy, client = connected_behind_proxy(hub, options=options)
     go_offline(proxy, client)
     first = client.send_telemetry_async(b"1")
