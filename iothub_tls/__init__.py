@@ -5,6 +5,7 @@ root-only pinning, optional max fragment length, mutual TLS, and a report of wha
 each connection negotiated. See the README for the policy and a quickstart.
 """
 
+from ._io.backoff import RetryPolicy
 from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
 from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
@@ -69,6 +70,7 @@ __all__ = [
     "PolicyViolation",
     "ProtocolVersionError",
     "QueueFullError",
+    "RetryPolicy",
     "RootIntegrityError",
     "RootSet",
     "RootStoreError",

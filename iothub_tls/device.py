@@ -123,9 +123,7 @@ class Message:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "payload", _as_payload(self.payload))
-        object.__setattr__(
-            self, "properties", MappingProxyType(_check_properties(self.properties))
-        )
+        object.__setattr__(self, "properties", MappingProxyType(_check_properties(self.properties)))
         for keyword in _SYSTEM_KEYWORDS:
             value = getattr(self, keyword)
             if value is not None and (not isinstance(value, str) or not value):

@@ -12,6 +12,7 @@ restarts, peers that stall the TLS or the AMQP handshake, and TLS refusals.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
 import threading
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 
 import iothub_tls as it
+from iothub_tls._io.backoff import RetryPolicy
 from iothub_tls.amqp import AmqpConnection, AmqpDeviceClient, AmqpMessage, AmqpOptions
 from iothub_tls.auth import SasTokenProvider
 from iothub_tls.hub import (
@@ -33,6 +35,7 @@ from iothub_tls.hub import (
 )
 from iothub_tls.hub.amqp import AmqpEndpoint
 from tests.conftest import HOST, PKI
+from tests.faultproxy import FaultProxy
 from tests.pki import CA, Issued
 from tests.tlsserver import TLSServer
 
@@ -250,7 +253,7 @@ def test_a_link_to_another_device_is_not_authorized(
         policy=pki.policy(),
         server_hostname=HOST,
         cbs_token_provider=SasTokenProvider.from_connection_string(cs),
-        options=replace(QUICK, reconnect=False),
+        options=replace(QUICK, reconnect=None),
     )
     conn.sender("/devices/dev-other/messages/events")
     with pytest.raises(
@@ -266,7 +269,7 @@ def test_links_without_any_credentials_are_refused(endpoint: AmqpEndpoint, pki: 
         endpoint.port,
         policy=pki.policy(),
         server_hostname=HOST,
-        options=replace(QUICK, reconnect=False),
+        options=replace(QUICK, reconnect=None),
     )
     conn.sender("/devices/dev-sas/messages/events")
     with pytest.raises(it.NotAuthorizedError, match=r"no credentials for device 'dev-sas'"):
@@ -410,7 +413,10 @@ def test_reconnects_after_the_endpoint_restarts(
     endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
 ) -> None:
     client = client_for(
-        endpoint, pki, sas_string(registry), options=replace(QUICK, max_reconnect_delay=0.5)
+        endpoint,
+        pki,
+        sas_string(registry),
+        options=replace(QUICK, reconnect=RetryPolicy(initial_delay=0.5, max_delay=0.5)),
     )
     endpoint.enqueue_c2d("dev-sas", b"received before the restart", message_id="c2d-old")
     with client:
@@ -434,6 +440,74 @@ def test_reconnects_after_the_endpoint_restarts(
     client.close()
     assert [m.body for m in endpoint.received] == [b"before", b"after", b"after close and connect"]
     assert len(connects(endpoint, "Success")) == 3
+
+
+def reconnect_waits(records: list[logging.LogRecord]) -> list[float]:
+    """The wait the client chose before each reconnection, from its log records."""
+    return [
+        float(r.args[-1])  # type: ignore[index]
+        for r in records
+        if r.name == "iothub_tls.amqp" and "reconnecting in" in str(r.msg)
+    ]
+
+
+def test_backoff_starts_again_after_each_healthy_connection(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Six drops, each after a connection that stayed up longer than healthy_after: every
+    reconnection waits the first, shortest delay (jitter off to make it exact)."""
+    policy = RetryPolicy(initial_delay=0.05, max_delay=5.0, jitter=False, healthy_after=0.2)
+    caplog.set_level(logging.INFO, logger="iothub_tls.amqp")
+    with FaultProxy(endpoint.port) as proxy:
+        client = client_for(
+            proxy, pki, sas_string(registry), options=replace(QUICK, reconnect=policy)
+        )
+        with client:
+            for drop in range(1, 7):
+                time.sleep(0.3)  # healthy: up for longer than healthy_after
+                proxy.reset()
+                wait_for(
+                    lambda n=drop: client.connection.reconnects == n and client.connection.connected
+                )
+                client.send_telemetry(f"after drop {drop}".encode())
+        assert proxy.faults == 6
+    assert reconnect_waits(caplog.records) == [0.05] * 6
+    assert [m.body for m in endpoint.received] == [f"after drop {n}".encode() for n in range(1, 7)]
+
+
+def test_backoff_grows_while_connections_do_not_stay_up(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The twin: drops that come before healthy_after continue the schedule."""
+    policy = RetryPolicy(initial_delay=0.05, max_delay=5.0, jitter=False, healthy_after=60)
+    caplog.set_level(logging.INFO, logger="iothub_tls.amqp")
+    with FaultProxy(endpoint.port) as proxy:
+        client = client_for(
+            proxy, pki, sas_string(registry), options=replace(QUICK, reconnect=policy)
+        )
+        with client:
+            for drop in range(1, 5):
+                proxy.reset()
+                wait_for(
+                    lambda n=drop: client.connection.reconnects == n and client.connection.connected
+                )
+    assert reconnect_waits(caplog.records) == [0.05, 0.1, 0.2, 0.4]
+
+
+def test_reconnection_gives_up_after_max_attempts(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    policy = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
+    with FaultProxy(endpoint.port) as proxy:
+        client = client_for(
+            proxy, pki, sas_string(registry), options=replace(QUICK, reconnect=policy)
+        )
+        with client:
+            proxy.refusing = True  # every attempt: TCP accepted, closed at once
+            proxy.reset()
+            with pytest.raises(it.ConnectionFailedError, match=r"gave up .* after 3 attempts"):
+                client.send_telemetry(b"x", timeout=10)
+        assert proxy.accepted == 1 + 3  # the first connection, then three attempts
 
 
 # -- handshakes that fail ---------------------------------------------------------------------

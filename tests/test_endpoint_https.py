@@ -20,11 +20,11 @@ import iothub_tls as it
 from iothub_tls.https import (
     DeviceNotFoundError,
     HttpsDeviceClient,
-    HttpsRetry,
     HubServerError,
     Message,
     MessageLockLostError,
     MessageTooLargeError,
+    RetryPolicy,
     ThrottledError,
 )
 from iothub_tls.hub import (
@@ -39,6 +39,7 @@ from iothub_tls.hub import (
     ServerCredential,
 )
 from tests.conftest import HOST, PKI
+from tests.faultproxy import FaultProxy
 from tests.pki import CA, Issued
 from tests.tlsserver import RecordRelay
 
@@ -139,7 +140,7 @@ def client_for(pki: PKI, sleeps: list[float]) -> Iterator[Callable[..., HttpsDev
     def make(
         endpoint: HttpsEndpoint, cs: str, *, policy: it.TlsPolicy | None = None, **options: object
     ) -> HttpsDeviceClient:
-        options.setdefault("retry", HttpsRetry(attempts=3, base_delay=0.01, max_delay=5))
+        options.setdefault("retry", RetryPolicy(initial_delay=0.01, max_delay=5, max_attempts=3))
         options.setdefault("sleep", sleeps.append)
         client = HttpsDeviceClient.from_connection_string(
             cs,
@@ -786,6 +787,125 @@ def test_a_failing_listener_does_not_break_the_endpoint(endpoints, registry, cli
     endpoint = endpoints(on_connection=broken)
     client_for(endpoint, sas_cs(registry)).send_telemetry(b"still fine")
     assert endpoint.received[-1].body == b"still fine"
+
+
+# -- transport faults: tests/faultproxy.py between the device and the hub ------------------------
+
+
+@pytest.fixture
+def proxy(endpoint: HttpsEndpoint) -> Iterator[FaultProxy]:
+    with FaultProxy(endpoint.port) as p:
+        yield p
+
+
+def test_reset_pooled_connection_never_reaches_the_application(
+    endpoint, proxy, registry, client_for, sleeps
+):
+    """The pooled connection looks alive, and the network answers the next request on it
+    with a RST (a NAT or load balancer forgot it). Each such request is sent again on a
+    new connection: no ssl exception, no failed send, every message once."""
+    client = client_for(proxy, sas_cs(registry))
+    for n in range(1, 51):
+        if n % 10 == 0:
+            proxy.reset_on_next_request()
+        client.send_telemetry(f"m{n}".encode())
+    assert proxy.faults == 5 and proxy.accepted == 6  # five resets, five new connections
+    assert [m.body for m in endpoint.received] == [f"m{n}".encode() for n in range(1, 51)]
+    assert sleeps == []  # a dead pooled connection is replaced at once, without back-off
+
+
+def test_corrupted_record_on_an_established_connection_is_sent_again(
+    endpoint, proxy, registry, client_for
+):
+    client = client_for(proxy, sas_cs(registry))
+    client.send_telemetry(b"first")
+    proxy.flip_next()  # the hub's answer to the next request fails its MAC check
+    client.send_telemetry(b"second")
+    assert proxy.accepted == 2
+    # The hub had processed the request whose answer was corrupted: at least once.
+    assert [m.body for m in endpoint.received] == [b"first", b"second", b"second"]
+
+
+def test_transport_fault_after_the_last_attempt_is_connection_failed_not_ssl(
+    endpoints, profile, registry, client_for
+):
+    # TLS 1.2: no session ticket follows the handshake, so the corrupted record is the
+    # answer to the request.
+    endpoint = endpoints(replace(profile, max_version=ssl.TLSVersion.TLSv1_2))
+    with FaultProxy(endpoint.port) as proxy:
+        client = client_for(proxy, sas_cs(registry), retry=RetryPolicy(max_attempts=1))
+        client.connect()  # a fresh connection, not one left idle by an earlier request
+        proxy.flip_next()
+        with pytest.raises(it.ConnectionFailedError, match=r"TLS connection .* broke") as err:
+            client.send_telemetry(b"x")
+    assert not isinstance(err.value, ssl.SSLError)
+    assert "BAD_RECORD_MAC" in str(err.value)
+    assert "BAD_RECORD_MAC" in str(err.value.__cause__)  # the original, chained
+
+
+@pytest.mark.parametrize("after", [0, 100], ids=["before-server-hello", "mid-server-hello"])
+def test_one_reset_during_the_handshake_is_retried(
+    endpoint, proxy, registry, client_for, sleeps, after
+):
+    """A peer that resets the connection before any policy decision is a transport
+    fault: the next attempt connects and the message is delivered."""
+    client = client_for(
+        proxy, sas_cs(registry), retry=RetryPolicy(initial_delay=0.01, max_attempts=3)
+    )
+    proxy.drop_handshakes(after=after, count=1)
+    client.send_telemetry(b"after one dropped handshake")
+    assert proxy.faults == 1 and proxy.accepted == 2
+    assert len(sleeps) == 1  # one back-off, then the second attempt
+    assert [m.body for m in endpoint.received] == [b"after one dropped handshake"]
+
+
+def test_handshake_resets_on_every_attempt_raise_handshake_closed(
+    endpoint, proxy, registry, client_for, sleeps
+):
+    client = client_for(
+        proxy, sas_cs(registry), retry=RetryPolicy(initial_delay=0.01, max_attempts=3)
+    )
+    proxy.drop_handshakes(after=100, count=3)
+    with pytest.raises(it.HandshakeClosedError, match="during the handshake"):
+        client.send_telemetry(b"never")
+    assert proxy.accepted == 3 and len(sleeps) == 2  # every attempt used
+    assert endpoint.received == ()
+
+
+@pytest.mark.parametrize(
+    ("change", "policy", "error"),
+    [
+        (
+            {"min_version": ssl.TLSVersion.TLSv1, "max_version": ssl.TLSVersion.TLSv1_1,
+             "legacy_ciphers": True},
+            {},
+            it.ProtocolVersionError,
+        ),
+        (
+            {"max_version": ssl.TLSVersion.TLSv1_2, "strong_ciphers": False,
+             "legacy_ciphers": True},
+            {},
+            it.CipherSuiteError,
+        ),
+        ({}, {"ciphers": it.CipherProfile.ECC_ONLY}, it.CipherSuiteError),
+        ({}, {"roots": it.AZURE_GLOBAL}, it.CertificateVerificationError),
+    ],
+    ids=["tls1.1-only", "weak-suites-only", "ecc-only-vs-rsa", "wrong-root"],
+)  # fmt: skip
+def test_policy_refusals_are_never_retried(
+    endpoints, profile, pki, registry, client_for, sleeps, change, policy, error
+):
+    custom = replace(profile, **change)
+    if "ciphers" in policy:
+        custom = replace(custom, certificates=(_cred(pki.rsa_leaf),))
+    endpoint = endpoints(custom)
+    with FaultProxy(endpoint.port) as proxy:
+        tls = it.TlsPolicy(**policy) if "roots" in policy else pki.policy(**policy)
+        client = client_for(proxy, sas_cs(registry), policy=tls)
+        with pytest.raises(error):
+            client.send_telemetry(b"x")
+        assert proxy.accepted == 1  # one handshake, no second attempt
+    assert sleeps == []
 
 
 # -- profile and registry values ----------------------------------------------------------------

@@ -20,12 +20,12 @@ from iothub_tls.https import (
     C2DMessage,
     DeviceNotFoundError,
     HttpsDeviceClient,
-    HttpsRetry,
     HubServerError,
     InvalidMessageError,
     Message,
     MessageLockLostError,
     MessageTooLargeError,
+    RetryPolicy,
     ThrottledError,
     UnexpectedResponseError,
 )
@@ -219,17 +219,6 @@ def test_message_body_types_and_size():
         proto.batch_request("d", [])
 
 
-def test_retry_settings():
-    retry = HttpsRetry(attempts=5, base_delay=1, max_delay=4)
-    for n in range(1, 8):
-        ceiling = min(4, 2 ** (n - 1))
-        assert ceiling / 2 <= retry.backoff(n) <= ceiling
-    with pytest.raises(it.PolicyError, match="attempts"):
-        HttpsRetry(attempts=0)
-    with pytest.raises(it.PolicyError, match="base_delay"):
-        HttpsRetry(base_delay=10, max_delay=1)
-
-
 # -- the client's construction ----------------------------------------------------------------
 
 KEY = base64.b64encode(b"k" * 32).decode()
@@ -246,6 +235,16 @@ def test_client_refuses_what_https_cannot_do():
         HttpsDeviceClient.from_connection_string(
             f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}", port=0
         )
+
+
+def test_retry_policy_of_the_https_client():
+    cs = f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}"
+    client = HttpsDeviceClient.from_connection_string(cs)
+    assert client.retry == RetryPolicy(initial_delay=0.5, max_delay=30, max_attempts=4)
+    with pytest.raises(it.PolicyError, match=r"finite RetryPolicy\.max_attempts"):
+        HttpsDeviceClient.from_connection_string(cs, retry=RetryPolicy(max_attempts=None))
+    with pytest.raises(it.PolicyError, match="retry must be a RetryPolicy"):
+        HttpsDeviceClient.from_connection_string(cs, retry=4)
 
 
 def test_client_repr_has_no_secret():

@@ -57,12 +57,13 @@ from iothub_tls.mqtt import (
     MqttDeviceClient,
     MqttOptions,
     QueueFullError,
-    ReconnectPolicy,
+    RetryPolicy,
 )
 from iothub_tls.policy import STRONG_SUITES
 from tests.brokers import Mosquitto, MosquittoListener, require_binary
 from tests.conftest import HOST, PKI
 from tests.descriptors import descriptors_taken_below
+from tests.faultproxy import FaultProxy
 from tests.pki import CA, NOW
 from tests.tlsserver import TLSServer
 
@@ -74,7 +75,7 @@ FAST = MqttOptions(
     connect_timeout=5,
     handshake_timeout=5,
     operation_timeout=10,
-    reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.5),
+    reconnect=RetryPolicy(initial_delay=0.05, max_delay=0.5),
 )
 WAIT = 10.0
 
@@ -211,75 +212,6 @@ class TwinService:
         self.peer.client.publish(f"$iothub/twin/res/204/?$rid={rid}&$version={version}", b"")
 
 
-class CutProxy:
-    """TCP forwarder 127.0.0.1:port -> target. :meth:`cut` drops every live connection
-    (a network loss); while ``refusing`` it closes new connections at once; while
-    ``muted`` it swallows what the server sends (acknowledgements get lost) and counts
-    the bytes in ``swallowed``."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.refusing = False
-        self.muted = False
-        self.swallowed = 0
-        self.accepted = 0
-        self._pairs: list[tuple[socket.socket, socket.socket]] = []
-        self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(16)
-        self.port = int(self._sock.getsockname()[1])
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.refusing:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._pairs.append((client, upstream))
-            for src, dst, downstream in ((client, upstream, False), (upstream, client, True)):
-                threading.Thread(
-                    target=self._pump, args=(src, dst, downstream), daemon=True
-                ).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if downstream and self.muted:
-                    self.swallowed += len(data)
-                else:
-                    dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self._lock:
-            pairs, self._pairs = self._pairs, []
-        for pair in pairs:
-            for s in pair:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def close(self) -> None:
-        self._sock.close()
-        self.cut()
-
-
 # --------------------------------------------------------------------------- the hub
 
 
@@ -393,15 +325,15 @@ class Hub:
             peer.stop()
 
 
-def connected_behind_proxy(hub: Hub, **options: Any) -> tuple[CutProxy, MqttDeviceClient]:
+def connected_behind_proxy(hub: Hub, **options: Any) -> tuple[FaultProxy, MqttDeviceClient]:
     """A connected SAS client whose connection runs through a proxy the test can cut."""
-    proxy = CutProxy(hub.sas_port)
+    proxy = FaultProxy(hub.sas_port)
     client = hub.sas_client(port=proxy.port, **options)
     client.connect()
     return proxy, client
 
 
-def go_offline(proxy: CutProxy, client: MqttDeviceClient) -> None:
+def go_offline(proxy: FaultProxy, client: MqttDeviceClient) -> None:
     """Cut the connection, refuse reconnection, and wait until the client noticed."""
     proxy.refusing = True
     proxy.cut()
@@ -735,6 +667,41 @@ def test_network_loss_reconnects_and_resumes_the_tls_session(hub: Hub) -> None:
     proxy.close()
 
 
+def test_reconnect_backoff_starts_again_after_each_healthy_connection(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    policy = RetryPolicy(initial_delay=0.05, max_delay=5, jitter=False, healthy_after=0.2)
+    caplog.set_level(logging.WARNING, logger="iothub_tls.mqtt")
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, reconnect=policy))
+    for drop in range(1, 5):
+        time.sleep(0.3)  # healthy: up for longer than healthy_after
+        proxy.reset()
+        wait_for(
+            lambda n=drop: client.reconnect_count == n and client.connected, "the reconnection"
+        )
+    waits = [r.args[-1] for r in caplog.records if "reconnecting in" in str(r.msg)]
+    assert waits == [0.05] * 4  # without the reset: 0.05, 0.1, 0.2, 0.4
+    proxy.close()
+
+
+def test_reconnect_backoff_grows_while_connections_do_not_stay_up(
+    hub: Hub, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub that accepts and then drops every connection meets a growing wait, not a
+    reconnection storm at the shortest one."""
+    policy = RetryPolicy(initial_delay=0.05, max_delay=5, jitter=False, healthy_after=60)
+    caplog.set_level(logging.WARNING, logger="iothub_tls.mqtt")
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, reconnect=policy))
+    for drop in range(1, 5):
+        proxy.reset()
+        wait_for(
+            lambda n=drop: client.reconnect_count == n and client.connected, "the reconnection"
+        )
+    waits = [r.args[-1] for r in caplog.records if "reconnecting in" in str(r.msg)]
+    assert waits == [0.05, 0.1, 0.2, 0.4]
+    proxy.close()
+
+
 def test_message_sent_while_offline_is_delivered_once_after_reconnecting(hub: Hub) -> None:
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")
@@ -826,9 +793,7 @@ def test_broker_restart_reconnects_and_delivers_the_queued_message(hub: Hub) -> 
 
 
 def test_full_queue_refuses_with_a_specific_error(hub: Hub) -> None:
-    options = MqttOptions(
-        queue_size=2, reconnect=ReconnectPolicy(initial_delay=0.05, max_delay=0.2)
-    )
+    options = MqttOptions(queue_size=2, reconnect=RetryPolicy(initial_delay=0.05, max_delay=0.2))
     proxy, client = connected_behind_proxy(hub, options=options)
     go_offline(proxy, client)
     first = client.send_telemetry_async(b"1")
@@ -894,7 +859,7 @@ def test_sas_token_is_renewed_by_reconnecting(hub: Hub) -> None:
     first_token = provider.token()
     hub.set_password(device.username, first_token)
     wait_for(lambda: probe_login(hub, device.username, first_token) == 0, "the reload")
-    proxy = CutProxy(hub.sas_port)
+    proxy = FaultProxy(hub.sas_port)
     client = hub.sas_client(device, port=proxy.port)
     client.connect()
 
@@ -1301,7 +1266,7 @@ def test_clients_work_with_descriptor_numbers_above_1023(hub: Hub) -> None:
     service = hub.peer("service")
     TwinService(hub.peer("twin-service"), {"rate": 1})
     with descriptors_taken_below(1100):
-        proxy = CutProxy(hub.sas_port)
+        proxy = FaultProxy(hub.sas_port)
         clients = [
             hub.x509_client(),
             hub.sas_client(port=proxy.port),

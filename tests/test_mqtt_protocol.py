@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from iothub_tls import errors
+from iothub_tls._io.backoff import RetryPolicy
 from iothub_tls.mqtt.conventions import (
     API_VERSION,
     MAX_MESSAGE_BYTES,
@@ -20,10 +21,8 @@ from iothub_tls.mqtt.conventions import (
     MethodRequest,
     MqttOptions,
     QueueFullError,
-    ReconnectPolicy,
     RequestTracker,
     TwinResponse,
-    backoff_delay,
     c2d_filter,
     check_message_size,
     connack_code,
@@ -355,40 +354,6 @@ def test_what_is_never_retried() -> None:
     assert not any(is_permanent(e) for e in transient)
 
 
-# ------------------------------------------------------------------------- back-off
-
-
-def test_backoff_grows_exponentially_up_to_the_cap() -> None:
-    policy = ReconnectPolicy(initial_delay=1, max_delay=10, multiplier=2, jitter=0)
-    assert [backoff_delay(policy, n, 0.0) for n in range(1, 7)] == [1, 2, 4, 8, 10, 10]
-    assert backoff_delay(policy, 10_000, 0.0) == 10  # no overflow on long outages
-
-
-def test_backoff_jitter_only_shortens_the_delay() -> None:
-    policy = ReconnectPolicy(initial_delay=4, max_delay=4, jitter=0.5)
-    assert backoff_delay(policy, 1, 0.0) == 4
-    assert backoff_delay(policy, 1, 0.5) == 3
-    assert backoff_delay(policy, 1, 0.999) == pytest.approx(2.002)
-    with pytest.raises(ValueError, match="1-based"):
-        backoff_delay(policy, 0, 0.0)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "fragment"),
-    [
-        ({"initial_delay": -1}, "initial_delay"),
-        ({"max_delay": 0.5}, "must not be smaller than initial_delay"),
-        ({"multiplier": 0.5}, "multiplier must be >= 1"),
-        ({"jitter": 1.5}, "fraction"),
-        ({"max_attempts": 0}, "max_attempts"),
-        ({"initial_delay": float("nan")}, "finite"),
-    ],
-)
-def test_reconnect_policy_validation(kwargs: dict[str, object], fragment: str) -> None:
-    with pytest.raises(ValueError, match=fragment):
-        ReconnectPolicy(**kwargs)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("kwargs", "kind", "fragment"),
     [
@@ -398,7 +363,7 @@ def test_reconnect_policy_validation(kwargs: dict[str, object], fragment: str) -
         ({"handshake_timeout": -1}, ValueError, "handshake_timeout"),
         ({"queue_size": 0}, ValueError, "queue_size"),
         ({"sas_ttl": 10}, ValueError, "at least 60"),
-        ({"reconnect": {"initial_delay": 1}}, TypeError, "ReconnectPolicy"),
+        ({"reconnect": {"initial_delay": 1}}, TypeError, "RetryPolicy"),
     ],
 )
 def test_mqtt_options_validation(kwargs: dict[str, object], kind: type, fragment: str) -> None:
@@ -409,5 +374,5 @@ def test_mqtt_options_validation(kwargs: dict[str, object], kind: type, fragment
 def test_mqtt_option_defaults_suit_iot_hub() -> None:
     options = MqttOptions()
     assert options.keepalive == 60
-    assert options.reconnect == ReconnectPolicy()
+    assert options.reconnect == RetryPolicy()
     assert options.queue_size == 1000

@@ -14,6 +14,7 @@ from .client import (
     AmqpReceiver,
     AmqpSender,
     C2DMessage,
+    RetryPolicy,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "AmqpReceiver",
     "AmqpSender",
     "C2DMessage",
+    "RetryPolicy",
 ]

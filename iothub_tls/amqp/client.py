@@ -6,7 +6,8 @@ checks and the same :class:`~iothub_tls.TlsInfo` as MQTT and HTTPS); python-qpid
 engine (connection, transport, SASL) runs *inside* that socket and does no TLS itself.
 One I/O thread per connection moves bytes between the socket and the engine, sends
 heartbeats (the transport's idle-timeout tick), renews the SAS token on the live
-connection and reconnects with backoff after the connection is lost.
+connection and reconnects after the connection is lost, waiting as
+``AmqpOptions.reconnect`` (a :class:`~iothub_tls.RetryPolicy`) says.
 
 Install the extra: ``pip install 'iothub-tls[amqp]'``.
 
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from .._io.backoff import Backoff, RetryPolicy
 from .._io.lifecycle import Connectable
 from .._io.poller import readable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
@@ -70,6 +72,7 @@ __all__ = [
     "AmqpReceiver",
     "AmqpSender",
     "C2DMessage",
+    "RetryPolicy",
 ]
 
 logger = logging.getLogger("iothub_tls.amqp")
@@ -87,6 +90,10 @@ def _engine() -> Any:
     return _amqp_engine
 
 
+#: AmqpOptions.reconnect by default: the first wait up to 0.5 s, doubling to 30 s.
+_DEFAULT_RECONNECT = RetryPolicy(initial_delay=0.5, max_delay=30.0)
+
+
 @dataclass(frozen=True)
 class AmqpOptions:
     """Tuning of :class:`AmqpConnection` and :class:`AmqpDeviceClient`; every field has
@@ -99,9 +106,11 @@ class AmqpOptions:
         peer that stalls any of them fails with a timeout error naming the stage.
     :param operation_timeout: default limit for a message's disposition, a settlement or
         a :meth:`AmqpDeviceClient.receive_c2d`.
-    :param reconnect: re-establish a lost connection (CBS and links included), with
-        exponential backoff from ``reconnect_delay`` to ``max_reconnect_delay`` seconds.
-        Refused credentials and TLS policy refusals are never retried.
+    :param reconnect: how to re-establish a lost connection (CBS and links included): a
+        :class:`~iothub_tls.RetryPolicy` (default: waits of up to 0.5 s doubling
+        to 30 s, with full jitter, never giving up, starting again after a connection
+        healthy for 60 s), or None not to reconnect. Refused credentials and TLS policy
+        refusals are never retried.
     :param renew_margin: put a new SAS token on ``$cbs`` when this fraction of the
         current token's lifetime is left.
     :param sas_ttl: lifetime of the SAS tokens the device client generates.
@@ -112,9 +121,7 @@ class AmqpOptions:
     idle_timeout: float = 120.0
     connect_timeout: float = 30.0
     operation_timeout: float = 30.0
-    reconnect: bool = True
-    reconnect_delay: float = 0.5
-    max_reconnect_delay: float = 30.0
+    reconnect: RetryPolicy | None = _DEFAULT_RECONNECT
     renew_margin: float = 0.2
     sas_ttl: float = 3600.0
     c2d_credit: int = 10
@@ -124,8 +131,6 @@ class AmqpOptions:
             "idle_timeout",
             "connect_timeout",
             "operation_timeout",
-            "reconnect_delay",
-            "max_reconnect_delay",
             "sas_ttl",
         ):
             value = getattr(self, name)
@@ -133,6 +138,11 @@ class AmqpOptions:
                 isinstance(value, int | float) and math.isfinite(value) and value > 0
             ):
                 raise PolicyError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.reconnect is not None and not isinstance(self.reconnect, RetryPolicy):
+            raise PolicyError(
+                "reconnect must be a RetryPolicy (or None not to reconnect), not "
+                f"{self.reconnect!r}"
+            )
         if not (isinstance(self.renew_margin, int | float) and 0 < self.renew_margin < 1):
             raise PolicyError(f"renew_margin must be in (0, 1), not {self.renew_margin!r}")
         if isinstance(self.c2d_credit, bool) or not (
@@ -435,6 +445,7 @@ class AmqpConnection(Connectable):
         self._last_error: BaseException | None = None
         self._reconnects = 0
         self._token_puts = 0
+        self._backoff: Backoff | None = None
 
     # -- links ----------------------------------------------------------------------------
 
@@ -625,7 +636,8 @@ class AmqpConnection(Connectable):
     # -- the I/O thread -------------------------------------------------------------------
 
     def _main(self) -> None:
-        delay = self.options.reconnect_delay
+        policy = self.options.reconnect
+        backoff = self._backoff = Backoff(policy) if policy is not None else None
         first = self._first
         assert first is not None
         while True:
@@ -644,8 +656,20 @@ class AmqpConnection(Connectable):
                 first.set_exception(error)
                 self._finish(error)
                 return
-            if not self.options.reconnect or isinstance(error, _PERMANENT):
+            if backoff is None or isinstance(error, _PERMANENT):
                 self._finish(error)
+                return
+            backoff.lost()  # after a healthy connection the schedule starts again
+            delay = backoff.next_delay()
+            if delay is None:
+                gave_up = ConnectionFailedError(
+                    f"gave up reconnecting to {self.host}:{self.port} after "
+                    f"{backoff.attempts} attempts without a healthy connection "
+                    f"(RetryPolicy.max_attempts); last error: {error}"
+                )
+                gave_up.__cause__ = error
+                logger.error("%s", gave_up)
+                self._finish(gave_up)
                 return
             logger.warning(
                 "AMQP connection to %s:%s lost (%s); reconnecting in %.1f s",
@@ -657,7 +681,6 @@ class AmqpConnection(Connectable):
             if self._closing.wait(delay):
                 self._finish(ConnectionFailedError("the AMQP connection was closed"))
                 return
-            delay = min(delay * 2, self.options.max_reconnect_delay)
 
     def _finish(self, error: BaseException) -> None:
         """No more connections: fail whatever still waits."""
@@ -835,6 +858,8 @@ class AmqpConnection(Connectable):
         if first.done():
             self._reconnects += 1
             logger.info("AMQP connection to %s:%s re-established", self.host, self.port)
+        if self._backoff is not None:
+            self._backoff.connected()
         self._ready.set()
         self._last_error = None
         # (re)send what has no disposition yet: at-least-once across reconnects

@@ -11,8 +11,9 @@ Two things live here:
   :class:`~iothub_tls.HardenedSSLContext`, for applications that already speak HTTPS
   with ``requests`` (``session.mount("https://", HardenedAdapter(policy))``).
 
-Errors a request can raise (besides the TLS errors of :mod:`iothub_tls.errors`, which
-are never retried)::
+Errors a request can raise (besides the TLS errors of :mod:`iothub_tls.errors`: the
+refusals are never retried; ``HandshakeClosedError``, a peer that closed or reset the
+connection mid-handshake without a TLS alert, is a transport fault and is retried)::
 
     ClientError
     ├── AuthenticationError              401 (after one SAS token renewal)
@@ -26,7 +27,8 @@ are never retried)::
     ├── ThrottledError                   429 after the retries (``retry_after``)
     ├── HubServerError                   5xx after the retries
     ├── UnexpectedResponseError          any other status
-    ├── ConnectionFailedError            could not connect (after the retries)
+    ├── ConnectionFailedError            could not connect, or the connection broke — also
+    │                                    a TLS error after the handshake (after the retries)
     └── OperationTimeoutError            no response in time
 
 Errors built from a response carry ``status``, ``error_code`` and ``tracking_id``.
@@ -41,9 +43,9 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from .._io.backoff import RetryPolicy
 from .._io.lifecycle import Connectable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..context import HardenedSSLContext, create_ssl_context
@@ -52,6 +54,7 @@ from ..errors import (
     ClientError,
     ConnectionFailedError,
     ConnectionStringError,
+    HandshakeClosedError,
     IoTHubTLSError,
     MissingDependencyError,
     OperationTimeoutError,
@@ -86,12 +89,12 @@ __all__ = [
     "DeviceNotFoundError",
     "HardenedAdapter",
     "HttpsDeviceClient",
-    "HttpsRetry",
     "HubServerError",
     "InvalidMessageError",
     "Message",
     "MessageLockLostError",
     "MessageTooLargeError",
+    "RetryPolicy",
     "ThrottledError",
     "UnexpectedResponseError",
 ]
@@ -120,35 +123,9 @@ def _urllib3() -> Any:
     return urllib3
 
 
-@dataclass(frozen=True)
-class HttpsRetry:
-    """How the client retries throttling (429), hub failures (5xx) and lost
-    connections. TLS and policy refusals are never retried.
-
-    :param attempts: tries per operation, the first included (1 = no retry).
-    :param base_delay: first back-off in seconds; doubles per retry, with jitter.
-    :param max_delay: longest single wait. A ``Retry-After`` longer than this is not
-        waited out: :class:`ThrottledError` is raised at once with ``retry_after`` set.
-    """
-
-    attempts: int = 4
-    base_delay: float = 0.5
-    max_delay: float = 30.0
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.attempts, bool)
-            or not isinstance(self.attempts, int)
-            or not (1 <= self.attempts <= 20)
-        ):
-            raise PolicyError(f"attempts must be an int from 1 to 20, not {self.attempts!r}")
-        if not (0 <= self.base_delay <= self.max_delay):
-            raise PolicyError("need 0 <= base_delay <= max_delay (seconds)")
-
-    def backoff(self, retry: int) -> float:
-        """Delay before retry number ``retry`` (1-based): exponential, half jitter."""
-        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (retry - 1))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)  # noqa: S311 - not crypto
+#: HttpsDeviceClient's retries by default: four tries per operation, the waits between
+#: them up to 0.5 s, doubling, never over 30 s.
+_DEFAULT_RETRY = RetryPolicy(initial_delay=0.5, max_delay=30.0, max_attempts=4)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -178,6 +155,13 @@ def _hub_connection_class(u: Any) -> Any:
     from urllib3.util.wait import wait_for_read
 
     class HubConnection(u.connection.HTTPSConnection):  # type: ignore[misc]
+        #: requests sent on the current socket (0 on a fresh connection)
+        requests_sent = 0
+
+        def connect(self) -> None:
+            self.requests_sent = 0
+            super().connect()
+
         @property
         def is_connected(self) -> bool:
             sock = self.sock
@@ -203,6 +187,7 @@ def _hub_connection_class(u: Any) -> Any:
             return False
 
         def request(self, *args: Any, **kwargs: Any) -> None:
+            self.requests_sent += 1
             try:
                 super().request(*args, **kwargs)
             except (ssl.SSLError, OSError) as exc:
@@ -245,7 +230,13 @@ class HttpsDeviceClient(Connectable):
         the certificate against it.
     :param port: connect to this port instead of 443.
     :param timeout: seconds to connect and to wait for each response.
-    :param retry: retry and back-off settings (:class:`HttpsRetry`).
+    :param retry: how each operation retries throttling (429), hub failures (5xx) and
+        transport faults: a :class:`~iothub_tls.RetryPolicy` with a finite
+        ``max_attempts`` (tries per operation, the first included); by default four
+        tries, the waits between them drawn up to 0.5 s, doubling, never over 30 s. A
+        ``Retry-After`` longer than its ``max_delay`` is not waited out:
+        :class:`ThrottledError` is raised at once with ``retry_after`` set. TLS and
+        policy refusals are never retried.
     :param sas_ttl: lifetime of each SAS token in seconds.
     :param clock: time source for SAS tokens (seconds since the epoch).
     :param sleep: how to wait between retries and polls.
@@ -261,7 +252,7 @@ class HttpsDeviceClient(Connectable):
         port: int | None = None,
         api_version: str = API_VERSION,
         timeout: float = 30.0,
-        retry: HttpsRetry | None = None,
+        retry: RetryPolicy = _DEFAULT_RETRY,
         sas_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
@@ -287,7 +278,15 @@ class HttpsDeviceClient(Connectable):
         self._connect_port = int(port) if port is not None else 443
         self.api_version = api_version
         self.timeout = float(timeout)
-        self.retry = retry or HttpsRetry()
+        if not isinstance(retry, RetryPolicy):
+            raise PolicyError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
+        if retry.max_attempts is None:
+            raise PolicyError(
+                "an HTTPS operation needs a finite RetryPolicy.max_attempts (tries per "
+                "operation, the first included), not None"
+            )
+        self.retry = retry
+        self._draws = random.Random()  # noqa: S311 - jitter, not a secret
         self._sleep = sleep
         self.ssl_context: HardenedSSLContext = create_ssl_context(policy, identity=identity)
         self._identity = identity
@@ -453,17 +452,30 @@ class HttpsDeviceClient(Connectable):
         self, request: proto.HttpRequest, operation: str, expected: tuple[int, ...]
     ) -> tuple[int, dict[str, str], bytes]:
         renewed = False
+        replaced_stale = False
         attempt = 1
         while True:
             headers = {**self._headers, **request.headers}
             if self._tokens is not None:
                 headers["Authorization"] = self._tokens.token()
+            reusing = self._reusing_connection()
             try:
                 status, response_headers, body = self._exchange(request, headers)
-            except ConnectionFailedError as exc:
-                if attempt >= self.retry.attempts:
+            except (ConnectionFailedError, HandshakeClosedError) as exc:
+                # HandshakeClosedError: the peer closed or reset the connection (or let
+                # it stall) during the handshake without a TLS alert, i.e. before any
+                # policy decision — a transport fault. Refusals (version, suites,
+                # certificates, policy violations) are other classes and not caught.
+                if reusing and not replaced_stale and isinstance(exc, ConnectionFailedError):
+                    # A kept-alive connection that sat idle in the pool can be dead
+                    # without our knowing (a NAT or load balancer forgot it): that says
+                    # nothing about the hub. Send once more, at once, on a new connection.
+                    replaced_stale = True
+                    logger.debug("%s: the pooled connection was dead (%s)", operation, exc)
+                    continue
+                if attempt >= self._max_attempts:
                     raise
-                delay = self.retry.backoff(attempt)
+                delay = self._backoff(attempt)
                 logger.info("%s: %s; retrying in %.2f s", operation, exc, delay)
                 self._sleep(delay)
                 attempt += 1
@@ -478,8 +490,8 @@ class HttpsDeviceClient(Connectable):
                 continue
             retry_after = proto.parse_retry_after(_header(response_headers, "Retry-After"))
             info = proto.parse_error(response_headers, body)
-            if (status == 429 or status >= 500) and attempt < self.retry.attempts:
-                delay = retry_after if retry_after is not None else self.retry.backoff(attempt)
+            if (status == 429 or status >= 500) and attempt < self._max_attempts:
+                delay = retry_after if retry_after is not None else self._backoff(attempt)
                 if delay <= self.retry.max_delay:
                     logger.info(
                         "%s: HTTP %d (%s); retrying in %.2f s", operation, status, info.code, delay
@@ -488,6 +500,26 @@ class HttpsDeviceClient(Connectable):
                     attempt += 1
                     continue
             raise proto.error_for_status(status, info, operation=operation, retry_after=retry_after)
+
+    @property
+    def _max_attempts(self) -> int:
+        return self.retry.max_attempts or 1  # never None: checked in __init__
+
+    def _backoff(self, retry: int) -> float:
+        """The wait before retry number ``retry`` of an operation (each operation starts
+        the schedule afresh)."""
+        return self.retry.delay(retry, self._draws.random())
+
+    def _reusing_connection(self) -> bool:
+        """True when the next request will go out on a pooled connection that already
+        served a request (and may have died while idle)."""
+        waiting = getattr(self._pool, "pool", None)
+        if waiting is None:
+            return False
+        return any(
+            conn is not None and conn.sock is not None and conn.requests_sent > 0
+            for conn in list(waiting.queue)
+        )
 
     def _exchange(
         self, request: proto.HttpRequest, headers: dict[str, str]
@@ -518,17 +550,35 @@ class HttpsDeviceClient(Connectable):
         return int(response.status), dict(response.headers.items()), bytes(body)
 
     def _translate(self, exc: BaseException, doing: str) -> BaseException:
-        """urllib3's wrapping undone: TLS and policy errors come out as themselves."""
+        """urllib3's wrapping undone: TLS and policy errors come out as themselves, and
+        no bare :mod:`ssl` exception escapes.
+
+        Refusals (the handshake's policy errors, the hub refusing the device
+        certificate) are returned as they are; the request loop never retries them. A
+        TLS error on an established connection — EOF without close_notify, a reset
+        under the TLS layer, a record that fails its MAC check — is the network's fault:
+        it becomes :class:`ConnectionFailedError`, which the request loop retries."""
         u = self._urllib3
         chain = _chain(exc)
+        target = f"{self._connect_host}:{self._connect_port}"
         for item in chain:
             reason = getattr(item, "reason", None)
-            if self._identity is not None and reason in _CLIENT_CERT_REFUSED:
-                failure = AuthenticationError(
-                    f"the hub refused the device certificate during the TLS handshake "
-                    f"({reason}): register its thumbprint, or its CA, for device "
-                    f"{self.device_id!r} and check that it has not expired"
-                )
+            if reason in _CLIENT_CERT_REFUSED and (
+                self._identity is not None or not isinstance(item, IoTHubTLSError)
+            ):
+                if self._identity is not None:
+                    text = (
+                        f"the hub refused the device certificate during the TLS handshake "
+                        f"({reason}): register its thumbprint, or its CA, for device "
+                        f"{self.device_id!r} and check that it has not expired"
+                    )
+                else:  # in TLS 1.3 the alert comes after the client's handshake
+                    text = (
+                        f"the hub refused the connection with TLS alert {reason}: it asks "
+                        "for a device certificate and this client has none; pass the "
+                        "registered certificate as identity=ClientIdentity.from_files(...)"
+                    )
+                failure = AuthenticationError(text)
                 vars(failure)["reason"] = reason
                 return failure
         for item in chain:
@@ -536,8 +586,12 @@ class HttpsDeviceClient(Connectable):
                 return item
         for item in chain:
             if isinstance(item, ssl.SSLError):
-                return item
-        target = f"{self._connect_host}:{self._connect_port}"
+                # Handshake failures were translated by the hardened socket (above):
+                # this one broke an established connection.
+                detail = getattr(item, "reason", None) or type(item).__name__
+                return ConnectionFailedError(
+                    f"{doing}: the TLS connection to {target} broke ({detail}: {item})"
+                )
         if any(isinstance(i, u.exceptions.ReadTimeoutError) for i in chain):
             return OperationTimeoutError(
                 f"{doing}: no response from {target} within {self.timeout:g} s"

@@ -11,7 +11,7 @@ from .client import (
     MqttDeviceClient,
     MqttOptions,
     QueueFullError,
-    ReconnectPolicy,
+    RetryPolicy,
 )
 
 __all__ = [
@@ -21,5 +21,5 @@ __all__ = [
     "MqttDeviceClient",
     "MqttOptions",
     "QueueFullError",
-    "ReconnectPolicy",
+    "RetryPolicy",
 ]

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .. import __version__
+from .._io.backoff import RetryPolicy
 from .._io.dispatch import Dispatcher
 from .._io.lifecycle import Connectable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
@@ -56,7 +57,6 @@ from .conventions import (
     MethodRequest,
     MqttOptions,
     QueueFullError,
-    ReconnectPolicy,
     check_message_size,
     parse_c2d,
     parse_desired_patch,
@@ -73,7 +73,7 @@ __all__ = [
     "MqttDeviceClient",
     "MqttOptions",
     "QueueFullError",
-    "ReconnectPolicy",
+    "RetryPolicy",
 ]
 
 logger = logging.getLogger("iothub_tls.mqtt")
@@ -274,7 +274,7 @@ class MqttDeviceClient(Connectable):
     @property
     def failure(self) -> BaseException | None:
         """The error that made the client stop reconnecting (a refused certificate or
-        credentials, or ``ReconnectPolicy.max_attempts`` used up); None otherwise."""
+        credentials, or ``RetryPolicy.max_attempts`` used up); None otherwise."""
         network = self._network
         return network.failure if network is not None else None
 

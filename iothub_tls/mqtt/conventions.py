@@ -3,7 +3,8 @@
 Everything here is a pure function or a small value: the CONNECT user name, the topic
 names and filters of telemetry, cloud-to-device messages, the device twin and direct
 methods, the RFC 2396 property bags carried in topic names, request-id bookkeeping,
-what a CONNACK refusal means, and the reconnection back-off. The network client
+and what a CONNACK refusal means (the reconnection back-off is
+:class:`iothub_tls.RetryPolicy`, shared by every client). The network client
 (:mod:`iothub_tls.mqtt`) feeds it strings and bytes and acts on the answers.
 
 The conventions follow Microsoft's "Communicate with an IoT hub using the MQTT
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 from urllib.parse import quote, unquote
 
+from .._io.backoff import RetryPolicy
 from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -50,11 +52,9 @@ __all__ = [
     "MethodResponse",
     "MqttOptions",
     "QueueFullError",
-    "ReconnectPolicy",
     "RequestTracker",
     "TwinRequest",
     "TwinResponse",
-    "backoff_delay",
     "c2d_filter",
     "c2d_topic",
     "connack_code",
@@ -123,54 +123,6 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 
 
 @dataclass(frozen=True)
-class ReconnectPolicy:
-    """How the client reconnects after it lost a working connection.
-
-    The n-th attempt waits ``min(max_delay, initial_delay * multiplier ** (n - 1))``
-    seconds, shortened by a random fraction of up to ``jitter`` so that a fleet of
-    devices cut off together does not reconnect in lock-step. ``max_attempts=None``
-    retries until :meth:`~iothub_tls.mqtt.MqttDeviceClient.close`; refusals that cannot
-    heal by themselves (credentials, certificates, TLS policy) are never retried.
-    """
-
-    initial_delay: float = 1.0
-    max_delay: float = 60.0
-    multiplier: float = 2.0
-    jitter: float = 0.5
-    max_attempts: int | None = None
-
-    def __post_init__(self) -> None:
-        _positive("initial_delay", self.initial_delay, allow_zero=True)
-        _positive("max_delay", self.max_delay, allow_zero=True)
-        _positive("multiplier", self.multiplier)
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1, not {self.multiplier!r}")
-        if self.max_delay < self.initial_delay:
-            raise ValueError(
-                f"max_delay ({self.max_delay!r}) must not be smaller than initial_delay "
-                f"({self.initial_delay!r})"
-            )
-        _positive("jitter", self.jitter, allow_zero=True)
-        if self.jitter > 1:
-            raise ValueError(f"jitter is a fraction in [0, 1], not {self.jitter!r}")
-        if self.max_attempts is not None and (
-            isinstance(self.max_attempts, bool)
-            or not isinstance(self.max_attempts, int)
-            or self.max_attempts < 1
-        ):
-            raise ValueError(f"max_attempts must be None or an int >= 1, not {self.max_attempts!r}")
-
-
-def backoff_delay(policy: ReconnectPolicy, attempt: int, rand: float) -> float:
-    """Seconds to wait before reconnection ``attempt`` (1-based); ``rand`` in [0, 1)."""
-    if attempt < 1:
-        raise ValueError(f"attempt is 1-based, not {attempt!r}")
-    exponent = min(attempt - 1, 64)  # avoid float overflow on very long outages
-    base = min(policy.max_delay, policy.initial_delay * policy.multiplier**exponent)
-    return base * (1.0 - policy.jitter * min(max(rand, 0.0), 1.0))
-
-
-@dataclass(frozen=True)
 class MqttOptions:
     """Tuning of :class:`~iothub_tls.mqtt.MqttDeviceClient`; every field has a default
     that suits IoT Hub.
@@ -186,7 +138,9 @@ class MqttOptions:
         :class:`QueueFullError`.
     :param sas_ttl: lifetime of generated SAS tokens, in seconds. The client reconnects
         with a fresh token when 80 % of it has passed.
-    :param reconnect: the :class:`ReconnectPolicy`.
+    :param reconnect: the back-off between reconnection attempts, a
+        :class:`~iothub_tls.RetryPolicy` (default: waits of up to 1 s doubling to
+        60 s, never giving up, starting again after a connection healthy for 60 s).
     :param product_info: appended to the ``DeviceClientType`` sent to the hub.
     """
 
@@ -196,7 +150,7 @@ class MqttOptions:
     operation_timeout: float = 30.0
     queue_size: int = 1000
     sas_ttl: float = 3600.0
-    reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
+    reconnect: RetryPolicy = field(default_factory=RetryPolicy)
     product_info: str | None = None
 
     def __post_init__(self) -> None:
@@ -222,10 +176,8 @@ class MqttOptions:
             or self.queue_size < 1
         ):
             raise ValueError(f"queue_size must be an int >= 1, not {self.queue_size!r}")
-        if not isinstance(self.reconnect, ReconnectPolicy):
-            raise TypeError(
-                f"reconnect must be a ReconnectPolicy, not {type(self.reconnect).__name__}"
-            )
+        if not isinstance(self.reconnect, RetryPolicy):
+            raise TypeError(f"reconnect must be a RetryPolicy, not {type(self.reconnect).__name__}")
         if self.product_info is not None and not isinstance(self.product_info, str):
             raise TypeError("product_info must be a str or None")
 

@@ -24,7 +24,6 @@ import concurrent.futures
 import contextlib
 import logging
 import math
-import random
 import secrets
 import socket
 import ssl
@@ -33,6 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._io.backoff import Backoff
 from .._io.poller import IN, OUT, READABLE, millis, new_poller
 from ..errors import (
     AuthenticationError,
@@ -52,7 +52,6 @@ from .conventions import (
     TWIN_RESPONSE_FILTER,
     QueueFullError,
     RequestTracker,
-    backoff_delay,
     c2d_filter,
     connack_error,
     is_certificate_alert,
@@ -271,9 +270,8 @@ class Network:
                 sock.close()
 
     def _loop(self) -> None:
-        policy = self._config.options.reconnect
+        backoff = Backoff(self._config.options.reconnect)
         first = True
-        attempt = 0
         while True:
             try:
                 self._establish()
@@ -289,15 +287,16 @@ class Network:
                     logger.error("reconnecting is pointless, giving up: %s", exc)
                     self._finish(exc)
                     return
-                attempt += 1
-                if policy.max_attempts is not None and attempt >= policy.max_attempts:
-                    logger.error("giving up after %d reconnection attempts: %s", attempt, exc)
+                delay = backoff.next_delay()
+                if delay is None:
+                    logger.error(
+                        "giving up after %d reconnection attempts: %s", backoff.attempts, exc
+                    )
                     self._finish(exc)
                     return
-                delay = backoff_delay(policy, attempt + 1, random.random())  # noqa: S311
                 logger.warning(
                     "reconnection attempt %d failed (%s); next attempt in %.1f s",
-                    attempt,
+                    backoff.attempts - 1,
                     exc,
                     delay,
                 )
@@ -305,7 +304,7 @@ class Network:
                     self._finish(None)
                     return
                 continue
-            attempt = 0
+            backoff.connected()
             self.connected.set()
             if first:
                 first = False
@@ -321,11 +320,25 @@ class Network:
             if reason == "closing":
                 self._finish(None)
                 return
+            backoff.lost()  # a healthy connection starts the schedule again
             if reason == "renew":
                 logger.info("reconnecting with a fresh SAS token")
                 continue
-            logger.warning("lost the connection to %s; reconnecting", self._config.server_hostname)
-            delay = backoff_delay(policy, 1, random.random())  # noqa: S311
+            delay = backoff.next_delay()
+            if delay is None:  # max_attempts used up by connections that never held
+                error = ConnectionFailedError(
+                    f"lost the connection to {self._config.server_hostname} after "
+                    f"{backoff.attempts} reconnections without a healthy connection; "
+                    "giving up (RetryPolicy.max_attempts)"
+                )
+                logger.error("%s", error)
+                self._finish(error)
+                return
+            logger.warning(
+                "lost the connection to %s; reconnecting in %.1f s",
+                self._config.server_hostname,
+                delay,
+            )
             if not self._idle(delay):
                 self._finish(None)
                 return
