@@ -82,7 +82,7 @@ def _wait_events(hub, count, timeout=5.0):
 def _event_of(hub, address, timeout=5.0):
     """The log line of the connection made from ``address`` (other tests' scanners may still
     be logging on the same hub)."""
-    caller = "%s:%d" % address[:2]
+    caller = f"{address[0]}:{address[1]}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = [e for e in hub.log.events if e.caller == caller]
