@@ -31,10 +31,10 @@ def device(port: int, device_id: str, policy: it.TlsPolicy) -> Any:
     TLS names and verifies the hub (``HOST``) while TCP dials 127.0.0.1."""
     from iothub_tls.mqtt import MqttDeviceClient
 
-    return MqttDeviceClient(
+    return MqttDeviceClient.from_symmetric_key(
         HOST,
         device_id,
-        shared_access_key=DEVICE_KEY,
+        DEVICE_KEY,
         policy=policy,
         host="127.0.0.1",
         port=port,

@@ -8,6 +8,14 @@ each connection negotiated. See the README for the policy and a quickstart.
 from ._io.backoff import RetryPolicy
 from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
 from .context import HardenedSSLContext, create_ssl_context
+from .device import (
+    C2DMessage,
+    ConnectionState,
+    DeviceClient,
+    Message,
+    MethodRequest,
+    Settlement,
+)
 from .errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -34,6 +42,7 @@ from .errors import (
     RootStoreError,
     SasTokenError,
     TLSHandshakeError,
+    UnsupportedOperationError,
 )
 from .info import TlsInfo, tls_info
 from .policy import CipherProfile, CipherSuite, TlsPolicy, Trust
@@ -45,6 +54,7 @@ __all__ = [
     "AZURE_ECC",
     "AZURE_GLOBAL",
     "AuthenticationError",
+    "C2DMessage",
     "CertificateVerificationError",
     "CipherProfile",
     "CipherSuite",
@@ -53,9 +63,11 @@ __all__ = [
     "ClientIdentity",
     "ConnectRefusedError",
     "ConnectionFailedError",
+    "ConnectionState",
     "ConnectionString",
     "ConnectionStringError",
     "DeliveryError",
+    "DeviceClient",
     "FeatureUnavailableError",
     "HandshakeClosedError",
     "HandshakeTimeoutError",
@@ -63,6 +75,8 @@ __all__ = [
     "IdentityError",
     "IncompatibleDependencyError",
     "IoTHubTLSError",
+    "Message",
+    "MethodRequest",
     "MissingDependencyError",
     "NotAuthorizedError",
     "OperationTimeoutError",
@@ -76,10 +90,12 @@ __all__ = [
     "RootStoreError",
     "SasToken",
     "SasTokenError",
+    "Settlement",
     "TLSHandshakeError",
     "TlsInfo",
     "TlsPolicy",
     "Trust",
+    "UnsupportedOperationError",
     "__version__",
     "create_ssl_context",
     "generate_sas_token",

@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    def echo(payload: Any) -> tuple[int, Any]:
-        print(f"method echo called with {payload!r}")
-        return 200, {"echo": payload}
+    def echo(request: it.MethodRequest) -> tuple[int, Any]:
+        print(f"method {request.name} called with {request.payload!r}")
+        return 200, {"echo": request.payload}
 
     client.on_method("echo", echo)
     client.on_desired_update = lambda patch: print(f"desired properties: {json.dumps(patch)}")

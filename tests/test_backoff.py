@@ -24,7 +24,7 @@ class Clock:
 def test_one_policy_type_for_every_transport() -> None:
     assert it.RetryPolicy is RetryPolicy
     assert mqtt.RetryPolicy is amqp.RetryPolicy is https.RetryPolicy is RetryPolicy
-    assert isinstance(mqtt.MqttOptions().reconnect, RetryPolicy)
+    assert isinstance(mqtt.MqttOptions().retry, RetryPolicy)
     assert isinstance(amqp.AmqpOptions().reconnect, RetryPolicy)
 
 

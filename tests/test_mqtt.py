@@ -75,7 +75,7 @@ FAST = MqttOptions(
     connect_timeout=5,
     handshake_timeout=5,
     operation_timeout=10,
-    reconnect=RetryPolicy(initial_delay=0.05, max_delay=0.5),
+    retry=RetryPolicy(initial_delay=0.05, max_delay=0.5),
 )
 WAIT = 10.0
 
@@ -482,7 +482,7 @@ def test_module_identity_sends_on_its_module_topic_and_has_no_c2d(hub: Hub) -> N
     topic, payload = observer.expect()
     assert payload == b"from a module"
     assert bag(topic, "devices/device-sas/modules/mod1/messages/events/") == {"m": "1"}
-    with pytest.raises(errors.ClientError, match="no cloud-to-device messages to modules"):
+    with pytest.raises(errors.ClientError, match="no cloud-to-device messages for modules"):
         client.receive_c2d(timeout=1)
     assert "devices/device-sas/messages/devicebound" not in hub.mosq.log_text()
 
@@ -527,6 +527,8 @@ def test_c2d_delivered_with_application_and_system_properties(hub: Hub) -> None:
 def test_c2d_callback_failures_are_logged_and_do_not_stop_the_client(
     hub: Hub, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Without on_background_exception, what a callback raises is logged (at ERROR, on the
+    library's logger, which prints nothing unless the application configures logging)."""
     client = hub.x509_client()
     client.connect()
     got: list[C2DMessage] = []
@@ -538,13 +540,14 @@ def test_c2d_callback_failures_are_logged_and_do_not_stop_the_client(
 
     client.on_c2d = callback
     service = hub.peer("service")
-    with caplog.at_level(logging.ERROR, logger="iothub_tls.mqtt"):
+    with caplog.at_level(logging.ERROR, logger="iothub_tls"):
         service.publish("devices/device-x509/messages/devicebound/", b"boom")
         service.publish("devices/device-x509/messages/devicebound/a=1", b"after")
         wait_for(lambda: len(got) == 2, "two C2D messages")
     assert [m.payload for m in got] == [b"boom", b"after"]
-    assert "an MQTT callback raised" in caplog.text
-    assert "application bug" in caplog.text
+    assert "a callback of <MqttDeviceClient device-x509" in caplog.text
+    assert "raised RuntimeError: application bug" in caplog.text
+    assert "on_background_exception" in caplog.text
     assert client.connected
     client.send_telemetry(b"still working")
 
@@ -612,11 +615,11 @@ def test_direct_methods_are_answered_with_status_and_payload(hub: Hub) -> None:
     client = hub.x509_client()
     calls: list[Any] = []
 
-    def reboot(payload: Any) -> tuple[int, Any]:
-        calls.append(payload)
-        return 200, {"rebooting": True, "delay": payload["delay"]}
+    def reboot(request: it.MethodRequest) -> tuple[int, Any]:
+        calls.append(request.payload)
+        return 200, {"rebooting": True, "delay": request.payload["delay"]}
 
-    def broken(payload: Any) -> tuple[int, Any]:
+    def broken(request: it.MethodRequest) -> tuple[int, Any]:
         raise ValueError("handler bug")
 
     client.on_method("reboot", reboot)
@@ -672,7 +675,7 @@ def test_reconnect_backoff_starts_again_after_each_healthy_connection(
 ) -> None:
     policy = RetryPolicy(initial_delay=0.05, max_delay=5, jitter=False, healthy_after=0.2)
     caplog.set_level(logging.WARNING, logger="iothub_tls.mqtt")
-    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, reconnect=policy))
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, retry=policy))
     for drop in range(1, 5):
         time.sleep(0.3)  # healthy: up for longer than healthy_after
         proxy.reset()
@@ -691,7 +694,7 @@ def test_reconnect_backoff_grows_while_connections_do_not_stay_up(
     reconnection storm at the shortest one."""
     policy = RetryPolicy(initial_delay=0.05, max_delay=5, jitter=False, healthy_after=60)
     caplog.set_level(logging.WARNING, logger="iothub_tls.mqtt")
-    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, reconnect=policy))
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, retry=policy))
     for drop in range(1, 5):
         proxy.reset()
         wait_for(
@@ -760,7 +763,12 @@ def test_broker_restart_reconnects_and_delivers_the_queued_message(hub: Hub) -> 
     TwinService(service_peer, desired={"a": 1})
     client = hub.x509_client()
     reconnects: list[int] = []
-    client.on_reconnect = lambda: reconnects.append(client.reconnect_count)
+
+    def on_state(state: it.ConnectionState, reason: BaseException | None) -> None:
+        if state is it.ConnectionState.CONNECTED and client.reconnect_count:
+            reconnects.append(client.reconnect_count)
+
+    client.on_connection_state_change = on_state
     client.connect()
 
     hub.peers.remove(service_peer)
@@ -774,7 +782,7 @@ def test_broker_restart_reconnects_and_delivers_the_queued_message(hub: Hub) -> 
     hub.mosq.start()
 
     assert pending.result(WAIT) is None
-    wait_for(lambda: reconnects == [1], "the on_reconnect callback")
+    wait_for(lambda: reconnects == [1], "the CONNECTED state after the reconnection")
     observer = Peer(hub.plain_port, "observer", clean_session=False).start()
     hub.peers.append(observer)
     topic, payload = observer.expect()
@@ -793,7 +801,7 @@ def test_broker_restart_reconnects_and_delivers_the_queued_message(hub: Hub) -> 
 
 
 def test_full_queue_refuses_with_a_specific_error(hub: Hub) -> None:
-    options = MqttOptions(queue_size=2, reconnect=RetryPolicy(initial_delay=0.05, max_delay=0.2))
+    options = MqttOptions(queue_size=2, retry=RetryPolicy(initial_delay=0.05, max_delay=0.2))
     proxy, client = connected_behind_proxy(hub, options=options)
     go_offline(proxy, client)
     first = client.send_telemetry_async(b"1")
@@ -1197,10 +1205,8 @@ def test_credentials_must_match_the_connection_string(pki: PKI) -> None:
             f"HostName={HOST};DeviceId=d;SharedAccessKey={new_key()}",
             identity=client_identity(pki),
         )
-    with pytest.raises(errors.IdentityError, match="no credentials"):
-        MqttDeviceClient(HOST, "d")
-    with pytest.raises(ValueError, match="port must be"):
-        MqttDeviceClient(HOST, "d", shared_access_key=new_key(), port=70000)
+    with pytest.raises(errors.PolicyError, match="port must be"):
+        MqttDeviceClient.from_symmetric_key(HOST, "d", new_key(), port=70000)
 
 
 def test_defaults_follow_iot_hub(pki: PKI) -> None:
@@ -1210,7 +1216,7 @@ def test_defaults_follow_iot_hub(pki: PKI) -> None:
     )
     assert "-> edge.local:8883" in repr(client)  # TLS to the gateway, port 8883
     assert client.username.startswith(f"{HOST}/d/?api-version=2021-04-12")  # the hub's name
-    ws = MqttDeviceClient(HOST, "d", shared_access_key=key, websockets=True)
+    ws = MqttDeviceClient.from_symmetric_key(HOST, "d", key, websockets=True)
     assert f"-> {HOST}:443 (websockets)" in repr(ws)
     assert isinstance(ws.ssl_context, it.HardenedSSLContext)
     with pytest.raises(errors.ClientError, match="call connect"):
@@ -1221,7 +1227,7 @@ def test_an_unsupported_paho_version_is_refused(monkeypatch: pytest.MonkeyPatch)
     import paho.mqtt
 
     monkeypatch.setattr(paho.mqtt, "__version__", "1.5.1")
-    client = MqttDeviceClient(HOST, "d", shared_access_key=new_key(), options=FAST)
+    client = MqttDeviceClient.from_symmetric_key(HOST, "d", new_key(), options=FAST)
     with pytest.raises(errors.IncompatibleDependencyError, match=r"1\.5\.1 is installed") as caught:
         client.connect()
     assert caught.value.tested == ("1.6.1", "2.2.0")
@@ -1241,7 +1247,7 @@ def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in [n for n in sys.modules if n == "paho" or n.startswith("paho.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "paho", None)
-    client = MqttDeviceClient(HOST, "d", shared_access_key=new_key(), options=FAST)
+    client = MqttDeviceClient.from_symmetric_key(HOST, "d", new_key(), options=FAST)
     with pytest.raises(errors.MissingDependencyError, match=r"pip install 'iothub-tls\[mqtt\]'"):
         client.connect()
 

@@ -363,7 +363,7 @@ def test_what_is_never_retried() -> None:
         ({"handshake_timeout": -1}, ValueError, "handshake_timeout"),
         ({"queue_size": 0}, ValueError, "queue_size"),
         ({"sas_ttl": 10}, ValueError, "at least 60"),
-        ({"reconnect": {"initial_delay": 1}}, TypeError, "RetryPolicy"),
+        ({"retry": {"initial_delay": 1}}, TypeError, "RetryPolicy"),
     ],
 )
 def test_mqtt_options_validation(kwargs: dict[str, object], kind: type, fragment: str) -> None:
@@ -374,5 +374,5 @@ def test_mqtt_options_validation(kwargs: dict[str, object], kind: type, fragment
 def test_mqtt_option_defaults_suit_iot_hub() -> None:
     options = MqttOptions()
     assert options.keepalive == 60
-    assert options.reconnect == RetryPolicy()
+    assert options.retry == RetryPolicy()
     assert options.queue_size == 1000

@@ -7,7 +7,6 @@ from __future__ import annotations
 from .client import (
     C2DMessage,
     ConnectRefusedError,
-    MethodHandler,
     MqttDeviceClient,
     MqttOptions,
     QueueFullError,
@@ -17,7 +16,6 @@ from .client import (
 __all__ = [
     "C2DMessage",
     "ConnectRefusedError",
-    "MethodHandler",
     "MqttDeviceClient",
     "MqttOptions",
     "QueueFullError",

@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 from urllib.parse import quote, unquote
 
 from .._io.backoff import RetryPolicy
+from ..device import C2DMessage, Settler
 from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -138,7 +139,7 @@ class MqttOptions:
         :class:`QueueFullError`.
     :param sas_ttl: lifetime of generated SAS tokens, in seconds. The client reconnects
         with a fresh token when 80 % of it has passed.
-    :param reconnect: the back-off between reconnection attempts, a
+    :param retry: the back-off between reconnection attempts, a
         :class:`~iothub_tls.RetryPolicy` (default: waits of up to 1 s doubling to
         60 s, never giving up, starting again after a connection healthy for 60 s).
     :param product_info: appended to the ``DeviceClientType`` sent to the hub.
@@ -150,7 +151,7 @@ class MqttOptions:
     operation_timeout: float = 30.0
     queue_size: int = 1000
     sas_ttl: float = 3600.0
-    reconnect: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     product_info: str | None = None
 
     def __post_init__(self) -> None:
@@ -176,8 +177,8 @@ class MqttOptions:
             or self.queue_size < 1
         ):
             raise ValueError(f"queue_size must be an int >= 1, not {self.queue_size!r}")
-        if not isinstance(self.reconnect, RetryPolicy):
-            raise TypeError(f"reconnect must be a RetryPolicy, not {type(self.reconnect).__name__}")
+        if not isinstance(self.retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, not {type(self.retry).__name__}")
         if self.product_info is not None and not isinstance(self.product_info, str):
             raise TypeError("product_info must be a str or None")
 
@@ -187,12 +188,25 @@ class MqttOptions:
 # --------------------------------------------------------------------------------------
 
 
+def check_model_id(model_id: object) -> str:
+    """An IoT Plug and Play model id (a DTMI, ``dtmi:com:example:Thermostat;1``)."""
+    if not isinstance(model_id, str) or not re.fullmatch(
+        r"dtmi:[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?(?::[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?)*;[1-9][0-9]{0,8}",
+        model_id,
+    ):
+        raise PolicyError(
+            f"model_id must be a DTMI such as 'dtmi:com:example:Thermostat;1', not {model_id!r}"
+        )
+    return model_id
+
+
 def username(
     host_name: str,
     client_id: str,
     *,
     api_version: str = API_VERSION,
     device_client_type: str | None = None,
+    model_id: str | None = None,
 ) -> str:
     """The CONNECT user name:
     ``{host_name}/{client_id}/?api-version={api_version}[&DeviceClientType=...]``.
@@ -204,6 +218,9 @@ def username(
     query = f"api-version={quote(api_version, safe='')}"
     if device_client_type:
         query += f"&DeviceClientType={quote(device_client_type, safe='')}"
+    if model_id is not None:
+        # IoT Plug and Play: the device announces its model when it connects
+        query += f"&model-id={quote(check_model_id(model_id), safe='')}"
     return f"{host_name}/{client_id}/?{query}"
 
 
@@ -374,57 +391,34 @@ def c2d_filter(device_id: str) -> str:
 _C2D_SERVICE_PROPERTIES = frozenset({"iothub-ack"})
 
 
-@dataclass(frozen=True)
-class C2DMessage:
-    """A cloud-to-device message.
-
-    ``properties`` are the application properties the sender set; ``system_properties``
-    are IoT Hub's, keyed as on the wire (``$.mid``, ``$.cid``, ``$.ct``, ``$.ce``,
-    ``$.to``, ``$.exp``, ``$.uid``, ...) plus ``iothub-ack`` when the sender asked for
-    feedback. A value is None when the hub sent the name alone (a null property).
-    """
-
-    payload: bytes
-    properties: dict[str, str | None]
-    system_properties: dict[str, str | None]
-    topic: str
-
-    @property
-    def message_id(self) -> str | None:
-        return self.system_properties.get("$.mid")
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self.system_properties.get("$.cid")
-
-    @property
-    def content_type(self) -> str | None:
-        return self.system_properties.get("$.ct")
-
-    @property
-    def content_encoding(self) -> str | None:
-        return self.system_properties.get("$.ce")
-
-    @property
-    def text(self) -> str:
-        """The payload decoded as UTF-8 (the usual content encoding)."""
-        return self.payload.decode("utf-8")
-
-
 def c2d_topic(device_id: str, properties: Mapping[str, str | None]) -> str:
     """The hub's side of :func:`parse_c2d`: where a cloud-to-device message with this
     property bag (application and system properties together) is published."""
     return f"devices/{device_id}/messages/devicebound/{encode_property_bag(properties)}"
 
 
-def parse_c2d(topic: str, payload: bytes, device_id: str) -> C2DMessage | None:
+def parse_c2d(
+    topic: str, payload: bytes, device_id: str, *, settler: Settler | None = None
+) -> C2DMessage | None:
     """The message delivered on ``topic``, or None when ``topic`` is not this device's
-    cloud-to-device topic."""
+    cloud-to-device topic. ``settler`` carries out ``complete()`` and the others."""
     prefix = f"devices/{device_id}/messages/devicebound/"
     if not topic.startswith(prefix):
         return None
     app, system = split_properties(decode_property_bag(topic[len(prefix) :]))
-    return C2DMessage(payload=bytes(payload), properties=app, system_properties=system, topic=topic)
+    return C2DMessage(
+        payload,
+        app,
+        message_id=system.get("$.mid"),
+        correlation_id=system.get("$.cid"),
+        content_type=system.get("$.ct"),
+        content_encoding=system.get("$.ce"),
+        expiry_time=system.get("$.exp"),
+        user_id=system.get("$.uid"),
+        system_properties=system,
+        transport="mqtt",
+        settler=settler,
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Any
 
 from .._io.backoff import Backoff
 from .._io.poller import IN, OUT, READABLE, millis, new_poller
+from ..device import ConnectionState
 from ..errors import (
     AuthenticationError,
     ClientError,
@@ -90,11 +91,11 @@ class Network:
         *,
         config: ClientConfig,
         on_message: Callable[[str, bytes], None],
-        on_reconnect: Callable[[], None],
+        on_state: Callable[[ConnectionState, BaseException | None], None],
     ) -> None:
         self._config = config
         self._route = on_message
-        self._on_reconnect = on_reconnect
+        self._on_state = on_state
         self._queue_size = config.options.queue_size
         self._withdraw = self.withdraw  # one bound method for every message
         self._paho = Paho(
@@ -270,9 +271,10 @@ class Network:
                 sock.close()
 
     def _loop(self) -> None:
-        backoff = Backoff(self._config.options.reconnect)
+        backoff = Backoff(self._config.options.retry)
         first = True
         while True:
+            self._on_state(ConnectionState.CONNECTING, None)
             try:
                 self._establish()
             except _Closing:
@@ -306,13 +308,13 @@ class Network:
                 continue
             backoff.connected()
             self.connected.set()
+            self._on_state(ConnectionState.CONNECTED, None)
             if first:
                 first = False
                 self.first.set_result(None)
             else:
                 self.reconnects += 1
                 logger.info("reconnected to %s (%s)", self._config.server_hostname, self.tls_info)
-                self._on_reconnect()
             reason = self._serve()
             self.connected.clear()
             self._established = False
@@ -320,6 +322,7 @@ class Network:
             if reason == "closing":
                 self._finish(None)
                 return
+            self._on_state(ConnectionState.DISCONNECTED, self._lost_error(reason))
             backoff.lost()  # a healthy connection starts the schedule again
             if reason == "renew":
                 logger.info("reconnecting with a fresh SAS token")
@@ -749,6 +752,18 @@ class Network:
 
     # ending -----------------------------------------------------------------------------
 
+    def _lost_error(self, reason: str) -> ClientError | None:
+        """Why a working connection ended (None for a planned reconnection)."""
+        if reason == "renew":
+            return None
+        fault = self._fault
+        error = ConnectionFailedError(
+            f"lost the connection to {self._config.server_hostname}"
+            f"{f': {type(fault).__name__}: {fault}' if fault is not None else ''}"
+        )
+        error.__cause__ = fault
+        return error
+
     def _finish(
         self, failure: BaseException | None, first_error: BaseException | None = None
     ) -> None:
@@ -756,6 +771,7 @@ class Network:
         with self._lock:
             self._alive = False
             self.failure = failure
+        self._on_state(ConnectionState.CLOSED, failure or first_error)
         self.connected.clear()
         self._established = False
         self._take_commands()
