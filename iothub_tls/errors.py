@@ -49,7 +49,8 @@ standard-library base where one applies, so existing ``except ValueError`` or
         ├── HubServerError                       HTTPS: 5xx after the retries
         └── UnexpectedResponseError              HTTPS: any other status
 
-The HTTPS-specific classes live in :mod:`iothub_tls.https`; the local endpoint's
+The HTTPS answers (``InvalidMessageError`` ... ``UnexpectedResponseError``) are raised by the
+HTTPS client only; they are here so that the whole tree is in one place. The local hub's
 ``RegistryError`` (ValueError) and ``DeviceNotRegisteredError`` (LookupError) in
 :mod:`iothub_tls.hub.registry`.
 
@@ -63,6 +64,7 @@ import ssl
 
 __all__ = [
     "AuthenticationError",
+    "BadRequestError",
     "CertificateVerificationError",
     "CipherSuiteError",
     "ClientError",
@@ -70,12 +72,17 @@ __all__ = [
     "ConnectionFailedError",
     "ConnectionStringError",
     "DeliveryError",
+    "DeviceNotFoundError",
     "FeatureUnavailableError",
     "HandshakeClosedError",
     "HandshakeTimeoutError",
+    "HubServerError",
     "IdentityError",
     "IncompatibleDependencyError",
+    "InvalidMessageError",
     "IoTHubTLSError",
+    "MessageLockLostError",
+    "MessageTooLargeError",
     "MissingDependencyError",
     "NotAuthorizedError",
     "OperationTimeoutError",
@@ -87,6 +94,8 @@ __all__ = [
     "RootStoreError",
     "SasTokenError",
     "TLSHandshakeError",
+    "ThrottledError",
+    "UnexpectedResponseError",
     "UnsupportedOperationError",
 ]
 
@@ -239,3 +248,55 @@ class QueueFullError(DeliveryError):
     """The client already holds as many unacknowledged messages as
     ``MqttOptions.queue_size`` allows (typically while it is disconnected). The message
     was not accepted: send it again later, or raise ``queue_size``."""
+
+
+# -- the HTTPS device API's answers -------------------------------------------------
+
+
+class _FromResponse:
+    """Attributes every error built from a hub response carries."""
+
+    #: HTTP status of the response (None when raised before any request was sent).
+    status: int | None = None
+    #: IoT Hub's error code, e.g. "DeviceNotFound" (None when the hub sent none).
+    error_code: str | None = None
+    #: IoT Hub's tracking id, to quote in a support request.
+    tracking_id: str | None = None
+
+
+class InvalidMessageError(ClientError, ValueError):
+    """HTTPS: a message that IoT Hub would refuse, found before sending it: a property
+    name or value outside the characters HTTPS allows, a malformed message id."""
+
+
+class BadRequestError(_FromResponse, ClientError):
+    """400: the hub refused the request as malformed."""
+
+
+class DeviceNotFoundError(_FromResponse, ClientError, LookupError):
+    """404: the device is not registered in the hub (or the path names another one)."""
+
+
+class MessageLockLostError(_FromResponse, DeliveryError):
+    """412: a cloud-to-device message could not be completed, rejected or abandoned
+    because its lock expired (after one minute), it was already settled, or the lock
+    token is unknown. The message is delivered again; receive it again."""
+
+
+class MessageTooLargeError(_FromResponse, DeliveryError, ValueError):
+    """413 (or found before sending): the message or batch exceeds 256 KB."""
+
+
+class ThrottledError(_FromResponse, ClientError):
+    """429: the hub throttled the device and retries were exhausted. ``retry_after``
+    is the delay the hub asked for, in seconds, when it sent one."""
+
+    retry_after: float | None = None
+
+
+class HubServerError(_FromResponse, ClientError):
+    """5xx: the hub failed (500, 503 ...) and retries were exhausted."""
+
+
+class UnexpectedResponseError(_FromResponse, ClientError):
+    """A status the device API does not document for this operation."""

@@ -26,7 +26,7 @@ import os
 import sys
 
 import iothub_tls as it
-from iothub_tls.https import HttpsDeviceClient, Message
+from iothub_tls.https import HttpsDeviceClient, HttpsOptions, Message
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     identity = it.ClientIdentity.from_files(args.cert, args.key) if args.cert else None
     client = HttpsDeviceClient.from_connection_string(
-        args.connection_string, policy=policy, identity=identity, host=args.host, port=args.port
+        args.connection_string,
+        policy=policy,
+        identity=identity,
+        host=args.host,
+        port=args.port,
+        options=HttpsOptions(c2d_poll_interval=2),
     )
     try:
         with client:  # the TLS handshake happens here: a refusal explains itself
@@ -70,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                 [Message(f'{{"batched": {n}}}', {"seq": str(n)}) for n in range(3, 6)]
             )
             print("sent 3 messages and a batch of 3")
-            message = client.receive_c2d(timeout=args.wait, poll_interval=2)
-            if message is None:
+            try:
+                message = client.receive_c2d(timeout=args.wait)
+            except it.OperationTimeoutError:
                 print(f"no cloud-to-device message within {args.wait:g} s")
             else:
                 print(f"received {message.payload!r} properties={dict(message.properties)}")
-                client.complete(message)
+                message.complete()
             print(f"last connection: {client.tls_info}")
     except (it.IoTHubTLSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -20,6 +20,7 @@ import iothub_tls as it
 from iothub_tls.https import (
     DeviceNotFoundError,
     HttpsDeviceClient,
+    HttpsOptions,
     HubServerError,
     Message,
     MessageLockLostError,
@@ -138,19 +139,33 @@ def client_for(pki: PKI, sleeps: list[float]) -> Iterator[Callable[..., HttpsDev
     made: list[HttpsDeviceClient] = []
 
     def make(
-        endpoint: HttpsEndpoint, cs: str, *, policy: it.TlsPolicy | None = None, **options: object
+        endpoint: HttpsEndpoint,
+        cs: str,
+        *,
+        policy: it.TlsPolicy | None = None,
+        retry: RetryPolicy | None = None,
+        sas_ttl: float = 3600.0,
+        connect: bool = True,
+        **kwargs: object,
     ) -> HttpsDeviceClient:
-        options.setdefault("retry", RetryPolicy(initial_delay=0.01, max_delay=5, max_attempts=3))
-        options.setdefault("sleep", sleeps.append)
+        kwargs.setdefault("sleep", sleeps.append)
+        options = HttpsOptions(
+            operation_timeout=10,
+            connect_timeout=10,
+            retry=retry or RetryPolicy(initial_delay=0.01, max_delay=5, max_attempts=3),
+            sas_ttl=sas_ttl,
+        )
         client = HttpsDeviceClient.from_connection_string(
             cs,
             policy=policy or pki.policy(),
             host="127.0.0.1",
             port=endpoint.port,
-            timeout=10,
-            **options,  # type: ignore[arg-type]
+            options=options,
+            **kwargs,
         )
         made.append(client)
+        if connect:
+            client.connect()
         return client
 
     yield make
@@ -262,7 +277,8 @@ def test_too_large_message_is_refused_before_sending(endpoint, registry, client_
 
 def test_c2d_receive_and_complete(endpoint, registry, client_for):
     client = client_for(endpoint, sas_cs(registry))
-    assert client.receive_c2d() is None  # 204: empty queue
+    with pytest.raises(it.OperationTimeoutError, match="no cloud-to-device message"):
+        client.receive_c2d(0)  # 204: empty queue
     message_id = endpoint.enqueue_c2d(
         "dev-sas", b"reboot", {"priority": "high"}, message_id="c2d-1", correlation_id="job-9"
     )
@@ -271,14 +287,19 @@ def test_c2d_receive_and_complete(endpoint, registry, client_for):
     assert (msg.payload, msg.message_id, msg.correlation_id) == (b"reboot", message_id, "job-9")
     assert dict(msg.properties) == {"priority": "high"}
     assert msg.delivery_count == 0
-    assert msg.to == "/devices/dev-sas/messages/deviceBound"
+    assert msg.system_properties["iothub-to"] == "/devices/dev-sas/messages/deviceBound"
     assert msg.lock_token and '"' not in msg.lock_token
-    assert client.receive_c2d() is None  # locked: invisible to a second receive
-    client.complete(msg)
+    with pytest.raises(it.OperationTimeoutError):
+        client.receive_c2d(0)  # locked: invisible to a second receive
+    msg.complete()
     assert endpoint.state.pending_c2d("dev-sas") == 0
     assert [m.message_id for m in endpoint.state.completed] == ["c2d-1"]
+    with pytest.raises(it.ClientError, match="already settled"):
+        msg.complete()
+    # the hub refuses a lock token that was already used (the same token, sent again)
+    replay = it.C2DMessage(b"", lock_token=msg.lock_token, settler=client._settle)
     with pytest.raises(MessageLockLostError, match="HTTP 412") as err:
-        client.complete(msg)  # already settled
+        replay.complete()
     assert (err.value.status, err.value.error_code) == (412, "DeviceMessageLockLost")
     assert isinstance(err.value, it.DeliveryError)
 
@@ -286,10 +307,10 @@ def test_c2d_receive_and_complete(endpoint, registry, client_for):
 def test_c2d_reject_dead_letters(endpoint, registry, client_for):
     client = client_for(endpoint, sas_cs(registry))
     endpoint.enqueue_c2d("dev-sas", b"bad command", message_id="c2d-r")
-    msg = client.receive_c2d()
-    assert msg is not None
-    client.reject(msg)
-    assert client.receive_c2d() is None  # never delivered again
+    msg = client.receive_c2d(0)
+    msg.reject()
+    with pytest.raises(it.OperationTimeoutError):
+        client.receive_c2d(0)  # never delivered again
     assert [m.message_id for m in endpoint.state.dead_letters] == ["c2d-r"]
     assert endpoint.state.completed == []
 
@@ -297,17 +318,16 @@ def test_c2d_reject_dead_letters(endpoint, registry, client_for):
 def test_c2d_abandon_requeues_with_a_new_lock(endpoint, registry, client_for):
     client = client_for(endpoint, sas_cs(registry))
     endpoint.enqueue_c2d("dev-sas", b"later")
-    first = client.receive_c2d()
-    assert first is not None
-    client.abandon(first)
-    second = client.receive_c2d()
-    assert second is not None
+    first = client.receive_c2d(0)
+    first.abandon()
+    second = client.receive_c2d(0)
     assert second.message_id == first.message_id
     assert second.delivery_count == 1
     assert second.lock_token != first.lock_token
+    stale = it.C2DMessage(b"", lock_token=first.lock_token, settler=client._settle)
     with pytest.raises(MessageLockLostError):
-        client.complete(first.lock_token)  # the first lock is gone
-    client.complete(second.lock_token)  # a lock token string works too
+        stale.complete()  # the first lock is gone
+    second.complete()
     assert endpoint.state.pending_c2d("dev-sas") == 0
 
 
@@ -315,13 +335,12 @@ def test_c2d_lock_expiry_makes_the_token_useless(endpoints, registry, client_for
     endpoint = endpoints(state=HubState(lock_seconds=0.2))
     client = client_for(endpoint, sas_cs(registry))
     endpoint.enqueue_c2d("dev-sas", b"slow")
-    msg = client.receive_c2d()
-    assert msg is not None
+    msg = client.receive_c2d(0)
     time.sleep(0.3)  # let the lock lapse (nothing about timing is asserted)
     with pytest.raises(MessageLockLostError, match="lock expired"):
-        client.complete(msg)
-    again = client.receive_c2d()
-    assert again is not None and again.delivery_count == 1
+        msg.complete()
+    again = client.receive_c2d(0)
+    assert again.delivery_count == 1
     assert again.lock_token != msg.lock_token
 
 
@@ -331,8 +350,8 @@ def test_c2d_message_queued_in_the_shared_state_reaches_the_https_device(
     state = HubState()
     endpoint = endpoints(state=state)
     state.enqueue_c2d("dev-sas", b"queued elsewhere in the hub", {"via": "state"})
-    msg = client_for(endpoint, sas_cs(registry)).receive_c2d()
-    assert msg is not None and dict(msg.properties) == {"via": "state"}
+    msg = client_for(endpoint, sas_cs(registry)).receive_c2d(0)
+    assert dict(msg.properties) == {"via": "state"}
 
 
 def test_receive_with_timeout_polls_until_a_message_arrives(endpoint, registry, pki):
@@ -343,11 +362,16 @@ def test_receive_with_timeout_polls_until_a_message_arrives(endpoint, registry, 
         endpoint.enqueue_c2d("dev-sas", b"arrived while polling")
 
     client = HttpsDeviceClient.from_connection_string(
-        sas_cs(registry), policy=pki.policy(), host="127.0.0.1", port=endpoint.port, sleep=sleep
+        sas_cs(registry),
+        policy=pki.policy(),
+        host="127.0.0.1",
+        port=endpoint.port,
+        sleep=sleep,
+        options=HttpsOptions(c2d_poll_interval=2),
     )
     with client:
-        msg = client.receive_c2d(timeout=30, poll_interval=2)
-    assert msg is not None and msg.payload == b"arrived while polling"
+        msg = client.receive_c2d(timeout=30)
+    assert msg.payload == b"arrived while polling"
     assert waits == [2]
 
 
@@ -465,9 +489,7 @@ def test_x509_thumbprint_device_sends_without_authorization(endpoint, devices, c
     assert event.client_cert_thumbprint == ident.thumbprint_sha1
     assert (event.result, event.device_id) == ("Success", "dev-x509")
     endpoint.enqueue_c2d("dev-x509", b"to the x509 device")
-    msg = client.receive_c2d()
-    assert msg is not None
-    client.complete(msg)
+    client.receive_c2d(0).complete()
 
 
 def test_x509_ca_signed_device(endpoint, devices, client_for):
@@ -528,7 +550,7 @@ def test_tls11_only_hub_is_refused(endpoints, profile, registry, client_for):
         legacy_ciphers=True,
     )
     endpoint = endpoints(legacy)
-    client = client_for(endpoint, sas_cs(registry))
+    client = client_for(endpoint, sas_cs(registry), connect=False)
     with pytest.raises(it.ProtocolVersionError, match=r"TLS 1\.2 or later"):
         client.connect()
     event = last_event(endpoint)
@@ -853,8 +875,9 @@ def test_one_reset_during_the_handshake_is_retried(
         proxy, sas_cs(registry), retry=RetryPolicy(initial_delay=0.01, max_attempts=3)
     )
     proxy.drop_handshakes(after=after, count=1)
+    proxy.cut()  # the pooled connection goes: the send needs a new one
     client.send_telemetry(b"after one dropped handshake")
-    assert proxy.faults == 1 and proxy.accepted == 2
+    assert proxy.faults == 2 and proxy.accepted == 3  # the cut, then the dropped handshake
     assert len(sleeps) == 1  # one back-off, then the second attempt
     assert [m.body for m in endpoint.received] == [b"after one dropped handshake"]
 
@@ -866,9 +889,10 @@ def test_handshake_resets_on_every_attempt_raise_handshake_closed(
         proxy, sas_cs(registry), retry=RetryPolicy(initial_delay=0.01, max_attempts=3)
     )
     proxy.drop_handshakes(after=100, count=3)
+    proxy.cut()  # the pooled connection goes: the send needs a new one
     with pytest.raises(it.HandshakeClosedError, match="during the handshake"):
         client.send_telemetry(b"never")
-    assert proxy.accepted == 3 and len(sleeps) == 2  # every attempt used
+    assert proxy.accepted == 4 and len(sleeps) == 2  # every attempt used
     assert endpoint.received == ()
 
 
@@ -901,9 +925,9 @@ def test_policy_refusals_are_never_retried(
     endpoint = endpoints(custom)
     with FaultProxy(endpoint.port) as proxy:
         tls = it.TlsPolicy(**policy) if "roots" in policy else pki.policy(**policy)
-        client = client_for(proxy, sas_cs(registry), policy=tls)
+        client = client_for(proxy, sas_cs(registry), policy=tls, connect=False)
         with pytest.raises(error):
-            client.send_telemetry(b"x")
+            client.connect()
         assert proxy.accepted == 1  # one handshake, no second attempt
     assert sleeps == []
 

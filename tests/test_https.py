@@ -20,6 +20,7 @@ from iothub_tls.https import (
     C2DMessage,
     DeviceNotFoundError,
     HttpsDeviceClient,
+    HttpsOptions,
     HubServerError,
     InvalidMessageError,
     Message,
@@ -72,7 +73,7 @@ def test_batch_body_format_and_round_trip():
         {"body": base64.b64encode(b"plain").decode()},
     ]
     parsed = proto.parse_batch(request.body)
-    assert [(m.body, dict(m.properties), m.message_id) for m in parsed] == [
+    assert [(m.payload, dict(m.properties), m.message_id) for m in parsed] == [
         (b"\xff\x00", {"a": "1"}, "x"),
         (b"plain", {}, None),
     ]
@@ -80,7 +81,7 @@ def test_batch_body_format_and_round_trip():
 
 def test_batch_item_with_text_body_is_read_as_utf8():
     body = json.dumps([{"body": "héllo", "base64Encoded": False}]).encode()
-    assert proto.parse_batch(body)[0].body == "héllo".encode()
+    assert proto.parse_batch(body)[0].payload == "héllo".encode()
 
 
 @pytest.mark.parametrize(
@@ -133,14 +134,20 @@ def test_c2d_response_is_parsed():
     message = proto.parse_c2d(200, headers, b"body")
     assert isinstance(message, C2DMessage)
     assert message.lock_token == "3f1c"
-    assert (message.sequence_number, message.delivery_count) == (42, 2)
+    assert message.delivery_count == 2 and message.transport == "https"
+    assert message.system_properties["iothub-sequencenumber"] == "42"
+    assert message.system_properties["iothub-enqueuedtime"] == "2026-01-01T00:00:00Z"
     assert dict(message.properties) == {"Priority": "high"}
     assert message.content_type == "text/plain"
     assert proto.parse_c2d(204, {}, b"") is None
     with pytest.raises(UnexpectedResponseError, match="no ETag"):
         proto.parse_c2d(200, {}, b"x")
     # What the endpoint sends is what the client reads.
-    assert proto.parse_c2d(200, proto.c2d_headers(message), b"body") == message
+    again = proto.parse_c2d(200, proto.c2d_headers(message), b"body")
+    assert again is not None
+    fields = ("payload", "properties", "message_id", "content_type", "delivery_count",
+              "lock_token", "system_properties")  # fmt: skip
+    assert [getattr(again, f) for f in fields] == [getattr(message, f) for f in fields]
 
 
 def test_error_body_is_parsed():
@@ -203,12 +210,14 @@ def test_retry_after_header_forms():
 )
 def test_invalid_messages(kwargs, message):
     with pytest.raises(InvalidMessageError, match=message):
-        Message(b"x", **kwargs)
+        proto.check_message(Message(b"x", **kwargs))
+    with pytest.raises(InvalidMessageError, match=message):  # and the request refuses it
+        proto.events_request("d", Message(b"x", **kwargs))
 
 
 def test_message_body_types_and_size():
-    assert Message("é").body == "é".encode()
-    with pytest.raises(InvalidMessageError, match="bytes or str"):
+    assert Message("é").payload == "é".encode()
+    with pytest.raises(TypeError, match="bytes or str"):
         Message(12)  # type: ignore[arg-type]
     assert Message(b"1234", {"ab": "cd"}, message_id="m").size == 4 + 4 + 1
     with pytest.raises(MessageTooLargeError, match="split it"):
@@ -225,7 +234,7 @@ KEY = base64.b64encode(b"k" * 32).decode()
 
 
 def test_client_refuses_what_https_cannot_do():
-    with pytest.raises(it.ConnectionStringError, match="module identities"):
+    with pytest.raises(it.UnsupportedOperationError, match="module identities"):
         HttpsDeviceClient.from_connection_string(
             f"HostName={HOST};DeviceId=d;ModuleId=m;SharedAccessKey={KEY}"
         )
@@ -240,11 +249,13 @@ def test_client_refuses_what_https_cannot_do():
 def test_retry_policy_of_the_https_client():
     cs = f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}"
     client = HttpsDeviceClient.from_connection_string(cs)
-    assert client.retry == RetryPolicy(initial_delay=0.5, max_delay=30, max_attempts=4)
+    assert client.options.retry == RetryPolicy(initial_delay=0.5, max_delay=30, max_attempts=4)
     with pytest.raises(it.PolicyError, match=r"finite RetryPolicy\.max_attempts"):
-        HttpsDeviceClient.from_connection_string(cs, retry=RetryPolicy(max_attempts=None))
+        HttpsOptions(retry=RetryPolicy(max_attempts=None))
     with pytest.raises(it.PolicyError, match="retry must be a RetryPolicy"):
-        HttpsDeviceClient.from_connection_string(cs, retry=4)
+        HttpsOptions(retry=4)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="options must be HttpsOptions"):
+        HttpsDeviceClient.from_connection_string(cs, options=RetryPolicy())
 
 
 def test_client_repr_has_no_secret():
@@ -252,7 +263,7 @@ def test_client_repr_has_no_secret():
         f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}", host="127.0.0.1", port=8443
     )
     assert KEY not in repr(client)
-    assert "connect=127.0.0.1:8443" in repr(client) and "auth=sas" in repr(client)
+    assert "via 127.0.0.1:8443 (sas, closed)" in repr(client)
     assert client.tls_info is None
 
 

@@ -92,9 +92,7 @@ class ClientBase(Connectable):
         return _build(cls, cs, {**kwargs, "identity": identity})
 
     def __init__(self, name: str, operation_timeout: float) -> None:
-        self.on_c2d: Callable[[C2DMessage], None] | None = None
-        """Called (on the callback thread) with each cloud-to-device message; while it
-        is None, messages wait for :meth:`receive_c2d`."""
+        self._on_c2d: Callable[[C2DMessage], None] | None = None
         self.on_connection_state_change: StateCallback | None = None
         """Called with ``(state, reason)`` at every :class:`ConnectionState` change;
         ``reason`` is the error behind a DISCONNECTED or a CLOSED that was not asked
@@ -108,6 +106,22 @@ class ClientBase(Connectable):
         self._callbacks = Dispatcher(name, report=self._report_now)
         self._c2d_queue: queue.SimpleQueue[C2DMessage] = queue.SimpleQueue()
         self._methods = MethodRouter(report=self._report)
+
+    @property
+    def on_c2d(self) -> Callable[[C2DMessage], None] | None:
+        """Called (on the callback thread) with each cloud-to-device message; while it
+        is None, messages wait for ``receive_c2d``."""
+        return self._on_c2d
+
+    @on_c2d.setter
+    def on_c2d(self, callback: Callable[[C2DMessage], None] | None) -> None:
+        if callback is not None and not callable(callback):
+            raise TypeError("on_c2d must be callable or None")
+        self._on_c2d = callback
+        self._c2d_callback_changed()
+
+    def _c2d_callback_changed(self) -> None:
+        """Hook: a transport that must fetch messages for the callback starts here."""
 
     # -- state --------------------------------------------------------------------------
 
@@ -149,7 +163,7 @@ class ClientBase(Connectable):
     # -- cloud-to-device ----------------------------------------------------------------
 
     def _incoming_c2d(self, message: C2DMessage) -> None:
-        callback = self.on_c2d
+        callback = self._on_c2d
         if callback is not None:
             self._callbacks.submit(callback, message)
         else:

@@ -146,13 +146,9 @@ def _device_round_trip(
             raise RuntimeError(f"telemetry properties lost: {arrived.properties}")
         hub.state.enqueue_c2d(creds.device_id, f"hello {protocol}".encode(), {"kind": "demo"})
         message = client.receive_c2d(timeout=_TIMEOUT)
-        if message is None or message.payload != f"hello {protocol}".encode():
-            raise RuntimeError(f"cloud-to-device message not received: {message!r}")
-        complete = getattr(message, "complete", None)
-        if callable(complete):
-            complete()
-        elif hasattr(client, "complete"):
-            client.complete(message)
+        if message.payload != f"hello {protocol}".encode():
+            raise RuntimeError(f"unexpected cloud-to-device message: {message!r}")
+        message.complete()
         info = client.tls_info
         if info is None:
             raise RuntimeError("the client has no TLS report")

@@ -38,44 +38,42 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from .._io.backoff import RetryPolicy
-from .._io.lifecycle import Connectable
+from .._io.base import ClientBase, check_host, check_port, unsupported
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..context import HardenedSSLContext, create_ssl_context
+from ..device import C2DMessage, ConnectionState, Message, MethodHandler, Settlement
 from ..errors import (
     AuthenticationError,
+    BadRequestError,
     ClientError,
     ConnectionFailedError,
-    ConnectionStringError,
+    DeviceNotFoundError,
     HandshakeClosedError,
+    HubServerError,
+    InvalidMessageError,
     IoTHubTLSError,
+    MessageLockLostError,
+    MessageTooLargeError,
     MissingDependencyError,
     OperationTimeoutError,
     PolicyError,
+    ThrottledError,
+    UnexpectedResponseError,
 )
 from ..info import TlsInfo, tls_info
 from ..policy import TlsPolicy
 from . import conventions as proto
-from .conventions import (
-    API_VERSION,
-    BadRequestError,
-    C2DMessage,
-    DeviceNotFoundError,
-    HubServerError,
-    InvalidMessageError,
-    Message,
-    MessageLockLostError,
-    MessageTooLargeError,
-    ThrottledError,
-    UnexpectedResponseError,
-)
+from .conventions import API_VERSION
 
 if TYPE_CHECKING:
     import urllib3
@@ -89,6 +87,7 @@ __all__ = [
     "DeviceNotFoundError",
     "HardenedAdapter",
     "HttpsDeviceClient",
+    "HttpsOptions",
     "HubServerError",
     "InvalidMessageError",
     "Message",
@@ -147,7 +146,7 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-def _hub_connection_class(u: Any) -> Any:
+def _hub_connection_class(u: Any, on_connect: Callable[[], None]) -> Any:
     """urllib3's HTTPSConnection, with an idle-connection check that understands TLS:
     a kept-alive socket that is readable is not necessarily closed — TLS 1.3 session
     tickets arrive after the handshake. Process those records and keep the connection
@@ -160,6 +159,7 @@ def _hub_connection_class(u: Any) -> Any:
 
         def connect(self) -> None:
             self.requests_sent = 0
+            on_connect()
             super().connect()
 
         @property
@@ -217,19 +217,14 @@ def _hub_connection_class(u: Any) -> Any:
     return HubConnection
 
 
-class HttpsDeviceClient(Connectable):
-    """A device's HTTPS connection to IoT Hub.
+@dataclass(frozen=True)
+class HttpsOptions:
+    """Tuning of :class:`HttpsDeviceClient`; every field has a default suited to IoT
+    Hub. Make variants with :func:`dataclasses.replace`.
 
-    Build it with :meth:`from_connection_string`. Every request carries a SAS token
-    (renewed before it expires, and once more when the hub refuses it) or, for
-    ``x509=true`` devices, no ``Authorization`` header: the device certificate of
-    ``identity`` is presented in TLS.
-
-    :param host: connect to this host instead of the one in the connection string
-        (a local endpoint, a tunnel). TLS still sends the hub's name as SNI and checks
-        the certificate against it.
-    :param port: connect to this port instead of 443.
-    :param timeout: seconds to connect and to wait for each response.
+    :param operation_timeout: seconds to wait for each response, and the default wait of
+        :meth:`HttpsDeviceClient.receive_c2d`.
+    :param connect_timeout: seconds to open a connection (TCP and TLS).
     :param retry: how each operation retries throttling (429), hub failures (5xx) and
         transport faults: a :class:`~iothub_tls.RetryPolicy` with a finite
         ``max_attempts`` (tries per operation, the first included); by default four
@@ -238,9 +233,67 @@ class HttpsDeviceClient(Connectable):
         :class:`ThrottledError` is raised at once with ``retry_after`` set. TLS and
         policy refusals are never retried.
     :param sas_ttl: lifetime of each SAS token in seconds.
+    :param c2d_poll_interval: seconds between two receives while waiting for a
+        cloud-to-device message (``receive_c2d`` with a timeout, ``on_c2d``). IoT Hub
+        throttles HTTPS receives per hub: a fleet should poll rarely (the service
+        documentation suggests every 25 minutes) or use MQTT or AMQP.
+    :param api_version: the REST API version sent with every request.
+    :param product_info: appended to the ``User-Agent``.
+    """
+
+    operation_timeout: float = 30.0
+    connect_timeout: float = 30.0
+    retry: RetryPolicy = _DEFAULT_RETRY
+    sas_ttl: float = 3600.0
+    c2d_poll_interval: float = 5.0
+    api_version: str = API_VERSION
+    product_info: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("operation_timeout", "connect_timeout", "sas_ttl", "c2d_poll_interval"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise PolicyError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not isinstance(self.retry, RetryPolicy):
+            raise PolicyError(f"retry must be a RetryPolicy, not {type(self.retry).__name__}")
+        if self.retry.max_attempts is None:
+            raise PolicyError(
+                "an HTTPS operation needs a finite RetryPolicy.max_attempts (tries per "
+                "operation, the first included), not None"
+            )
+        if not isinstance(self.api_version, str) or not self.api_version:
+            raise PolicyError(f"api_version must be a non-empty str, not {self.api_version!r}")
+
+
+class HttpsDeviceClient(ClientBase):
+    """A device's HTTPS connection to IoT Hub.
+
+    Build it with :meth:`from_connection_string`, :meth:`from_symmetric_key` or
+    :meth:`from_x509`. Every request carries a SAS token (renewed before it expires,
+    and once more when the hub refuses it) or, for X.509 devices, no ``Authorization``
+    header: the device certificate of ``identity`` is presented in TLS.
+
+    IoT Hub's HTTPS API has no device twin, no direct methods and no module routes:
+    those calls raise :class:`~iothub_tls.UnsupportedOperationError` (use MQTT or AMQP).
+
+    :param policy: the :class:`~iothub_tls.TlsPolicy` (default: IoT Hub's guidance).
+    :param identity: the device certificate and key (X.509 authentication).
+    :param host: connect to this host instead of the one in the connection string
+        (a local endpoint, a tunnel). TLS still sends the hub's name as SNI and checks
+        the certificate against it.
+    :param port: connect to this port instead of 443.
+    :param options: :class:`HttpsOptions` (timeouts, retries, polling).
+    :param sas_token_provider: tokens from this provider instead of the key's.
     :param clock: time source for SAS tokens (seconds since the epoch).
     :param sleep: how to wait between retries and polls.
     """
+
+    transport = "https"
 
     def __init__(
         self,
@@ -250,84 +303,92 @@ class HttpsDeviceClient(Connectable):
         identity: ClientIdentity | None = None,
         host: str | None = None,
         port: int | None = None,
-        api_version: str = API_VERSION,
-        timeout: float = 30.0,
-        retry: RetryPolicy = _DEFAULT_RETRY,
-        sas_ttl: float = 3600.0,
+        options: HttpsOptions | None = None,
+        sas_token_provider: SasTokenProvider | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        if not isinstance(connection_string, ConnectionString):
-            raise ConnectionStringError(
-                "pass a ConnectionString (or use HttpsDeviceClient.from_connection_string)"
-            )
-        cs = connection_string
+        options = HttpsOptions() if options is None else options
+        if not isinstance(options, HttpsOptions):
+            raise TypeError(f"options must be HttpsOptions, not {type(options).__name__}")
+        cs = ConnectionString.coerce(connection_string)
         if cs.module_id is not None:
-            raise ConnectionStringError(
-                "module identities cannot use IoT Hub's HTTPS device API (it has no module "
-                "routes): use MQTT or AMQP for a module, or a device connection string"
+            raise unsupported(
+                "HTTPS",
+                "module identities",
+                "its device API has no module routes; use MQTT or AMQP for a module",
             )
         cs.check_identity(identity)
-        if port is not None and (isinstance(port, bool) or not 0 < int(port) < 65536):
-            raise PolicyError(f"port must be 1..65535, not {port!r}")
+        connect_host = check_host(host)
+        port = check_port(port, 443)
+        super().__init__("https", options.operation_timeout)
         self._urllib3 = _urllib3()
+        self._options = options
+        self._retry = options.retry
         self.connection_string = cs
-        self.device_id = cs.device_id
         self.hostname = cs.hostname
-        self._connect_host = host or cs.hostname
-        self._connect_port = int(port) if port is not None else 443
-        self.api_version = api_version
-        self.timeout = float(timeout)
-        if not isinstance(retry, RetryPolicy):
-            raise PolicyError(f"retry must be a RetryPolicy, not {type(retry).__name__}")
-        if retry.max_attempts is None:
-            raise PolicyError(
-                "an HTTPS operation needs a finite RetryPolicy.max_attempts (tries per "
-                "operation, the first included), not None"
-            )
-        self.retry = retry
+        self._connect_host = connect_host or cs.hostname
+        self._connect_port = port
         self._draws = random.Random()  # noqa: S311 - jitter, not a secret
         self._sleep = sleep
         self.ssl_context: HardenedSSLContext = create_ssl_context(policy, identity=identity)
         self._identity = identity
-        self._tokens: SasTokenProvider | None = (
-            SasTokenProvider.from_connection_string(cs, ttl=sas_ttl, clock=clock)
-            if cs.shared_access_key is not None
-            else None
-        )
+        self._tokens: SasTokenProvider | None = sas_token_provider
+        if self._tokens is None and not cs.x509:
+            self._tokens = SasTokenProvider.from_connection_string(
+                cs, ttl=options.sas_ttl, clock=clock
+            )
         from .. import __version__
 
-        self._headers = {
-            "Host": cs.hostname,
-            "User-Agent": f"iothub-tls/{__version__}",
-            "Accept": "application/json",
-        }
+        agent = f"iothub-tls/{__version__}"
+        if options.product_info:
+            agent += f" {options.product_info}"
+        self._headers = {"Host": cs.hostname, "User-Agent": agent, "Accept": "application/json"}
         self._lock = threading.Lock()
         self._pool: Any = None
         self._tls_info: TlsInfo | None = None
+        self._poller: threading.Thread | None = None
+        self._polling = threading.Event()
 
-    @classmethod
-    def from_connection_string(
-        cls,
-        connection_string: str | ConnectionString,
-        *,
-        policy: TlsPolicy | None = None,
-        identity: ClientIdentity | None = None,
-        host: str | None = None,
-        port: int | None = None,
-        **options: Any,
-    ) -> HttpsDeviceClient:
-        """A client for the device of ``connection_string`` (``HostName=...;DeviceId=...;
-        SharedAccessKey=...`` or ``...;x509=true`` with ``identity``). Other keywords:
-        see the class."""
-        cs = ConnectionString.coerce(connection_string)
-        return cls(cs, policy=policy, identity=identity, host=host, port=port, **options)
+    # -- what it is ---------------------------------------------------------------------
+
+    @property
+    def device_id(self) -> str:
+        return self.connection_string.device_id
+
+    @property
+    def module_id(self) -> str | None:
+        return None  # HTTPS has no module routes (refused in the constructor)
+
+    @property
+    def options(self) -> HttpsOptions:
+        return self._options
+
+    @property
+    def connected(self) -> bool:
+        """True between a successful :meth:`connect` and :meth:`close`, while requests
+        reach the hub."""
+        return self.state is ConnectionState.CONNECTED
+
+    @property
+    def tls_info(self) -> TlsInfo | None:
+        """What the most recent connection negotiated (None before the first one)."""
+        return self._tls_info
+
+    def __repr__(self) -> str:
+        auth = "x509" if self._tokens is None else "sas"
+        return (
+            f"<HttpsDeviceClient {self.device_id} -> {self.hostname} "
+            f"via {self._connect_host}:{self._connect_port} ({auth}, {self.state.value})>"
+        )
 
     # -- connection ---------------------------------------------------------------------
 
     def _get_pool(self) -> urllib3.HTTPSConnectionPool:
         with self._lock:
             if self._pool is None:
+                if self.state is ConnectionState.CLOSED:
+                    raise ClientError("the client is not connected: call connect() first")
                 u = self._urllib3
                 self._pool = u.HTTPSConnectionPool(
                     self._connect_host,
@@ -339,14 +400,43 @@ class HttpsDeviceClient(Connectable):
                     maxsize=1,
                     block=False,
                     retries=False,
-                    timeout=u.Timeout(connect=self.timeout, read=self.timeout),
+                    timeout=u.Timeout(
+                        connect=self._options.connect_timeout,
+                        read=self._options.operation_timeout,
+                    ),
                 )
-                self._pool.ConnectionCls = _hub_connection_class(u)
+                self._pool.ConnectionCls = _hub_connection_class(u, self._new_connection)
             return cast("urllib3.HTTPSConnectionPool", self._pool)
 
-    def connect(self) -> HttpsDeviceClient:
-        """Open the TLS connection now (otherwise the first request does), so a TLS
-        refusal shows up here. Returns self."""
+    def connect(self) -> None:
+        """Open the TLS connection now, so a TLS refusal shows up here (raised as the
+        core raised it, never retried). A connection reset or closed mid-handshake
+        without a TLS alert is a transport fault, retried like every operation
+        (``HttpsOptions.retry``)."""
+        if self.state is ConnectionState.CONNECTED:
+            return
+        self._set_state(ConnectionState.CONNECTING)
+        attempt = 1
+        try:
+            while True:
+                try:
+                    self._open()
+                    break
+                except (ConnectionFailedError, HandshakeClosedError) as exc:
+                    if attempt >= self._max_attempts:
+                        raise
+                    delay = self._backoff(attempt)
+                    logger.info("connect: %s; retrying in %.2f s", exc, delay)
+                    self._sleep(delay)
+                    attempt += 1
+        except BaseException as exc:
+            self._close_pool()
+            self._set_state(ConnectionState.CLOSED, exc)
+            raise
+        self._set_state(ConnectionState.CONNECTED)
+        self._c2d_callback_changed()
+
+    def _open(self) -> None:
         pool = self._get_pool()
         conn = pool._get_conn()
         try:
@@ -357,20 +447,40 @@ class HttpsDeviceClient(Connectable):
             raise self._translate(exc, "connect") from exc
         finally:
             pool._put_conn(conn)
-        return self
 
     def close(self) -> None:
-        """Close the pooled connections. The client can be used again: the next request
-        reconnects, resuming the TLS session."""
+        """Close the pooled connection and stop polling for cloud-to-device messages. The
+        client can connect again (resuming the TLS session)."""
+        self._polling.clear()
+        poller, self._poller = self._poller, None
+        self._close_pool()
+        if poller is not None and poller is not threading.current_thread():
+            poller.join(self._options.operation_timeout + 1)
+        if self.state is not ConnectionState.CLOSED:
+            self._set_state(ConnectionState.CLOSED)
+        self._stop_callbacks()
+
+    def _close_pool(self) -> None:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
 
-    @property
-    def tls_info(self) -> TlsInfo | None:
-        """What the most recent connection negotiated (None before the first one)."""
-        return self._tls_info
+    def _new_connection(self) -> None:
+        """A connection is being opened: after the first, the previous one was lost."""
+        if self.state is ConnectionState.CONNECTED and self._tls_info is not None:
+            self._lost(
+                ConnectionFailedError(
+                    f"the connection to {self._connect_host}:{self._connect_port} was closed; "
+                    "opening a new one"
+                )
+            )
+
+    def _lost(self, reason: BaseException) -> None:
+        if self.state is ConnectionState.CONNECTED:
+            self._set_state(ConnectionState.DISCONNECTED, reason)
+        if self.state is not ConnectionState.CLOSED:
+            self._set_state(ConnectionState.CONNECTING)
 
     def _remember_tls(self, conn: Any) -> None:
         try:
@@ -378,78 +488,147 @@ class HttpsDeviceClient(Connectable):
         except (TypeError, ValueError):
             pass
 
-    # -- operations ---------------------------------------------------------------------
+    # -- telemetry ----------------------------------------------------------------------
 
     def send_telemetry(
         self,
-        body: bytes | str,
-        *,
+        payload: bytes | str | Message,
         properties: Mapping[str, str] | None = None,
+        *,
         message_id: str | None = None,
         correlation_id: str | None = None,
         content_type: str | None = None,
         content_encoding: str | None = None,
+        timeout: float | None = None,
     ) -> None:
-        """Send one device-to-cloud message (``POST /devices/{id}/messages/events``)."""
-        message = Message(
-            cast(bytes, body),
-            dict(properties or {}),
+        """Send one device-to-cloud message (``POST /devices/{id}/messages/events``);
+        returns once the hub accepted it. ``payload`` is bytes, text or a
+        :class:`~iothub_tls.Message`. ``timeout`` is the wait for each response
+        (default ``HttpsOptions.operation_timeout``)."""
+        message = Message.coerce(
+            payload,
+            properties,
             message_id=message_id,
             correlation_id=correlation_id,
             content_type=content_type,
             content_encoding=content_encoding,
         )
-        self.send_message(message)
+        request = proto.events_request(self.device_id, message, self._options.api_version)
+        self._call(request, "send telemetry", (204, 200), timeout)
 
-    def send_message(self, message: Message) -> None:
-        """Send a prepared :class:`Message`."""
-        request = proto.events_request(self.device_id, message, self.api_version)
-        self._call(request, "send telemetry", (204, 200))
-
-    def send_batch(self, messages: Iterable[Message]) -> None:
+    def send_batch(self, messages: Iterable[Message], timeout: float | None = None) -> None:
         """Send several messages in one request (at most 256 KB in all)."""
-        request = proto.batch_request(self.device_id, messages, self.api_version)
-        self._call(request, "send batch", (204, 200))
+        request = proto.batch_request(self.device_id, messages, self._options.api_version)
+        self._call(request, "send batch", (204, 200), timeout)
 
-    def receive_c2d(
-        self, timeout: float | None = None, *, poll_interval: float = 5.0
-    ) -> C2DMessage | None:
-        """The next cloud-to-device message, locked for this device, or None.
+    # -- cloud-to-device ----------------------------------------------------------------
 
-        With ``timeout`` None or 0 the hub is asked once. Otherwise it is polled every
-        ``poll_interval`` seconds until a message arrives or ``timeout`` passes (IoT Hub
-        throttles HTTPS receives: poll sparingly). Settle each message with
-        :meth:`complete`, :meth:`reject` or :meth:`abandon` within one minute.
+    def _receive_once(self) -> C2DMessage | None:
+        request = proto.receive_request(self.device_id, self._options.api_version)
+        status, headers, body = self._call(request, "receive cloud-to-device", (200, 204))
+        return proto.parse_c2d(status, headers, body, settler=self._settle)
+
+    def receive_c2d(self, timeout: float | None = None) -> C2DMessage:
+        """The next cloud-to-device message, locked for this device: settle it with
+        ``complete()``, ``reject()`` or ``abandon()`` within one minute.
+
+        The hub is asked at once, then every ``HttpsOptions.c2d_poll_interval`` seconds
+        until a message arrives or ``timeout`` (default
+        ``HttpsOptions.operation_timeout``) passes; ``timeout=0`` asks once.
+
+        :raises OperationTimeoutError: no message arrived in time.
         """
-        request = proto.receive_request(self.device_id, self.api_version)
-        deadline = time.monotonic() + (timeout or 0)
+        wait = self._options.operation_timeout if timeout is None else timeout
+        deadline = time.monotonic() + max(wait, 0.0)
         while True:
-            status, headers, body = self._call(request, "receive cloud-to-device", (200, 204))
-            message = proto.parse_c2d(status, headers, body)
-            remaining = deadline - time.monotonic()
-            if message is not None or remaining <= 0:
+            message = self._receive_once()
+            if message is not None:
                 return message
-            self._sleep(min(poll_interval, remaining))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeoutError(f"no cloud-to-device message arrived within {wait:g} s")
+            self._sleep(min(self._options.c2d_poll_interval, remaining))
 
-    def complete(self, message: C2DMessage | str) -> None:
-        """Remove a received message from the device's queue."""
-        request = proto.complete_request(self.device_id, _token(message), self.api_version)
-        self._call(request, "complete cloud-to-device message", (204, 200))
+    def _settle(self, message: C2DMessage, how: Settlement) -> None:
+        token = message.lock_token
+        if token is None:  # pragma: no cover - parse_c2d always sets it
+            raise ClientError("this message has no lock token")
+        version = self._options.api_version
+        if how is Settlement.COMPLETE:
+            request = proto.complete_request(self.device_id, token, version)
+        elif how is Settlement.REJECT:
+            request = proto.reject_request(self.device_id, token, version)
+        else:
+            request = proto.abandon_request(self.device_id, token, version)
+        self._call(request, f"{how.value} cloud-to-device message", (204, 200))
 
-    def reject(self, message: C2DMessage | str) -> None:
-        """Refuse a received message: the hub dead-letters it (no redelivery)."""
-        request = proto.reject_request(self.device_id, _token(message), self.api_version)
-        self._call(request, "reject cloud-to-device message", (204, 200))
+    def _c2d_callback_changed(self) -> None:
+        """Poll for messages while ``on_c2d`` is set and the client is connected."""
+        if self.on_c2d is None or self.state is ConnectionState.CLOSED:
+            self._polling.clear()
+            return
+        with self._lock:
+            if self._poller is not None and self._poller.is_alive():
+                self._polling.set()
+                return
+            self._polling.set()
+            self._poller = threading.Thread(
+                target=self._poll, name="iothub-tls-https-c2d", daemon=True
+            )
+            self._poller.start()
 
-    def abandon(self, message: C2DMessage | str) -> None:
-        """Put a received message back in the queue (it is delivered again)."""
-        request = proto.abandon_request(self.device_id, _token(message), self.api_version)
-        self._call(request, "abandon cloud-to-device message", (204, 200))
+    def _poll(self) -> None:
+        interval = self._options.c2d_poll_interval
+        while self._polling.is_set():
+            try:
+                message = self._receive_once()
+            except ClientError as exc:
+                if not self._polling.is_set():
+                    return
+                self._report(exc)
+                message = None
+            except Exception as exc:  # a bug must not end polling silently
+                self._report(exc)
+                message = None
+            if message is not None:
+                self._incoming_c2d(message)
+                continue  # more may be waiting
+            self._polling.wait(0)  # re-check the flag before sleeping
+            deadline = time.monotonic() + interval
+            while self._polling.is_set() and time.monotonic() < deadline:
+                time.sleep(min(0.05, interval))
+
+    # -- what HTTPS does not have -------------------------------------------------------
+
+    def get_twin(self, timeout: float | None = None) -> dict[str, Any]:
+        """IoT Hub has no device twin over HTTPS: raises ``UnsupportedOperationError``."""
+        raise unsupported("HTTPS", "device twin", "use MQTT or AMQP for the twin")
+
+    def patch_reported(self, patch: Mapping[str, Any], timeout: float | None = None) -> int | None:
+        """IoT Hub has no device twin over HTTPS: raises ``UnsupportedOperationError``."""
+        raise unsupported("HTTPS", "device twin", "use MQTT or AMQP for the twin")
+
+    def _desired_callback_changed(self) -> None:
+        if self.on_desired_update is not None:
+            self._on_desired_update = None
+            raise unsupported("HTTPS", "desired-property updates", "use MQTT or AMQP for the twin")
+
+    def _methods_changed(self) -> None:
+        self._methods.register(None, None)
+        raise unsupported("HTTPS", "direct methods", "use MQTT or AMQP for direct methods")
+
+    def on_method(self, name: str | None, handler: MethodHandler | None) -> None:
+        """IoT Hub has no direct methods over HTTPS: raises ``UnsupportedOperationError``."""
+        raise unsupported("HTTPS", "direct methods", "use MQTT or AMQP for direct methods")
 
     # -- the request loop ---------------------------------------------------------------
 
     def _call(
-        self, request: proto.HttpRequest, operation: str, expected: tuple[int, ...]
+        self,
+        request: proto.HttpRequest,
+        operation: str,
+        expected: tuple[int, ...],
+        timeout: float | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
         renewed = False
         replaced_stale = False
@@ -460,8 +639,9 @@ class HttpsDeviceClient(Connectable):
                 headers["Authorization"] = self._tokens.token()
             reusing = self._reusing_connection()
             try:
-                status, response_headers, body = self._exchange(request, headers)
+                status, response_headers, body = self._exchange(request, headers, timeout)
             except (ConnectionFailedError, HandshakeClosedError) as exc:
+                self._lost(exc)
                 # HandshakeClosedError: the peer closed or reset the connection (or let
                 # it stall) during the handshake without a TLS alert, i.e. before any
                 # policy decision — a transport fault. Refusals (version, suites,
@@ -480,6 +660,7 @@ class HttpsDeviceClient(Connectable):
                 self._sleep(delay)
                 attempt += 1
                 continue
+            self._set_state(ConnectionState.CONNECTED)
             if status in expected:
                 return status, response_headers, body
             if status == 401 and self._tokens is not None and not renewed:
@@ -492,7 +673,7 @@ class HttpsDeviceClient(Connectable):
             info = proto.parse_error(response_headers, body)
             if (status == 429 or status >= 500) and attempt < self._max_attempts:
                 delay = retry_after if retry_after is not None else self._backoff(attempt)
-                if delay <= self.retry.max_delay:
+                if delay <= self._retry.max_delay:
                     logger.info(
                         "%s: HTTP %d (%s); retrying in %.2f s", operation, status, info.code, delay
                     )
@@ -503,12 +684,12 @@ class HttpsDeviceClient(Connectable):
 
     @property
     def _max_attempts(self) -> int:
-        return self.retry.max_attempts or 1  # never None: checked in __init__
+        return self._retry.max_attempts or 1  # never None: checked in HttpsOptions
 
     def _backoff(self, retry: int) -> float:
         """The wait before retry number ``retry`` of an operation (each operation starts
         the schedule afresh)."""
-        return self.retry.delay(retry, self._draws.random())
+        return self._retry.delay(retry, self._draws.random())
 
     def _reusing_connection(self) -> bool:
         """True when the next request will go out on a pooled connection that already
@@ -522,10 +703,13 @@ class HttpsDeviceClient(Connectable):
         )
 
     def _exchange(
-        self, request: proto.HttpRequest, headers: dict[str, str]
+        self, request: proto.HttpRequest, headers: dict[str, str], timeout: float | None
     ) -> tuple[int, dict[str, str], bytes]:
         pool = self._get_pool()
         u = self._urllib3
+        extra: dict[str, Any] = {}
+        if timeout is not None:
+            extra["timeout"] = u.Timeout(connect=self._options.connect_timeout, read=timeout)
         try:
             response = pool.urlopen(
                 request.method,
@@ -536,6 +720,7 @@ class HttpsDeviceClient(Connectable):
                 redirect=False,
                 assert_same_host=False,
                 preload_content=False,
+                **extra,
             )
         except (u.exceptions.HTTPError, OSError, ValueError) as exc:
             raise self._translate(exc, request.method + " " + request.path.split("?")[0]) from exc
@@ -594,26 +779,17 @@ class HttpsDeviceClient(Connectable):
                 )
         if any(isinstance(i, u.exceptions.ReadTimeoutError) for i in chain):
             return OperationTimeoutError(
-                f"{doing}: no response from {target} within {self.timeout:g} s"
+                f"{doing}: no response from {target} within {self._options.operation_timeout:g} s"
             )
         if any(isinstance(i, u.exceptions.ConnectTimeoutError) for i in chain) and not any(
             isinstance(i, u.exceptions.NewConnectionError) for i in chain
         ):
-            return ConnectionFailedError(f"could not connect to {target} within {self.timeout:g} s")
+            return ConnectionFailedError(
+                f"could not connect to {target} within {self._options.operation_timeout:g} s"
+            )
         if isinstance(exc, ClientError):
             return exc
         return ConnectionFailedError(f"{doing}: connection to {target} failed: {exc}")
-
-    def __repr__(self) -> str:
-        auth = "x509" if self._tokens is None else "sas"
-        return (
-            f"HttpsDeviceClient(device_id={self.device_id!r}, hub={self.hostname!r}, "
-            f"connect={self._connect_host}:{self._connect_port}, auth={auth})"
-        )
-
-
-def _token(message: C2DMessage | str) -> str:
-    return message.lock_token if isinstance(message, C2DMessage) else message
 
 
 def _header(headers: Mapping[str, str], name: str) -> str | None:

@@ -31,15 +31,22 @@ import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import quote
 
+from ..device import C2DMessage, Message, Settler
 from ..errors import (
     AuthenticationError,
+    BadRequestError,
     ClientError,
-    DeliveryError,
+    DeviceNotFoundError,
+    HubServerError,
+    InvalidMessageError,
+    MessageLockLostError,
+    MessageTooLargeError,
     NotAuthorizedError,
+    ThrottledError,
+    UnexpectedResponseError,
 )
 
 __all__ = [
@@ -93,58 +100,6 @@ H_C2D_CONTENT_ENCODING = "ContentEncoding"
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+")
 # Message id: up to 128 ASCII alphanumerics and these symbols.
 _MESSAGE_ID = re.compile(r"[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}")
-
-
-# -- errors -------------------------------------------------------------------------------
-
-
-class _FromResponse:
-    """Attributes every error built from a hub response carries."""
-
-    #: HTTP status of the response (None when raised before any request was sent).
-    status: int | None = None
-    #: IoT Hub's error code, e.g. "DeviceNotFound" (None when the hub sent none).
-    error_code: str | None = None
-    #: IoT Hub's tracking id, to quote in a support request.
-    tracking_id: str | None = None
-
-
-class InvalidMessageError(ClientError, ValueError):
-    """A message that IoT Hub would refuse, found before sending it: a property name or
-    value outside the characters HTTPS allows, a malformed message id."""
-
-
-class BadRequestError(_FromResponse, ClientError):
-    """400: the hub refused the request as malformed."""
-
-
-class DeviceNotFoundError(_FromResponse, ClientError, LookupError):
-    """404: the device is not registered in the hub (or the path names another one)."""
-
-
-class MessageLockLostError(_FromResponse, DeliveryError):
-    """412: a cloud-to-device message could not be completed, rejected or abandoned
-    because its lock expired (after one minute), it was already settled, or the lock
-    token is unknown. The message is delivered again; receive it again."""
-
-
-class MessageTooLargeError(_FromResponse, DeliveryError, ValueError):
-    """413 (or found before sending): the message or batch exceeds 256 KB."""
-
-
-class ThrottledError(_FromResponse, ClientError):
-    """429: the hub throttled the device and retries were exhausted. ``retry_after``
-    is the delay the hub asked for, in seconds, when it sent one."""
-
-    retry_after: float | None = None
-
-
-class HubServerError(_FromResponse, ClientError):
-    """5xx: the hub failed (500, 503 ...) and retries were exhausted."""
-
-
-class UnexpectedResponseError(_FromResponse, ClientError):
-    """A status the device API does not document for this operation."""
 
 
 @dataclass(frozen=True)
@@ -280,103 +235,55 @@ def _check_token(kind: str, text: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class Message:
-    """A device-to-cloud message. ``body`` may be given as text (sent as UTF-8).
-
-    ``properties`` are application properties (routing queries see them);
-    ``content_type`` / ``content_encoding`` are IoT Hub's system properties (set
-    ``application/json`` and ``utf-8`` to route on the body).
-    """
-
-    body: bytes
-    properties: Mapping[str, str] = field(default_factory=dict, hash=False)
-    message_id: str | None = None
-    correlation_id: str | None = None
-    content_type: str | None = None
-    content_encoding: str | None = None
-
-    def __post_init__(self) -> None:
-        body: Any = self.body
-        if isinstance(body, str):
-            object.__setattr__(self, "body", body.encode("utf-8"))
-        elif isinstance(body, bytes | bytearray | memoryview):
-            object.__setattr__(self, "body", bytes(body))
-        else:
+def check_message(message: Message) -> Message:
+    """``message`` if HTTPS can carry it, else :class:`InvalidMessageError`: property
+    names and values travel as HTTP headers (token characters only, no ``iothub-``
+    prefix), the message id has IoT Hub's format, the other system properties are
+    printable ASCII."""
+    if not isinstance(message, Message):
+        raise TypeError(f"expected an iothub_tls.Message, not {type(message).__name__}")
+    for name, value in message.properties.items():
+        _check_token("property name", name)
+        _check_token(f"value of property {name!r}", value)
+        if name.lower().startswith("iothub-"):
             raise InvalidMessageError(
-                f"a message body must be bytes or str, not {type(body).__name__}"
+                f"property name {name!r} is reserved: names starting with 'iothub-' "
+                "are IoT Hub system properties; use message_id, correlation_id, "
+                "content_type or content_encoding for those"
             )
-        props = dict(self.properties)
-        for name, value in props.items():
-            _check_token("property name", name)
-            _check_token(f"value of property {name!r}", value)
-            if name.lower().startswith("iothub-"):
-                raise InvalidMessageError(
-                    f"property name {name!r} is reserved: names starting with 'iothub-' "
-                    "are IoT Hub system properties; use message_id, correlation_id, "
-                    "content_type or content_encoding for those"
-                )
-        object.__setattr__(self, "properties", MappingProxyType(props))
-        if self.message_id is not None and not _MESSAGE_ID.fullmatch(self.message_id):
-            raise InvalidMessageError(
-                f"message_id {self.message_id!r} is not valid: up to 128 ASCII letters, "
-                "digits and -:.+%_#*?!(),=@;$' characters"
-            )
-        for name in ("correlation_id", "content_type", "content_encoding"):
-            value = getattr(self, name)
-            if value is not None:
-                if not isinstance(value, str) or not value.isascii() or not value.isprintable():
-                    raise InvalidMessageError(
-                        f"{name} {value!r} must be printable ASCII text (it travels in "
-                        "an HTTP header)"
-                    )
-
-    @property
-    def system_properties(self) -> dict[str, str]:
-        """System properties under their HTTP header names."""
-        out: dict[str, str] = {}
-        for header, value in (
-            (H_MESSAGE_ID, self.message_id),
-            (H_CORRELATION_ID, self.correlation_id),
-            (H_CONTENT_TYPE, self.content_type),
-            (H_CONTENT_ENCODING, self.content_encoding),
-        ):
-            if value is not None:
-                out[header] = value
-        return out
-
-    @property
-    def size(self) -> int:
-        """What counts against the 256 KB limit: body, system property values,
-        application property names and values."""
-        return (
-            len(self.body)
-            + sum(len(v) for v in self.system_properties.values())
-            + sum(len(k) + len(v) for k, v in self.properties.items())
+    if message.message_id is not None and not _MESSAGE_ID.fullmatch(message.message_id):
+        raise InvalidMessageError(
+            f"message_id {message.message_id!r} is not valid: up to 128 ASCII letters, "
+            "digits and -:.+%_#*?!(),=@;$' characters"
         )
+    for name in ("correlation_id", "content_type", "content_encoding"):
+        value = getattr(message, name)
+        if value is not None and (not value.isascii() or not value.isprintable()):
+            raise InvalidMessageError(
+                f"{name} {value!r} must be printable ASCII text (it travels in an HTTP header)"
+            )
+    return message
 
 
-@dataclass(frozen=True)
-class C2DMessage:
-    """A cloud-to-device message received over HTTPS, locked for this device until
-    completed, rejected or abandoned (or until the lock expires)."""
+def system_headers(message: Message) -> dict[str, str]:
+    """A message's system properties under their HTTP header names."""
+    out: dict[str, str] = {}
+    for header, value in (
+        (H_MESSAGE_ID, message.message_id),
+        (H_CORRELATION_ID, message.correlation_id),
+        (H_CONTENT_TYPE, message.content_type),
+        (H_CONTENT_ENCODING, message.content_encoding),
+    ):
+        if value is not None:
+            out[header] = value
+    return out
 
-    payload: bytes
-    #: The ETag of the response without its quotes; identifies this delivery.
-    lock_token: str
-    properties: Mapping[str, str] = field(default_factory=dict, hash=False)
-    message_id: str | None = None
-    correlation_id: str | None = None
-    content_type: str | None = None
-    content_encoding: str | None = None
-    sequence_number: int | None = None
-    #: How many times the message was delivered before this delivery.
-    delivery_count: int | None = None
-    enqueued_time: str | None = None
-    expiry: str | None = None
-    to: str | None = None
-    user_id: str | None = None
-    ack: str | None = None
+
+def _as_message(message: Message) -> Message:
+    try:
+        return check_message(message)
+    except TypeError as exc:
+        raise InvalidMessageError(str(exc)) from None
 
 
 # -- requests -----------------------------------------------------------------------------
@@ -404,6 +311,7 @@ def _query(api_version: str, *flags: str) -> str:
 
 def events_request(device_id: str, message: Message, api_version: str = API_VERSION) -> HttpRequest:
     """Send one message: its body is the HTTP body, properties go in headers."""
+    check_message(message)
     if message.size > MAX_MESSAGE_BYTES:
         raise MessageTooLargeError(
             f"the message is {message.size} bytes; IoT Hub accepts at most "
@@ -413,18 +321,19 @@ def events_request(device_id: str, message: Message, api_version: str = API_VERS
     headers = {
         "Content-Type": "application/octet-stream",
         H_TO: path,
-        **message.system_properties,
+        **system_headers(message),
     }
     headers.update({APP_PROPERTY_PREFIX + k: v for k, v in message.properties.items()})
-    return HttpRequest("POST", path + _query(api_version), headers, message.body)
+    return HttpRequest("POST", path + _query(api_version), headers, message.payload)
 
 
 def batch_body(messages: Iterable[Message]) -> bytes:
     """The JSON array of a batch: base64 bodies, properties under their header names."""
     items: list[dict[str, Any]] = []
     for message in messages:
-        item: dict[str, Any] = {"body": base64.b64encode(message.body).decode("ascii")}
-        props = dict(message.system_properties)
+        check_message(message)
+        item: dict[str, Any] = {"body": base64.b64encode(message.payload).decode("ascii")}
+        props = system_headers(message)
         props.update({APP_PROPERTY_PREFIX + k: v for k, v in message.properties.items()})
         if props:
             item["properties"] = props
@@ -516,9 +425,15 @@ def app_properties(headers: Mapping[str, str]) -> dict[str, str]:
     }
 
 
-def parse_c2d(status: int, headers: Mapping[str, str], body: bytes) -> C2DMessage | None:
+# Cloud-to-device system properties kept as they arrived (besides the typed fields).
+_C2D_SYSTEM_HEADERS = (H_SEQUENCE_NUMBER, H_ENQUEUED_TIME, H_TO, H_ACK, H_EXPIRY, H_USER_ID)
+
+
+def parse_c2d(
+    status: int, headers: Mapping[str, str], body: bytes, *, settler: Settler | None = None
+) -> C2DMessage | None:
     """A received cloud-to-device message from a 200 response; None for 204 (empty
-    queue)."""
+    queue). ``settler`` carries out ``complete()`` and the others."""
     if status == 204:
         return None
     etag = _get(headers, "ETag")
@@ -526,23 +441,23 @@ def parse_c2d(status: int, headers: Mapping[str, str], body: bytes) -> C2DMessag
         raise UnexpectedResponseError(
             "the hub answered a receive with a message but no ETag (lock token)"
         )
+    system = {name: _get(headers, name) for name in _C2D_SYSTEM_HEADERS}
     return C2DMessage(
-        payload=body,
-        lock_token=etag.strip().strip('"'),
-        properties=MappingProxyType(app_properties(headers)),
+        body,
+        app_properties(headers),
         message_id=_get(headers, H_MESSAGE_ID),
         correlation_id=_get(headers, H_CORRELATION_ID),
         content_type=_get(headers, H_C2D_CONTENT_TYPE) or _get(headers, H_CONTENT_TYPE),
         content_encoding=(
             _get(headers, H_C2D_CONTENT_ENCODING) or _get(headers, H_CONTENT_ENCODING)
         ),
-        sequence_number=_int_or_none(_get(headers, H_SEQUENCE_NUMBER)),
+        expiry_time=system[H_EXPIRY],
+        user_id=system[H_USER_ID],
         delivery_count=_int_or_none(_get(headers, H_DELIVERY_COUNT)),
-        enqueued_time=_get(headers, H_ENQUEUED_TIME),
-        expiry=_get(headers, H_EXPIRY),
-        to=_get(headers, H_TO),
-        user_id=_get(headers, H_USER_ID),
-        ack=_get(headers, H_ACK),
+        lock_token=etag.strip().strip('"'),
+        system_properties={k: v for k, v in system.items() if v is not None},
+        transport="https",
+        settler=settler,
     )
 
 
@@ -554,14 +469,18 @@ def message_from_headers(headers: Mapping[str, str], body: bytes) -> Message:
 
     :raises InvalidMessageError: for properties outside what HTTPS allows.
     """
-    return Message(
-        body=body,
-        properties=app_properties(headers),
-        message_id=_get(headers, H_MESSAGE_ID),
-        correlation_id=_get(headers, H_CORRELATION_ID),
-        content_type=_get(headers, H_CONTENT_TYPE),
-        content_encoding=_get(headers, H_CONTENT_ENCODING),
-    )
+    try:
+        message = Message(
+            body,
+            app_properties(headers),
+            message_id=_get(headers, H_MESSAGE_ID) or None,
+            correlation_id=_get(headers, H_CORRELATION_ID) or None,
+            content_type=_get(headers, H_CONTENT_TYPE) or None,
+            content_encoding=_get(headers, H_CONTENT_ENCODING) or None,
+        )
+    except TypeError as exc:
+        raise InvalidMessageError(str(exc)) from None
+    return check_message(message)
 
 
 def parse_batch(body: bytes) -> list[Message]:
@@ -603,18 +522,15 @@ def c2d_headers(message: C2DMessage) -> dict[str, str]:
         (H_CORRELATION_ID, message.correlation_id),
         (H_C2D_CONTENT_TYPE, message.content_type),
         (H_C2D_CONTENT_ENCODING, message.content_encoding),
-        (
-            H_SEQUENCE_NUMBER,
-            None if message.sequence_number is None else str(message.sequence_number),
-        ),
         (H_DELIVERY_COUNT, None if message.delivery_count is None else str(message.delivery_count)),
-        (H_ENQUEUED_TIME, message.enqueued_time),
-        (H_EXPIRY, message.expiry),
-        (H_TO, message.to),
+        (H_EXPIRY, message.expiry_time),
         (H_USER_ID, message.user_id),
-        (H_ACK, message.ack),
     ):
         if value is not None:
             headers[name] = value
-    headers.update({APP_PROPERTY_PREFIX + k: v for k, v in message.properties.items()})
+    for name in (H_SEQUENCE_NUMBER, H_ENQUEUED_TIME, H_TO, H_ACK):
+        value = message.system_properties.get(name)
+        if value is not None:
+            headers[name] = value
+    headers.update({APP_PROPERTY_PREFIX + k: v or "" for k, v in message.properties.items()})
     return headers

@@ -33,10 +33,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from ..device import C2DMessage, Message
 from ..errors import AuthenticationError
 from ..https import conventions as proto
 from .frontdoor import HubFrontDoor, TlsMeta
@@ -237,11 +237,11 @@ class HttpsEndpoint(HubFrontDoor):
             return fault
 
     def _record(
-        self, message: proto.Message, device_id: str, batch: bool, auth: str, tls: PeerTls
+        self, message: Message, device_id: str, batch: bool, auth: str, tls: PeerTls
     ) -> None:
         entry = ReceivedMessage(
             device_id=device_id,
-            body=message.body,
+            body=message.payload,
             properties=message.properties,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
@@ -257,9 +257,9 @@ class HttpsEndpoint(HubFrontDoor):
             entry,
             Telemetry(
                 device_id=device_id,
-                payload=message.body,
+                payload=message.payload,
                 properties=dict(message.properties),
-                system_properties=message.system_properties,
+                system_properties=proto.system_headers(message),
                 protocol=self.protocol,
             ),
         )
@@ -416,16 +416,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         locked = self.endpoint.state.lock_next_c2d(device_id)
         if locked is None or locked.lock_token is None:
             return 204, {}, b""
-        message = proto.C2DMessage(
-            payload=locked.payload,
+        message = C2DMessage(
+            locked.payload,
+            dict(locked.properties),
             lock_token=locked.lock_token,
-            properties=MappingProxyType(dict(locked.properties)),
             message_id=locked.message_id,
             correlation_id=locked.correlation_id,
             # Deliveries before this one (0 on the first delivery).
             delivery_count=locked.delivery_count - 1,
-            enqueued_time=_iso(locked.enqueued_at),
-            to=f"/devices/{device_id}/messages/deviceBound",
+            system_properties={
+                proto.H_ENQUEUED_TIME: _iso(locked.enqueued_at),
+                proto.H_TO: f"/devices/{device_id}/messages/deviceBound",
+            },
         )
         return 200, proto.c2d_headers(message), message.payload
 
