@@ -105,6 +105,7 @@ _DEVICE_ID = "DeviceId"
 _MODULE_ID = "ModuleId"
 _SHARED_ACCESS_KEY = "SharedAccessKey"
 _SHARED_ACCESS_KEY_NAME = "SharedAccessKeyName"
+_SHARED_ACCESS_SIGNATURE = "SharedAccessSignature"
 _X509 = "x509"
 _GATEWAY_HOST_NAME = "GatewayHostName"
 
@@ -114,6 +115,7 @@ _CS_KEYS = (
     _MODULE_ID,
     _SHARED_ACCESS_KEY,
     _SHARED_ACCESS_KEY_NAME,
+    _SHARED_ACCESS_SIGNATURE,
     _X509,
     _GATEWAY_HOST_NAME,
 )
@@ -148,11 +150,6 @@ def _unknown_key_message(index: int, name: str) -> str:
             f"key {name!r} must be written {lowered[name.lower()]!r}: connection string "
             "keys are case-sensitive"
         )
-    if name == "SharedAccessSignature":
-        return (
-            "SharedAccessSignature connection strings are not supported: use the device's "
-            "SharedAccessKey (tokens are then generated and renewed automatically)"
-        )
     close = difflib.get_close_matches(name, _CS_KEYS, n=1, cutoff=0.75)
     if close:
         # Suggest, but do not echo: a key glued to its name would still match closely.
@@ -184,6 +181,9 @@ class ConnectionString:
     shared_access_key_name: str | None = None
     x509: bool = False
     gateway_host_name: str | None = None
+    #: a ready-made token (``SharedAccessSignature sr=...&sig=...&se=...``): used until it
+    #: expires, never renewed (the device has no key to sign a new one)
+    shared_access_signature: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.host_name:
@@ -207,16 +207,27 @@ class ConnectionString:
             _check_identifier("ModuleId", self.module_id)
         if self.shared_access_key_name is not None and not self.shared_access_key_name:
             raise ConnectionStringError("SharedAccessKeyName is empty")
-        if self.shared_access_key is not None and self.x509:
-            raise ConnectionStringError(
-                "both SharedAccessKey and x509=true are set: a device authenticates with "
-                "either a symmetric key or an X.509 certificate; remove one of them"
+        given = [
+            name
+            for name, present in (
+                (_SHARED_ACCESS_KEY, self.shared_access_key is not None),
+                (_SHARED_ACCESS_SIGNATURE, self.shared_access_signature is not None),
+                ("x509=true", self.x509),
             )
-        if self.shared_access_key is None and not self.x509:
+            if present
+        ]
+        if len(given) > 1:
             raise ConnectionStringError(
-                "neither SharedAccessKey nor x509=true is set: add the device's "
-                "SharedAccessKey, or x509=true and pass a ClientIdentity"
+                f"{' and '.join(given)} are all set: a device authenticates with one of a "
+                "symmetric key, a SAS token or an X.509 certificate; keep one of them"
             )
+        if not given:
+            raise ConnectionStringError(
+                "neither SharedAccessKey, SharedAccessSignature nor x509=true is set: add "
+                "the device's SharedAccessKey, or x509=true and pass a ClientIdentity"
+            )
+        if self.shared_access_signature is not None:
+            self._check_signature(self.shared_access_signature)
         if self.shared_access_key is not None:
             if not self.shared_access_key:
                 raise ConnectionStringError("SharedAccessKey is empty")
@@ -229,6 +240,19 @@ class ConnectionString:
                     "SharedAccessKey is not valid base64: copy the device's primary or "
                     "secondary key exactly as the portal shows it"
                 ) from None
+
+    def _check_signature(self, text: str) -> None:
+        try:
+            token = SasToken.parse(text)
+        except SasTokenError as exc:
+            raise ConnectionStringError(
+                f"SharedAccessSignature is not a SAS token: {exc}"
+            ) from None
+        if not _resource_covers(token.resource_uri, self.resource_uri):
+            raise ConnectionStringError(
+                f"the SharedAccessSignature is for {token.resource_uri!r}, not for this "
+                f"device ({self.resource_uri!r}): use a token made for the device"
+            )
 
     @classmethod
     def parse(cls, text: str) -> ConnectionString:
@@ -300,6 +324,7 @@ class ConnectionString:
             shared_access_key_name=values.get(_SHARED_ACCESS_KEY_NAME),
             x509=x509_flag,
             gateway_host_name=values.get(_GATEWAY_HOST_NAME),
+            shared_access_signature=values.get(_SHARED_ACCESS_SIGNATURE),
         )
 
     @classmethod
@@ -320,8 +345,9 @@ class ConnectionString:
             )
         if not self.x509 and identity is not None:
             raise IdentityError(
-                "the connection string has a SharedAccessKey and an X.509 identity was "
-                "given: use x509=true for certificate authentication, or drop identity"
+                "the connection string has a SharedAccessKey (or SharedAccessSignature) and "
+                "an X.509 identity was given: use x509=true for certificate "
+                "authentication, or drop identity"
             )
 
     @property
@@ -355,6 +381,8 @@ class ConnectionString:
             parts.append(f"{_SHARED_ACCESS_KEY_NAME}={self.shared_access_key_name}")
         if self.shared_access_key is not None:
             parts.append(f"{_SHARED_ACCESS_KEY}=<redacted>")
+        if self.shared_access_signature is not None:
+            parts.append(f"{_SHARED_ACCESS_SIGNATURE}=<redacted>")
         if self.x509:
             parts.append(f"{_X509}=true")
         if self.gateway_host_name is not None:
@@ -635,7 +663,7 @@ class SasTokenProvider:
         if not (isinstance(renew_margin, (int, float)) and 0 <= renew_margin < 1):
             raise SasTokenError(f"renew_margin must be in [0, 1), not {renew_margin!r}")
         self._resource_uri = resource_uri
-        self._key = _signing_key(key)
+        self._key: bytes | None = _signing_key(key)
         self._policy_name = policy_name
         self._ttl = float(ttl)
         self._renew_margin = float(renew_margin)
@@ -655,8 +683,13 @@ class SasTokenProvider:
         """A provider for the device or module of a connection string (its
         ``SharedAccessKeyName``, if any, becomes the token's ``skn``).
 
+        A ``SharedAccessSignature`` connection string gives a provider of that one token
+        (:meth:`from_token`).
+
         :raises ConnectionStringError: for an ``x509=true`` connection string.
         """
+        if connection_string.shared_access_signature is not None:
+            return cls.from_token(connection_string.shared_access_signature, clock=clock)
         if connection_string.shared_access_key is None:
             raise ConnectionStringError(
                 "this connection string has no SharedAccessKey (x509=true): authenticate "
@@ -670,6 +703,31 @@ class SasTokenProvider:
             renew_margin=renew_margin,
             clock=clock,
         )
+
+    @classmethod
+    def from_token(cls, token: str, *, clock: Callable[[], float] = time.time) -> SasTokenProvider:
+        """A provider of one ready-made token, used until it expires. It cannot be renewed
+        (there is no key): once it has expired, :meth:`token` raises
+        ``AuthenticationError`` saying that a fresh one is needed.
+
+        :raises SasTokenError: ``token`` is not a SAS token.
+        """
+        parsed = SasToken.parse(token)
+        provider = cls.__new__(cls)
+        provider._resource_uri = parsed.resource_uri
+        provider._key = None
+        provider._policy_name = parsed.key_name
+        provider._ttl = float(max(parsed.expiry - clock(), 1))
+        provider._renew_margin = 0.0
+        provider._clock = clock
+        provider._lock = threading.Lock()
+        provider._token = parsed
+        return provider
+
+    @property
+    def renewable(self) -> bool:
+        """False for a provider of one ready-made token (:meth:`from_token`)."""
+        return self._key is not None
 
     @property
     def resource_uri(self) -> str:
@@ -689,25 +747,48 @@ class SasTokenProvider:
     def needs_renewal(self, now: float | None = None) -> bool:
         """True when the cached token has less than ``renew_margin * ttl`` seconds left
         (or has expired)."""
+        if self._key is None:  # a ready-made token: nothing to renew it with
+            return False
         current = self._clock() if now is None else now
         remaining = self._token.expiry - current
         return remaining <= 0 or remaining < self._renew_margin * self._ttl
 
     def token(self) -> str:
-        """The current token, regenerated first if :meth:`needs_renewal`."""
+        """The current token, regenerated first if :meth:`needs_renewal`.
+
+        :raises AuthenticationError: a ready-made token has expired.
+        """
         with self._lock:
             now = self._clock()
-            if self.needs_renewal(now):
+            if self._key is None:
+                if self._token.expiry <= now:
+                    raise self._expired()
+            elif self.needs_renewal(now):
                 self._token = self._make(now)
             return str(self._token)
 
     def renew(self) -> str:
-        """Generate a fresh token now (e.g. after the hub refused the current one)."""
+        """Generate a fresh token now (e.g. after the hub refused the current one).
+
+        :raises AuthenticationError: for a ready-made token (it cannot be renewed).
+        """
         with self._lock:
+            if self._key is None:
+                raise self._expired()
             self._token = self._make(self._clock())
             return str(self._token)
 
+    def _expired(self) -> Exception:
+        from .errors import AuthenticationError
+
+        return AuthenticationError(
+            f"the SharedAccessSignature for {self._resource_uri} expired (or was refused) at "
+            f"{self._token.expiry}: it cannot be renewed without the device key; give the "
+            "client a fresh token, or the SharedAccessKey so that tokens are made as needed"
+        )
+
     def _make(self, now: float) -> SasToken:
+        assert self._key is not None
         return _make_token(self._resource_uri, self._key, self._policy_name, self._ttl, now)
 
     def __repr__(self) -> str:

@@ -37,7 +37,12 @@ from iothub_tls.auth import (
     SasTokenProvider,
     generate_sas_token,
 )
-from iothub_tls.errors import ConnectionStringError, IdentityError, SasTokenError
+from iothub_tls.errors import (
+    AuthenticationError,
+    ConnectionStringError,
+    IdentityError,
+    SasTokenError,
+)
 
 # A recognisable 32-byte key, so a leak of the key (or of the key without its padding)
 # is easy to spot in any message.
@@ -216,7 +221,7 @@ class TestConnectionStringSecrecy:
         (f"hostname={HUB};DeviceId=d;x509=true", "key 'hostname' must be written 'HostName'"),
         (f"HostName={HUB};DeviceID=d;x509=true", "must be written 'DeviceId'"),
         (f"HostName={HUB};DeviceId=d;GatewayHostNme=g;x509=true", "did you mean 'GatewayHostName'"),
-        (f"HostName={HUB};DeviceId=d;SharedAccessSignature=x", "SharedAccessSignature"),
+        (f"HostName={HUB};DeviceId=d;SharedAccessSignature=x", "is not a SAS token"),
         (f"HostName={HUB};DeviceId=a;DeviceId=b;x509=true", "duplicate key 'DeviceId'"),
         ("DeviceId=d;x509=true", "HostName is missing"),
         (f"HostName={HUB};x509=true", "DeviceId is missing"),
@@ -227,10 +232,10 @@ class TestConnectionStringSecrecy:
         (f"HostName={HUB};DeviceId=d;SharedAccessKey=", "SharedAccessKey is empty"),
         (
             f"HostName={HUB};DeviceId=d;SharedAccessKey={SECRET};x509=true",
-            "both SharedAccessKey and x509=true",
+            "SharedAccessKey and x509=true are all set",
         ),
-        (f"HostName={HUB};DeviceId=d", "neither SharedAccessKey nor x509=true"),
-        (f"HostName={HUB};DeviceId=d;x509=false", "neither SharedAccessKey nor x509=true"),
+        (f"HostName={HUB};DeviceId=d", "neither SharedAccessKey, SharedAccessSignature nor x509"),
+        (f"HostName={HUB};DeviceId=d;x509=false", "neither SharedAccessKey, SharedAccessSignature"),
         (f"HostName={HUB};DeviceId=d;x509=yes", "x509 must be 'true' or 'false', not 'yes'"),
         (f"HostName={HUB};DeviceId=d;SharedAccessKey=abc", "SharedAccessKey is not valid base64"),
         (
@@ -1295,5 +1300,59 @@ def test_connection_string_coerce_and_identity_agreement():
         "HostName=hub.azure-devices.net;DeviceId=d1;SharedAccessKey=" + "A" * 43 + "="
     )
     sas.check_identity(None)
-    with pytest.raises(IdentityError, match=r"SharedAccessKey and an X\.509 identity"):
+    with pytest.raises(IdentityError, match=r"an X\.509 identity was given"):
         sas.check_identity(object())  # type: ignore[arg-type]
+
+
+# -- SharedAccessSignature connection strings ----------------------------------------------
+
+
+def _token_cs(resource: str, *, ttl: float = 600, now: float | None = None) -> str:
+    token = generate_sas_token(resource, SECRET, ttl=ttl, now=now)
+    return f"HostName={HUB};DeviceId=d1;SharedAccessSignature={token}"
+
+
+def test_shared_access_signature_connection_string_uses_the_token_as_is():
+    text = _token_cs(f"{HUB}/devices/d1")
+    cs = ConnectionString.parse(text)
+    token = text.split("SharedAccessSignature=", 1)[1]
+    assert cs.shared_access_signature == token and cs.shared_access_key is None
+    assert "sig=" not in str(cs) and "sig=" not in repr(cs)
+    assert "SharedAccessSignature=<redacted>" in str(cs)
+    provider = SasTokenProvider.from_connection_string(cs)
+    assert provider.token() == token and not provider.renewable
+    assert not provider.needs_renewal()
+
+
+def test_a_token_for_the_whole_hub_covers_the_device():
+    cs = ConnectionString.parse(_token_cs(HUB))
+    assert cs.device_id == "d1"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_token_cs(f"{HUB}/devices/other"), "not for this device"),
+        (
+            _token_cs(f"{HUB}/devices/d1") + f";SharedAccessKey={SECRET}",
+            "SharedAccessKey and SharedAccessSignature are all set",
+        ),
+        (_token_cs(f"{HUB}/devices/d1") + ";x509=true", "are all set"),
+    ],
+)
+def test_shared_access_signature_refusals(text: str, message: str) -> None:
+    with pytest.raises(ConnectionStringError, match=message) as info:
+        ConnectionString.parse(text)
+    assert "sig=" not in str(info.value)
+
+
+def test_an_expired_ready_made_token_asks_for_a_fresh_one():
+    clock = [1_000_000.0]
+    cs = ConnectionString.parse(_token_cs(f"{HUB}/devices/d1", ttl=60, now=clock[0]))
+    provider = SasTokenProvider.from_connection_string(cs, clock=lambda: clock[0])
+    assert provider.token().startswith("SharedAccessSignature ")
+    clock[0] += 61
+    with pytest.raises(AuthenticationError, match="cannot be renewed without the device key"):
+        provider.token()
+    with pytest.raises(AuthenticationError, match="give the client a fresh token"):
+        provider.renew()

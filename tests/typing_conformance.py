@@ -1,0 +1,19 @@
+"""Checked by ``mypy --strict`` in scripts/test, never run: every device client satisfies
+the one :class:`iothub_tls.DeviceClient` protocol, instances and classes (factories)."""
+
+from __future__ import annotations
+
+from iothub_tls import DeviceClient
+from iothub_tls.https import HttpsDeviceClient
+from iothub_tls.mqtt import MqttDeviceClient
+
+
+def mqtt(client: MqttDeviceClient) -> DeviceClient:
+    return client
+
+
+def https(client: HttpsDeviceClient) -> DeviceClient:
+    return client
+
+
+CLASSES: tuple[type[DeviceClient], ...] = (MqttDeviceClient, HttpsDeviceClient)
