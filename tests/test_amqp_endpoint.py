@@ -750,7 +750,7 @@ def test_bad_configuration_is_refused_before_any_io(
 def test_sas_key_and_identity_together_are_refused(
     registry: DeviceRegistry, devices: Devices
 ) -> None:
-    with pytest.raises(it.IdentityError, match=r"SharedAccessKey and an X\.509 identity"):
+    with pytest.raises(it.IdentityError, match=r"an X\.509 identity was given"):
         AmqpDeviceClient.from_connection_string(
             sas_string(registry), identity=_identity(devices.x509)
         )
