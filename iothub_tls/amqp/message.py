@@ -81,8 +81,8 @@ class AmqpMessage:
             properties={str(k): _plain(v) for k, v in (message.properties or {}).items()},
             message_id=_plain(message.id),
             correlation_id=_plain(message.correlation_id),
-            content_type=str(message.content_type) if message.content_type else None,
-            content_encoding=str(message.content_encoding) if message.content_encoding else None,
+            content_type=_symbol_field(message, "content_type"),
+            content_encoding=_symbol_field(message, "content_encoding"),
             to=message.address,
             reply_to=message.reply_to,
             subject=message.subject,
@@ -90,6 +90,22 @@ class AmqpMessage:
             durable=bool(message.durable),
             delivery_count=int(message.delivery_count or 0),
         )
+
+
+def _symbol_field(message: Any, name: str) -> str | None:
+    """``content_type`` / ``content_encoding`` of a proton message, None when absent.
+
+    proton's properties return ``symbol(None)``, i.e. the text "None", for a field the
+    message does not have; the C accessor behind them tells the two apart.
+    """
+    try:
+        from proton import _message
+
+        raw = getattr(_message, f"pn_message_get_{name}")(message._msg)
+    except (ImportError, AttributeError):  # pragma: no cover - another proton layout
+        value = str(getattr(message, name) or "")
+        return None if value in ("", "None") else value
+    return None if raw is None else str(raw)
 
 
 def _plain(value: Any) -> Any:
