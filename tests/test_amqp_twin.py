@@ -35,6 +35,7 @@ import iothub_tls as it
 from iothub_tls._io.backoff import RetryPolicy
 from iothub_tls.amqp import AmqpConnection, AmqpDeviceClient, AmqpOptions
 from iothub_tls.amqp import conventions as amqpc
+from iothub_tls.amqp.message import AmqpMessage
 from iothub_tls.auth import SasTokenProvider
 from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential
 from iothub_tls.hub.amqp import AmqpEndpoint
@@ -276,6 +277,38 @@ def test_a_twin_answer_lost_with_the_connection_is_asked_for_again(
             assert result.get_nowait() == 3  # applied twice: at least once, as telemetry
     assert client.connection.reconnects == 1
     assert endpoint.state.twin("dev-sas").reported == {"sent": "while muted"}
+
+
+def test_a_twin_request_accepted_but_not_answered_is_sent_again_after_a_reconnection(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub settled the request, then its answer was lost: the transfer is done, so
+    only the twin bookkeeping can know that the request must be sent again."""
+    lost: list[AmqpMessage] = []
+    send_on = endpoint._send_on
+
+    def lose_the_first_answer(conn: Any, link: Any, message: AmqpMessage) -> None:
+        if "status" in message.annotations and not lost:
+            lost.append(message)
+            return
+        send_on(conn, link, message)
+
+    monkeypatch.setattr(endpoint, "_send_on", lose_the_first_answer)
+    endpoint.state.patch_desired("dev-sas", {"asked": "twice"})
+    with FaultProxy(endpoint.port) as proxy:
+        client = reconnecting(proxy, pki, registry)
+        with client:
+            result: queue.Queue[object] = queue.Queue()
+            worker = threading.Thread(target=lambda: result.put(client.get_twin(timeout=20)))
+            worker.start()
+            wait_for(lambda: bool(lost))
+            proxy.reset()
+            worker.join(30)
+            assert result.get_nowait() == {
+                "desired": {"asked": "twice", "$version": 2},
+                "reported": {"$version": 1},
+            }
+    assert client.connection.reconnects == 1 and len(lost) == 1
 
 
 # -- authorization ----------------------------------------------------------------------------
