@@ -37,6 +37,7 @@ from iothub_tls.amqp import AmqpConnection, AmqpDeviceClient, AmqpOptions
 from iothub_tls.amqp import conventions as amqpc
 from iothub_tls.amqp.message import AmqpMessage
 from iothub_tls.auth import SasTokenProvider
+from iothub_tls.device import MethodRequest
 from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential
 from iothub_tls.hub.amqp import AmqpEndpoint
 from tests.conftest import HOST, PKI
@@ -163,11 +164,11 @@ def test_desired_updates_subscribed_at_connect(
 def test_method_answered_with_payload_and_status(
     endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
 ) -> None:
-    calls: list[Any] = []
+    calls: list[MethodRequest] = []
 
-    def reboot(payload: Any) -> tuple[int, Any]:
-        calls.append(payload)
-        return 202, {"rebooting_in": payload["delay"], "name": "é°中"}
+    def reboot(request: MethodRequest) -> tuple[int, Any]:
+        calls.append(request)
+        return 202, {"rebooting_in": request.payload["delay"], "name": "é°中"}
 
     with client_for(endpoint.port, pki, registry) as client:
         client.on_method("reboot", reboot)  # attaches the method links before returning
@@ -176,13 +177,29 @@ def test_method_answered_with_payload_and_status(
         assert json.loads(body) == {"rebooting_in": 3, "name": "é°中"}
         status, body = endpoint.state.invoke_method("dev-sas", "reboot", b'{"delay": 0}')
         assert (status, json.loads(body)["rebooting_in"]) == (202, 0)
-    assert calls == [{"delay": 3}, {"delay": 0}]
+    assert [(c.name, c.payload) for c in calls] == [
+        ("reboot", {"delay": 3}),
+        ("reboot", {"delay": 0}),
+    ]
+    assert len({c.request_id for c in calls}) == 2  # each call has its own request id
+
+
+def test_a_catch_all_handler_answers_methods_without_their_own(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    with client_for(endpoint.port, pki, registry) as client:
+        client.on_method(None, lambda request: (200, {"caught": request.name}))
+        client.on_method("own", lambda request: (201, None))
+        assert endpoint.state.invoke_method("dev-sas", "any") == (200, b'{"caught": "any"}')
+        assert endpoint.state.invoke_method("dev-sas", "own") == (201, b"")
+        client.on_method(None, None)
+        assert endpoint.state.invoke_method("dev-sas", "any")[0] == 404
 
 
 def test_unknown_method_is_404_and_a_raising_handler_500(
     endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(payload: Any) -> tuple[int, Any]:
+    def broken(request: MethodRequest) -> tuple[int, Any]:
         raise RuntimeError("sensor offline")
 
     with client_for(endpoint.port, pki, registry) as client:
@@ -207,7 +224,7 @@ def test_method_calls_are_only_routed_to_a_device_with_method_links(
         client.get_twin()  # connected, twin links attached, no method links
         with pytest.raises(LookupError, match="'dev-sas' is not connected for direct methods"):
             endpoint.state.invoke_method("dev-sas", "reboot", b"{}", timeout=1)
-        client.on_method("reboot", lambda payload: (200, None))
+        client.on_method("reboot", lambda request: (200, None))
         assert endpoint.state.invoke_method("dev-sas", "reboot", b"{}") == (200, b"")
     wait_for(lambda: not endpoint.state._method_routes)  # the route ends with the connection
     with pytest.raises(LookupError):
@@ -233,7 +250,7 @@ def test_twin_and_methods_survive_a_reconnection(
     patches: queue.Queue[dict[str, Any]] = queue.Queue()
     with FaultProxy(endpoint.port) as proxy:
         client = reconnecting(proxy, pki, registry)
-        client.on_method("ping", lambda payload: (200, {"pong": payload}))
+        client.on_method("ping", lambda request: (200, {"pong": request.payload}))
         with client:
             client.on_desired_update = patches.put
             assert client.patch_reported({"boot": 1}) == 2
@@ -378,7 +395,7 @@ def test_a_method_handler_slower_than_the_call_times_out_at_the_hub(
 ) -> None:
     release = threading.Event()
 
-    def slow(payload: Any) -> tuple[int, Any]:
+    def slow(request: MethodRequest) -> tuple[int, Any]:
         release.wait(10)
         return 200, "late"
 
@@ -387,7 +404,7 @@ def test_a_method_handler_slower_than_the_call_times_out_at_the_hub(
         with pytest.raises(TimeoutError, match="'dev-sas' did not answer method 'slow'"):
             endpoint.state.invoke_method("dev-sas", "slow", b"{}", timeout=0.5)
         release.set()
-        client.on_method("fast", lambda payload: (200, "quick"))
+        client.on_method("fast", lambda request: (200, "quick"))
         # the late answer to the first call is dropped; the next call gets its own answer
         assert endpoint.state.invoke_method("dev-sas", "fast", b"{}") == (200, b'"quick"')
 

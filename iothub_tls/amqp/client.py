@@ -46,7 +46,7 @@ from .._io.lifecycle import Connectable
 from .._io.poller import readable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..context import HardenedSSLContext, create_ssl_context
-from ..device import MethodRequest, MethodRouter, decode_twin_document, encode_reported_patch
+from ..device import MethodHandler, MethodRouter, decode_twin_document, encode_reported_patch
 from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -941,11 +941,6 @@ class C2DMessage:
         return f"<C2DMessage id={self.message_id!r} {len(self.payload)} bytes>"
 
 
-MethodHandler = Callable[[Any], "tuple[int, Any]"]
-"""A direct method handler: called with the request's JSON payload (None when empty),
-returns ``(status, payload)``; the payload must be JSON-serialisable (None: empty)."""
-
-
 class AmqpDeviceClient(Connectable):
     """An IoT Hub device (or module) over AMQP 1.0 on port 5671.
 
@@ -1192,16 +1187,13 @@ class AmqpDeviceClient(Connectable):
 
     # -- direct methods -------------------------------------------------------------------
 
-    def on_method(self, name: str, handler: MethodHandler | None) -> None:
-        """Answer direct method ``name`` with ``handler(payload) -> (status, payload)``
-        (run on the callback thread); ``None`` removes it. Registering a handler
-        attaches the method links. Unregistered methods are answered with status 404,
-        a payload that is not JSON with 400, a handler that raises with 500."""
-        if not isinstance(name, str) or not name:
-            raise ValueError("the method name must be a non-empty str")
-        if handler is not None and not callable(handler):
-            raise TypeError("handler must be callable: handler(payload) -> (status, payload)")
-        self._method_router.register(name, None if handler is None else _by_payload(handler))
+    def on_method(self, name: str | None, handler: MethodHandler | None) -> None:
+        """Answer direct method ``name`` (``None``: every method without a handler of
+        its own) with ``handler(request) -> (status, payload)``, run on the callback
+        thread with a :class:`~iothub_tls.MethodRequest`; ``handler=None`` removes it.
+        Registering a handler attaches the method links. Unknown methods are answered
+        404, a payload that is not JSON 400, a handler that raises 500 (logged)."""
+        self._method_router.register(name, handler)
         if handler is not None:
             self._start_methods()
 
@@ -1223,12 +1215,3 @@ class AmqpDeviceClient(Connectable):
         logger.error(
             "a callback or method handler raised %s: %s", type(exc).__name__, exc, exc_info=exc
         )
-
-
-def _by_payload(handler: MethodHandler) -> Callable[[MethodRequest], tuple[int, Any]]:
-    """``handler(payload)`` as a :class:`~iothub_tls.device.MethodRouter` handler."""
-
-    def call(request: MethodRequest) -> tuple[int, Any]:
-        return handler(request.payload)
-
-    return call
