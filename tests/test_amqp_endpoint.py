@@ -325,6 +325,21 @@ def test_c2d_complete_reject_abandon(
     assert state.completed[1].delivery_count == 2  # abandoned once, delivered again
 
 
+def test_messages_without_a_content_type_have_none(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    """proton reads an absent content-type as the text "None"; neither side may."""
+    endpoint.enqueue_c2d("dev-sas", b"plain c2d")
+    with client_for(endpoint, pki, sas_string(registry)) as client:
+        client.send_telemetry(b"plain telemetry", message_id="m-1")
+        message = client.receive_c2d(timeout=10)
+        assert (message.content_type, message.content_encoding) == (None, None)
+        message.complete()
+    [received] = endpoint.received
+    assert (received.content_type, received.content_encoding) == (None, None)
+    assert endpoint.state.telemetry[0].system_properties == {"message-id": "m-1"}
+
+
 def test_unsettled_c2d_returns_to_the_queue_when_the_device_disconnects(
     endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
 ) -> None:

@@ -34,18 +34,19 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 from .._io.backoff import Backoff, RetryPolicy
+from .._io.dispatch import Dispatcher
 from .._io.lifecycle import Connectable
 from .._io.poller import readable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..context import HardenedSSLContext, create_ssl_context
+from ..device import MethodHandler, MethodRouter, decode_twin_document, encode_reported_patch
 from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -61,6 +62,10 @@ from ..errors import (
 )
 from ..info import TlsInfo
 from ..policy import TlsPolicy
+from . import conventions as amqpc
+from .message import AmqpMessage
+from .methods import MethodChannel
+from .twin import TwinChannel
 
 __all__ = [
     "AMQPS_PORT",
@@ -152,90 +157,8 @@ class AmqpOptions:
 
 
 # ---------------------------------------------------------------------------------------
-# messages
+# deliveries and links
 # ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AmqpMessage:
-    """An AMQP 1.0 message.
-
-    ``body`` bytes travel as a *data* section (what IoT Hub expects for telemetry);
-    any other value (str, int, list, dict ...) as an *amqp-value* section.
-    ``properties`` are the application properties; ``annotations`` the message
-    annotations.
-    """
-
-    body: Any = b""
-    properties: Mapping[str, Any] = field(default_factory=dict)
-    message_id: str | int | uuid.UUID | bytes | None = None
-    correlation_id: str | int | uuid.UUID | bytes | None = None
-    content_type: str | None = None
-    content_encoding: str | None = None
-    to: str | None = None
-    reply_to: str | None = None
-    subject: str | None = None
-    annotations: Mapping[str, Any] = field(default_factory=dict)
-    durable: bool = False
-
-    def _to_proton(self) -> Any:
-        from proton import Message, symbol
-
-        message: Any = Message()
-        if isinstance(self.body, bytes | bytearray | memoryview):
-            message.body = bytes(self.body)
-            message.inferred = True  # binary body -> data section
-        else:
-            message.body = self.body
-        if self.properties:
-            message.properties = dict(self.properties)
-        if self.message_id is not None:
-            message.id = self.message_id
-        if self.correlation_id is not None:
-            message.correlation_id = self.correlation_id
-        if self.content_type is not None:
-            message.content_type = self.content_type
-        if self.content_encoding is not None:
-            message.content_encoding = self.content_encoding
-        if self.to is not None:
-            message.address = self.to
-        if self.reply_to is not None:
-            message.reply_to = self.reply_to
-        if self.subject is not None:
-            message.subject = self.subject
-        if self.annotations:
-            message.annotations = {symbol(k): v for k, v in self.annotations.items()}
-        message.durable = self.durable
-        return message
-
-    @classmethod
-    def _from_proton(cls, message: Any) -> AmqpMessage:
-        body = _plain(message.body)
-        return cls(
-            body=b"" if body is None else body,
-            properties={str(k): _plain(v) for k, v in (message.properties or {}).items()},
-            message_id=_plain(message.id),
-            correlation_id=_plain(message.correlation_id),
-            content_type=str(message.content_type) if message.content_type else None,
-            content_encoding=str(message.content_encoding) if message.content_encoding else None,
-            to=message.address,
-            reply_to=message.reply_to,
-            subject=message.subject,
-            annotations={str(k): _plain(v) for k, v in (message.annotations or {}).items()},
-            durable=bool(message.durable),
-        )
-
-
-def _plain(value: Any) -> Any:
-    """Copy proton's views into plain Python values (a memoryview points into a buffer
-    the engine reuses)."""
-    if isinstance(value, memoryview):
-        return value.tobytes()
-    if isinstance(value, dict):
-        return {_plain(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
-    return value
 
 
 class AmqpDelivery:
@@ -303,11 +226,18 @@ class AmqpReceiver:
     """A receiving link kept attached by an :class:`AmqpConnection`; ``credit`` messages
     are prefetched, and a credit is given back as each one is settled."""
 
-    def __init__(self, connection: AmqpConnection, key: str, address: str) -> None:
+    def __init__(
+        self,
+        connection: AmqpConnection,
+        key: str,
+        address: str,
+        on_message: Callable[[AmqpMessage], None] | None = None,
+    ) -> None:
         self._connection = connection
         self.key = key
         self.address = address
         self._queue: queue.Queue[AmqpDelivery] = queue.Queue()
+        self._on_message = on_message
 
     def receive(self, timeout: float | None = None) -> AmqpDelivery | None:
         """The next message, or None when none arrived within ``timeout`` seconds."""
@@ -446,6 +376,9 @@ class AmqpConnection(Connectable):
         self._reconnects = 0
         self._token_puts = 0
         self._backoff: Backoff | None = None
+        self._attached = threading.Condition()
+        self._attached_keys: set[str] = set()  # links the peer attached, this connection
+        self._ready_hooks: list[Callable[[bool], None]] = []
 
     # -- links ----------------------------------------------------------------------------
 
@@ -465,13 +398,19 @@ class AmqpConnection(Connectable):
         credit: int = 10,
         name: str | None = None,
         properties: Mapping[str, Any] | None = None,
+        on_message: Callable[[AmqpMessage], None] | None = None,
     ) -> AmqpReceiver:
-        """Declare a receiving link from ``address`` with ``credit`` messages prefetched."""
+        """Declare a receiving link from ``address`` with ``credit`` messages prefetched.
+
+        With ``on_message``, each message is accepted as it arrives and handed to
+        ``on_message`` on the I/O thread (for protocol code that must not block: it
+        only hands the message on); :meth:`AmqpReceiver.receive` then gets nothing.
+        """
         if not (isinstance(credit, int) and credit >= 1):
             raise PolicyError(f"credit must be a positive integer, not {credit!r}")
         key = name or f"rcv-{address}-{uuid.uuid4().hex[:8]}"
         spec = self._engine.LinkSpec(key, address, False, key, dict(properties or {}), credit)
-        handle = AmqpReceiver(self, key, address)
+        handle = AmqpReceiver(self, key, address, on_message)
         self._receivers[key] = handle
         self._declare(spec)
         return handle
@@ -484,6 +423,24 @@ class AmqpConnection(Connectable):
         if self._thread is not None:
             self._command(lambda proto: proto.add_link(spec))
 
+    def _wait_attached(self, keys: Collection[str], timeout: float) -> bool:
+        """Wait until the peer attached the links ``keys`` on the current connection;
+        False when it did not within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        with self._attached:
+            while not set(keys) <= self._attached_keys:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._dead is not None:
+                    return False
+                self._attached.wait(min(remaining, 0.5))
+            return True
+
+    def _on_ready_hook(self, hook: Callable[[bool], None]) -> None:
+        """Call ``hook(reconnected)`` on the I/O thread each time the connection (CBS
+        and every declared link included) is ready, before unsettled messages are sent
+        again. The hook must not block."""
+        self._ready_hooks.append(hook)
+
     # -- state ----------------------------------------------------------------------------
 
     @property
@@ -494,6 +451,11 @@ class AmqpConnection(Connectable):
     @property
     def connected(self) -> bool:
         return self._ready.is_set() and self._dead is None
+
+    @property
+    def _running(self) -> bool:
+        """The I/O thread runs: connected, or reconnecting."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def reconnects(self) -> int:
@@ -583,23 +545,34 @@ class AmqpConnection(Connectable):
         except FutureTimeout:
             raise OperationTimeoutError(self._timeout_text("the I/O thread", timeout)) from None
 
-    def _send(self, key: str, message: AmqpMessage, timeout: float | None) -> None:
+    def _post(self, key: str, message: AmqpMessage) -> _Send:
+        """Queue ``message`` on link ``key`` without waiting; ``future`` of the result
+        completes with its disposition (it is sent again after a reconnection until it
+        has one, unless ``abandoned``)."""
         self._raise_if_dead()
-        timeout = self.operation_timeout if timeout is None else timeout
         item = _Send(key, bytes(message._to_proton().encode()), Future())
         with self._lock:
             self._sends.append(item)
         self._command(lambda proto: self._submit(proto, item))
+        return item
+
+    def _send(self, key: str, message: AmqpMessage, timeout: float | None) -> None:
+        timeout = self.operation_timeout if timeout is None else timeout
+        item = self._post(key, message)
         try:
             item.future.result(timeout)
         except FutureTimeout:
-            item.abandoned = True
-            with self._lock:
-                if item in self._sends:
-                    self._sends.remove(item)
+            self._abandon(item)
             raise OperationTimeoutError(
                 self._timeout_text("the disposition of the message", timeout)
             ) from None
+
+    def _abandon(self, item: _Send) -> None:
+        """Stop sending ``item`` (its caller gave up waiting)."""
+        item.abandoned = True
+        with self._lock:
+            if item in self._sends:
+                self._sends.remove(item)
 
     def _timeout_text(self, what: str, timeout: float) -> str:
         if self.connected:
@@ -648,6 +621,8 @@ class AmqpConnection(Connectable):
                 error = exc
             self._ready.clear()
             self._protocol = None
+            with self._attached:
+                self._attached_keys.clear()
             if self._closing.is_set() or error is None:
                 self._finish(ConnectionFailedError("the AMQP connection was closed"))
                 return
@@ -738,6 +713,8 @@ class AmqpConnection(Connectable):
         eng = self._engine
         proto = self._new_protocol()
         self._protocol = proto
+        with self._attached:
+            self._attached_keys.clear()
         tls.setblocking(False)
         token = self._provider.token() if self._provider else None
         renew_at = self._renew_time() if self._provider else math.inf
@@ -763,6 +740,10 @@ class AmqpConnection(Connectable):
             for event in proto.events():
                 if isinstance(event, eng.Ready):
                     self._on_ready(proto)
+                elif isinstance(event, eng.Attached):
+                    with self._attached:
+                        self._attached_keys.add(event.key)
+                        self._attached.notify_all()
                 elif isinstance(event, eng.TokenAccepted):
                     self._token_puts += 1
                 elif isinstance(event, eng.Settled):
@@ -862,6 +843,11 @@ class AmqpConnection(Connectable):
             self._backoff.connected()
         self._ready.set()
         self._last_error = None
+        for hook in list(self._ready_hooks):
+            try:
+                hook(first.done())
+            except Exception:  # a hook's bug must not take the connection down
+                logger.exception("an AMQP ready hook failed")
         # (re)send what has no disposition yet: at-least-once across reconnects
         with self._lock:
             pending = [item for item in self._sends if not item.abandoned]
@@ -894,6 +880,13 @@ class AmqpConnection(Connectable):
         if handle is None:
             return
         message = AmqpMessage._from_proton(event.message)
+        if handle._on_message is not None:
+            proto = self._protocol
+            if proto is not None:
+                proto.settle(event.delivery, self._engine.Outcome.ACCEPTED)
+                proto.flow(event.key, 1)
+            handle._on_message(message)
+            return
         handle._queue.put(AmqpDelivery(self, self._generation, event.delivery, event.key, message))
 
 
@@ -926,17 +919,14 @@ class C2DMessage:
 
     def __init__(self, delivery: AmqpDelivery) -> None:
         self._delivery = delivery
-        message = delivery.message
-        body = message.body
-        if isinstance(body, str):
-            body = body.encode("utf-8")
-        self.payload: bytes = bytes(body) if isinstance(body, bytes | bytearray) else b""
-        self.properties: dict[str, str] = {str(k): str(v) for k, v in message.properties.items()}
-        self.message_id = _text_or_none(message.message_id)
-        self.correlation_id = _text_or_none(message.correlation_id)
-        self.content_type = message.content_type
-        self.content_encoding = message.content_encoding
-        self.to = message.to
+        content = amqpc.parse_c2d(delivery.message)
+        self.payload: bytes = content.payload
+        self.properties: dict[str, str] = content.properties
+        self.message_id = content.message_id
+        self.correlation_id = content.correlation_id
+        self.content_type = content.content_type
+        self.content_encoding = content.content_encoding
+        self.to = content.to
 
     def complete(self) -> None:
         self._delivery.accept()
@@ -951,16 +941,16 @@ class C2DMessage:
         return f"<C2DMessage id={self.message_id!r} {len(self.payload)} bytes>"
 
 
-def _text_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
-
-
 class AmqpDeviceClient(Connectable):
     """An IoT Hub device (or module) over AMQP 1.0 on port 5671.
 
     Build it with :meth:`from_connection_string`; use it as a context manager or call
     :meth:`connect` / :meth:`close`. Telemetry goes to ``/devices/{id}/messages/events``;
-    cloud-to-device messages come from ``/devices/{id}/messages/devicebound``.
+    cloud-to-device messages come from ``/devices/{id}/messages/devicebound``; the
+    device twin (``/devices/{id}/twin``) and direct methods
+    (``/devices/{id}/methods/devicebound``) use link pairs attached on first use — the
+    first :meth:`get_twin` / :meth:`patch_reported`, setting :attr:`on_desired_update`,
+    the first :meth:`on_method` — and re-attached after every reconnection.
     """
 
     def __init__(
@@ -991,12 +981,11 @@ class AmqpDeviceClient(Connectable):
         from .. import __version__
 
         self.connection_string = cs
-        base = f"/devices/{quote(cs.device_id, safe='')}"
-        if cs.module_id is not None:
-            base += f"/modules/{quote(cs.module_id, safe='')}"
-        self.events_address = f"{base}/messages/events"
-        self.devicebound_address = f"{base}/messages/devicebound"
-        link_properties = {"com.microsoft:client-version": f"iothub-tls/{__version__}"}
+        kinds = amqpc.LinkKind
+        self.events_address = amqpc.link_address(kinds.EVENTS, cs.device_id, cs.module_id)
+        self.devicebound_address = amqpc.link_address(kinds.C2D, cs.device_id, cs.module_id)
+        client_version = f"iothub-tls/{__version__}"
+        link_properties = {amqpc.CLIENT_VERSION_PROPERTY: client_version}
         self._connection = AmqpConnection(
             host or cs.hostname,
             AMQPS_PORT if port is None else port,
@@ -1018,6 +1007,21 @@ class AmqpDeviceClient(Connectable):
             credit=options.c2d_credit,
             properties=link_properties,
         )
+        self._twin_channel = TwinChannel(
+            self._connection,
+            amqpc.link_address(kinds.TWIN, cs.device_id, cs.module_id),
+            client_version=client_version,
+            on_desired=self._incoming_desired,
+        )
+        self._method_channel = MethodChannel(
+            self._connection,
+            amqpc.link_address(kinds.METHODS, cs.device_id, cs.module_id),
+            client_version=client_version,
+            on_request=self._incoming_method,
+        )
+        self._callbacks = Dispatcher(f"amqp-{cs.client_id}", report=self._report)
+        self._method_router = MethodRouter(report=self._report)
+        self._on_desired_update: Callable[[dict[str, Any]], None] | None = None
 
     @classmethod
     def from_connection_string(
@@ -1061,11 +1065,18 @@ class AmqpDeviceClient(Connectable):
     # -- lifecycle ------------------------------------------------------------------------
 
     def connect(self) -> None:
-        """Connect, authenticate (CBS put-token or certificate) and attach the links."""
+        """Connect, authenticate (CBS put-token or certificate) and attach the links;
+        with :attr:`on_desired_update` set, subscribe to desired-property updates."""
         self._connection.connect()
+        try:
+            self._twin_channel.resume(self._connection.operation_timeout)
+        except BaseException:
+            self._connection.close()
+            raise
 
     def close(self) -> None:
         self._connection.close()
+        self._callbacks.stop()
 
     @property
     def tls_info(self) -> TlsInfo | None:
@@ -1097,18 +1108,9 @@ class AmqpDeviceClient(Connectable):
             ``options.operation_timeout``); while reconnecting the message is sent
             again on the new connection (at-least-once).
         """
-        if isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        props = dict(properties or {})
-        for key, value in props.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError(
-                    "telemetry properties must map str to str (IoT Hub application "
-                    f"properties), got {key!r}: {type(value).__name__}"
-                )
-        message = AmqpMessage(
-            body=bytes(payload),
-            properties=props,
+        message = amqpc.telemetry_message(
+            payload,
+            properties,
             message_id=message_id if message_id is not None else str(uuid.uuid4()),
             correlation_id=correlation_id,
             content_type=content_type,
@@ -1129,3 +1131,87 @@ class AmqpDeviceClient(Connectable):
         if delivery is None:
             raise OperationTimeoutError(f"no cloud-to-device message arrived within {wait:g} s")
         return C2DMessage(delivery)
+
+    # -- device twin ----------------------------------------------------------------------
+
+    def get_twin(self, timeout: float | None = None) -> dict[str, Any]:
+        """The device twin: ``{"desired": {...}, "reported": {...}}``.
+
+        :raises OperationTimeoutError: no answer within ``timeout`` (default:
+            ``options.operation_timeout``).
+        :raises NotAuthorizedError: status 401/403.
+        :raises DeliveryError: another error status (429, 5xx, ...), or a twin document
+            that is not a JSON object.
+        """
+        response = self._twin_channel.request(amqpc.TwinOperation.GET, None, timeout)
+        return decode_twin_document(response.body)
+
+    def patch_reported(self, patch: Mapping[str, Any], timeout: float | None = None) -> int | None:
+        """Update reported properties (``None`` deletes one); return the twin's new
+        reported ``$version`` when the hub says it.
+
+        :raises TypeError: ``patch`` is not a JSON-serialisable mapping.
+        :raises OperationTimeoutError: no answer within ``timeout``.
+        :raises NotAuthorizedError: status 401/403.
+        :raises DeliveryError: the hub refused it (e.g. 400, malformed).
+        """
+        body = encode_reported_patch(patch)
+        response = self._twin_channel.request(amqpc.TwinOperation.PATCH, body, timeout)
+        return response.version
+
+    @property
+    def on_desired_update(self) -> Callable[[dict[str, Any]], None] | None:
+        """Called (on the callback thread) with each desired-properties patch, a dict
+        including ``$version``. Setting it subscribes to the updates (on a live
+        connection, before the setter returns). Patches sent while the device was
+        offline are not replayed: call :meth:`get_twin` after a reconnection."""
+        return self._on_desired_update
+
+    @on_desired_update.setter
+    def on_desired_update(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
+        if callback is not None and not callable(callback):
+            raise TypeError("on_desired_update must be callable or None")
+        self._on_desired_update = callback
+        if callback is not None:
+            self._start_desired_updates()
+
+    def _start_desired_updates(self) -> None:
+        """Attach the twin links and subscribe to desired-property updates (now on a live
+        connection, else at connect); idempotent."""
+        self._twin_channel.subscribe_desired(self._connection.operation_timeout)
+
+    def _incoming_desired(self, patch: dict[str, Any]) -> None:
+        callback = self._on_desired_update
+        if callback is not None:
+            self._callbacks.submit(callback, patch)
+
+    # -- direct methods -------------------------------------------------------------------
+
+    def on_method(self, name: str | None, handler: MethodHandler | None) -> None:
+        """Answer direct method ``name`` (``None``: every method without a handler of
+        its own) with ``handler(request) -> (status, payload)``, run on the callback
+        thread with a :class:`~iothub_tls.MethodRequest`; ``handler=None`` removes it.
+        Registering a handler attaches the method links. Unknown methods are answered
+        404, a payload that is not JSON 400, a handler that raises 500 (logged)."""
+        self._method_router.register(name, handler)
+        if handler is not None:
+            self._start_methods()
+
+    def _start_methods(self) -> None:
+        """Attach the method links (now on a live connection, else at connect);
+        idempotent."""
+        self._method_channel.attach(self._connection.operation_timeout)
+
+    def _incoming_method(
+        self, name: str, request_id: str, payload: bytes, respond: Callable[[int, bytes], None]
+    ) -> None:
+        def run() -> None:
+            status, body = self._method_router.invoke(name, request_id, payload)
+            respond(status, body)
+
+        self._callbacks.submit(run)
+
+    def _report(self, exc: BaseException) -> None:
+        logger.error(
+            "a callback or method handler raised %s: %s", type(exc).__name__, exc, exc_info=exc
+        )

@@ -60,6 +60,7 @@ __all__ = [
     "CBS_TOKEN_TYPE",
     "CBS_TOKEN_TYPES",
     "SASL_HEADER",
+    "Attached",
     "ClientEvent",
     "ClientProtocol",
     "Engine",
@@ -274,6 +275,14 @@ class Ready:
 
 
 @dataclass(frozen=True)
+class Attached:
+    """The peer attached declared link ``key`` (on every connection, also for links
+    declared after :class:`Ready`)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
 class TokenAccepted:
     """A put-token was answered with status 200."""
 
@@ -306,7 +315,7 @@ class Failed:
     error: ClientError
 
 
-ClientEvent = Ready | TokenAccepted | Settled | Received | Failed
+ClientEvent = Ready | Attached | TokenAccepted | Settled | Received | Failed
 
 _UNAUTHORIZED = "amqp:unauthorized-access"
 
@@ -580,6 +589,7 @@ class ClientProtocol:
                 if remote.address is None and not remote.dynamic:
                     return
                 self._attached.add(key)
+                self._events.append(Attached(key))
                 self._pump_link(key)
         self._check_ready()
 

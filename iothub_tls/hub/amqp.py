@@ -23,6 +23,21 @@ IoT Hub serves devices:
   a message, *rejected* dead-letters it, *released* or *modified* puts it back until
   ``max_delivery_count``). Module addresses
   (``/devices/{id}/modules/{m}/...``) and the ``amqps://{hub}`` prefix are accepted.
+* **Device twin** — a link pair on ``/devices/{id}/twin``: GET is answered with the twin
+  document of :meth:`~.state.HubState.twin`, a PATCH of ``/properties/reported`` is
+  applied with :meth:`~.state.HubState.patch_reported` (status 204 and the new
+  ``version``), PUT / DELETE of ``/notifications/twin/properties/desired`` subscribe and
+  unsubscribe the receiver link to the desired patches the hub's state announces.
+  Answers go to the device's twin receiver link with the same
+  ``com.microsoft:channel-correlation-id`` (or its only one), carrying the request's
+  correlation-id.
+* **Direct methods** — a link pair on ``/devices/{id}/methods/devicebound``: once the
+  device attached its receiver, :meth:`~.state.HubState.invoke_method` reaches it here
+  (``IoThub-methodname``, a uuid correlation-id), and its answers (``IoThub-status``)
+  complete the call.
+
+Twin, method and telemetry messages are read and written with the functions of
+:mod:`iothub_tls.amqp.conventions`, the module the device client uses.
 
 Each connection is reported to the hub's :class:`~.log.ConnectionLog` and the
 ``on_connection`` callbacks as a :class:`~.log.ConnectionEvent` (TLS version, cipher,
@@ -41,19 +56,24 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 from .._io.poller import readable
+from ..amqp import conventions as amqpc
 from ..amqp import engine as amqp  # first: MissingDependencyError without proton
+from ..amqp.message import AmqpMessage, encode
 from ..errors import AuthenticationError
 from .frontdoor import HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
@@ -68,11 +88,6 @@ __all__ = ["AmqpEndpoint"]
 logger = logging.getLogger("iothub_tls.hub")
 
 _MAX_MESSAGE = 256 * 1024  # IoT Hub's device-to-cloud message size limit
-_ADDRESS = re.compile(
-    r"^(?:amqps?://(?P<host>[^/]+))?/devices/(?P<device>[^/]+)"
-    r"(?:/modules/(?P<module>[^/]+))?/messages/(?P<kind>events|devicebound)$",
-    re.IGNORECASE,
-)
 _AUDIENCE = re.compile(r"^(?P<host>[^/]+)/devices/(?P<device>[^/]+)(?:/modules/[^/]+)?/?$")
 _UNAUTHORIZED = "amqp:unauthorized-access"
 _NOT_FOUND = "amqp:not-found"
@@ -96,6 +111,27 @@ class _Conn:
     c2d_links: list[tuple[Any, str]] = field(default_factory=list)
     cbs_reply_link: Any = None
     closing: str | None = None
+    #: hub -> device twin links (the device's twin receivers): link -> (client id, channel)
+    twin_links: dict[Any, tuple[str, str | None]] = field(default_factory=dict)
+    #: twin links subscribed to desired-property updates
+    desired_links: set[Any] = field(default_factory=set)
+    #: hub -> device method links by client id, and the routes installed for them
+    method_links: dict[str, Any] = field(default_factory=dict)
+    method_routes: dict[str, Callable[[str, bytes, str], None]] = field(default_factory=dict)
+    #: correlation-id (text of the uuid) of a method call in flight -> the hub's request id
+    method_calls: dict[str, str] = field(default_factory=dict)
+    #: messages waiting for link credit, by hub -> device link (sent pre-settled)
+    backlog: dict[Any, deque[AmqpMessage]] = field(default_factory=dict)
+    #: work handed over by other threads, run on the connection's thread
+    inbox: deque[Callable[[], None]] = field(default_factory=deque)
+    wake: tuple[socket.socket, socket.socket] | None = None
+
+    def post(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on the connection's thread (from any thread)."""
+        self.inbox.append(work)
+        if self.wake is not None:
+            with contextlib.suppress(OSError):
+                self.wake[1].send(b"\0")
 
 
 class AmqpEndpoint(HubFrontDoor):
@@ -151,6 +187,7 @@ class AmqpEndpoint(HubFrontDoor):
         self.max_delivery_count = max_delivery_count
         self._state_lock = threading.Lock()
         self._open: dict[int, _Conn] = {}
+        self.state.on_desired_patch(self._desired_patched)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -168,6 +205,9 @@ class AmqpEndpoint(HubFrontDoor):
 
     def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
         conn = _Conn(meta, peer_tls(tls))
+        conn.wake = socket.socketpair()
+        for end in conn.wake:
+            end.setblocking(False)
         with self._state_lock:
             self._open[id(conn)] = conn
         try:
@@ -179,6 +219,10 @@ class AmqpEndpoint(HubFrontDoor):
         finally:
             with self._state_lock:
                 self._open.pop(id(conn), None)
+            for client_id, route in conn.method_routes.items():
+                self.state.unroute_methods(client_id, route)
+            for end in conn.wake:
+                end.close()
             self._abandon_unsettled(conn)
             if conn.accepted_device is not None:
                 self.disconnected(meta, conn.accepted_device, conn.closing)
@@ -290,7 +334,10 @@ class AmqpEndpoint(HubFrontDoor):
             for event in engine.events():
                 self._on_event(conn, engine, event)
             self._expire_tokens(conn, engine)
+            while conn.inbox:
+                conn.inbox.popleft()()
             self._deliver_c2d(conn)
+            self._flush(conn)
             if not outbuf:
                 outbuf = engine.output()
             if outbuf:
@@ -309,13 +356,20 @@ class AmqpEndpoint(HubFrontDoor):
             wait = 0.2
             if deadline:
                 wait = max(0.0, min(wait, deadline - now))
-            if tls.pending():
+            if tls.pending() or conn.inbox:
                 wait = 0.0
+            assert conn.wake is not None
+            waker = conn.wake[0]
             try:
-                ready = readable([tls.fileno()], [tls.fileno()] if outbuf else [], wait)
+                ready = readable(
+                    [tls.fileno(), waker.fileno()], [tls.fileno()] if outbuf else [], wait
+                )
             except (OSError, ValueError):
                 break
-            if ready or tls.pending():
+            if waker.fileno() in ready:
+                with contextlib.suppress(OSError):
+                    waker.recv(4096)
+            if tls.fileno() in ready or tls.pending():
                 self._read(tls, engine)
         self._abandon_unsettled(conn)
 
@@ -387,31 +441,36 @@ class AmqpEndpoint(HubFrontDoor):
             else:
                 conn.cbs_reply_link = link
             return
-        match = _ADDRESS.match(address)
-        if match is None:
+        parsed = amqpc.parse_address(address)
+        if parsed is None:
             self._refuse_link(link, _NOT_FOUND, f"no such node: {address!r}")
             return
-        device_id = unquote(match["device"])
-        kind = match["kind"].lower()
-        host = match["host"]
+        kind, host = parsed.kind, parsed.host
         if host is not None and host.lower() != self.registry.hub_host:
             self._refuse_link(link, _NOT_FOUND, f"{host!r} is not this hub")
             return
-        wrong_direction = (kind == "events") != bool(link.is_receiver)
-        if wrong_direction:
+        # telemetry only goes to the hub, C2D only comes from it; twin and method links
+        # are pairs, one each way
+        one_way = {amqpc.LinkKind.EVENTS: True, amqpc.LinkKind.C2D: False}
+        if one_way.get(kind, link.is_receiver) != bool(link.is_receiver):
             self._refuse_link(
                 link, "amqp:not-allowed", f"{address!r} cannot be attached in this direction"
             )
             return
-        if not self._authorize(conn, link, device_id):
+        if not self._authorize(conn, link, parsed.device_id):
             return
         link.source.copy(link.remote_source)
         link.target.copy(link.remote_target)
         link.open()
-        if kind == "events":
-            link.flow(100)
+        if link.is_receiver:
+            link.flow(100 if kind is amqpc.LinkKind.EVENTS else 10)
+        elif kind is amqpc.LinkKind.C2D:
+            conn.c2d_links.append((link, parsed.device_id))
+        elif kind is amqpc.LinkKind.TWIN:
+            channel = amqpc.channel_correlation_id(link.remote_properties)
+            conn.twin_links[link] = (parsed.client_id, channel)
         else:
-            conn.c2d_links.append((link, device_id))
+            self._route_methods(conn, parsed.client_id, link)
 
     def _authorize(self, conn: _Conn, link: Any, device_id: str) -> bool:
         """May this connection use ``device_id``'s links? Refuses the link (or, for an
@@ -450,6 +509,15 @@ class AmqpEndpoint(HubFrontDoor):
 
     def _release_link(self, conn: _Conn, link: Any) -> None:
         conn.c2d_links = [(lnk, dev) for lnk, dev in conn.c2d_links if lnk != link]
+        conn.twin_links.pop(link, None)
+        conn.desired_links.discard(link)
+        conn.backlog.pop(link, None)
+        for client_id, method_link in list(conn.method_links.items()):
+            if method_link == link:
+                del conn.method_links[client_id]
+                route = conn.method_routes.pop(client_id, None)
+                if route is not None:
+                    self.state.unroute_methods(client_id, route)
         for delivery, (token, _) in list(conn.c2d_unsettled.items()):
             if delivery.link == link:
                 conn.c2d_unsettled.pop(delivery)
@@ -482,56 +550,180 @@ class AmqpEndpoint(HubFrontDoor):
             delivery.settle()
             return
         address = link.remote_target.address or ""
+        parsed = amqpc.parse_address(address)
+        refusal: str | None = None
         if address == amqp.CBS_ADDRESS:
             delivery.update(Delivery.ACCEPTED)
             delivery.settle()
             self._on_put_token(conn, message)
-        else:
-            match = _ADDRESS.match(address)
-            device_id = unquote(match["device"]) if match else ""
-            module_id = unquote(match["module"]) if match and match["module"] else None
-            self._record(conn, device_id, module_id, message)
-            delivery.update(Delivery.ACCEPTED)
+        elif parsed is not None and parsed.kind is amqpc.LinkKind.TWIN:
+            refusal = self._on_twin_request(conn, link, parsed, AmqpMessage._from_proton(message))
+        elif parsed is not None and parsed.kind is amqpc.LinkKind.METHODS:
+            refusal = self._on_method_response(conn, AmqpMessage._from_proton(message))
+        elif parsed is not None:
+            self._record(conn, parsed, AmqpMessage._from_proton(message))
+        if address != amqp.CBS_ADDRESS:
+            if refusal is not None:
+                delivery.local.condition = Condition("amqp:invalid-field", refusal)
+            delivery.update(Delivery.REJECTED if refusal else Delivery.ACCEPTED)
             delivery.settle()
         link.flow(1)
 
-    def _record(self, conn: _Conn, device_id: str, module_id: str | None, message: Any) -> None:
-        body = message.body
-        if isinstance(body, memoryview):
-            body = body.tobytes()
-        elif isinstance(body, str):
-            body = body.encode("utf-8")
-        elif not isinstance(body, bytes):
-            body = b"" if body is None else str(body).encode("utf-8")
-        props = {str(k): str(v) for k, v in (message.properties or {}).items()}
-        system = {
-            name: str(value)
-            for name, value in (
-                ("message-id", message.id),
-                ("correlation-id", message.correlation_id),
-                ("content-type", message.content_type),
-                ("content-encoding", message.content_encoding),
-            )
-            if value
-        }
+    def _record(self, conn: _Conn, address: amqpc.Address, message: AmqpMessage) -> None:
+        content = amqpc.parse_telemetry(message)
+        device_id = address.device_id
         tls = conn.tls
         entry = ReceivedMessage(
             device_id=device_id,
-            body=body,
-            properties=props,
-            message_id=system.get("message-id"),
-            correlation_id=system.get("correlation-id"),
-            content_type=system.get("content-type"),
-            content_encoding=system.get("content-encoding"),
+            body=content.payload,
+            properties=content.properties,
+            message_id=content.message_id,
+            correlation_id=content.correlation_id,
+            content_type=content.content_type,
+            content_encoding=content.content_encoding,
             batch=False,
             auth_type=conn.authorized.get(device_id, ("unknown", None))[0],
             tls_version=tls.version,
             cipher=tls.iana_cipher,
             time=dt.datetime.now(dt.timezone.utc),
         )
-        self.accept_telemetry(
-            entry, Telemetry(device_id, body, props, system, self.protocol, module_id)
+        telemetry = Telemetry(
+            device_id,
+            content.payload,
+            content.properties,
+            content.system_properties,
+            self.protocol,
+            address.module_id,
         )
+        self.accept_telemetry(entry, telemetry)
+
+    # -- device twin ------------------------------------------------------------------------
+
+    def _twin_reply_link(self, conn: _Conn, client_id: str, request_link: Any) -> Any:
+        """The device's twin receiver that answers go to: the one with the request link's
+        channel correlation-id, else the device's only (or first) one."""
+        channel = amqpc.channel_correlation_id(request_link.remote_properties)
+        candidates = [link for link, (cid, _) in conn.twin_links.items() if cid == client_id]
+        for link in candidates:
+            if channel is not None and conn.twin_links[link][1] == channel:
+                return link
+        return candidates[0] if candidates else None
+
+    def _on_twin_request(
+        self, conn: _Conn, link: Any, address: amqpc.Address, message: AmqpMessage
+    ) -> str | None:
+        """Answer a twin request; returns why the transfer is rejected, if it is."""
+        request = amqpc.parse_twin_request(message)
+        if request is None:
+            return (
+                "not a twin request: it needs an 'operation' annotation (GET, PATCH, PUT or "
+                "DELETE) and a correlation-id"
+            )
+        reply = self._twin_reply_link(conn, address.client_id, link)
+        if reply is None:
+            return f"no twin receiver link is attached on {address.client_id!r}'s twin address"
+        status, body, version = self._twin_operation(conn, reply, address.client_id, request)
+        self._send_on(
+            conn, reply, amqpc.twin_response(request.correlation_id, status, body, version)
+        )
+        return None
+
+    def _twin_operation(
+        self, conn: _Conn, reply: Any, client_id: str, request: amqpc.TwinRequest
+    ) -> tuple[int, bytes, int | None]:
+        """(status, body, version) of the answer to ``request``."""
+        operation = amqpc.TwinOperation
+
+        def error(status: int, text: str) -> tuple[int, bytes, int | None]:
+            return status, json.dumps({"message": text}).encode("utf-8"), None
+
+        if request.operation is operation.GET:
+            document = self.state.twin(client_id).document()
+            return 200, json.dumps(document).encode("utf-8"), None
+        if request.operation is operation.PATCH:
+            if request.resource != amqpc.REPORTED_PROPERTIES:
+                return error(400, f"PATCH applies to {amqpc.REPORTED_PROPERTIES!r} only")
+            try:
+                patch = json.loads(request.body.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                patch = None
+            if not isinstance(patch, dict):
+                return error(400, "the reported-properties patch must be a JSON object")
+            return 204, b"", self.state.patch_reported(client_id, patch)
+        if request.resource != amqpc.DESIRED_NOTIFICATIONS:
+            return error(
+                400, f"{request.operation.value} applies to {amqpc.DESIRED_NOTIFICATIONS!r} only"
+            )
+        if request.operation is operation.PUT:
+            conn.desired_links.add(reply)
+        else:
+            conn.desired_links.discard(reply)
+        return 200, b"", None
+
+    def _desired_patched(self, client_id: str, patch: dict[str, Any], version: int) -> None:
+        """The hub's state changed a desired property (any thread): tell the subscribed
+        twin links of ``client_id``."""
+        message = amqpc.desired_update(patch, version)
+        with self._state_lock:
+            conns = list(self._open.values())
+        for conn in conns:
+
+            def push(conn: _Conn = conn) -> None:
+                for link in list(conn.desired_links):
+                    if conn.twin_links.get(link, ("", None))[0] == client_id:
+                        self._send_on(conn, link, message)
+
+            conn.post(push)
+
+    # -- direct methods ---------------------------------------------------------------------
+
+    def _route_methods(self, conn: _Conn, client_id: str, link: Any) -> None:
+        """The device attached its method receiver: route its method calls here."""
+
+        def route(name: str, payload: bytes, rid: str) -> None:  # any thread
+            conn.post(lambda: self._call_method(conn, client_id, name, payload, rid))
+
+        conn.method_links[client_id] = link
+        conn.method_routes[client_id] = route
+        self.state.route_methods(client_id, route)
+
+    def _call_method(
+        self, conn: _Conn, client_id: str, name: str, payload: bytes, rid: str
+    ) -> None:
+        link = conn.method_links.get(client_id)
+        if link is None:
+            return  # detached meanwhile: the caller times out, as with a device gone
+        correlation_id = uuid.uuid4()
+        conn.method_calls[str(correlation_id)] = rid
+        self._send_on(conn, link, amqpc.method_request(name, correlation_id, payload))
+
+    def _on_method_response(self, conn: _Conn, message: AmqpMessage) -> str | None:
+        result = amqpc.parse_method_response(message)
+        if result is None:
+            return f"not a method response: it needs {amqpc.METHOD_STATUS!r} and a correlation-id"
+        rid = conn.method_calls.pop(result.request_id, None)
+        if rid is None:
+            return f"no method call in flight has the correlation-id {result.request_id}"
+        self.state.method_response(rid, result.status, result.payload)
+        return None
+
+    # -- hub -> device messages ---------------------------------------------------------------
+
+    def _send_on(self, conn: _Conn, link: Any, message: AmqpMessage) -> None:
+        """Send ``message`` on ``link`` (pre-settled) when it has credit."""
+        conn.backlog.setdefault(link, deque()).append(message)
+        self._flush(conn)
+
+    @staticmethod
+    def _flush(conn: _Conn) -> None:
+        for link, queue in list(conn.backlog.items()):
+            if not link.state & Endpoint.LOCAL_ACTIVE:
+                continue
+            while queue and link.credit > 0:
+                delivery = link.delivery(uuid.uuid4().bytes)
+                link.send(encode(queue.popleft()))
+                link.advance()
+                delivery.settle()
 
     def _on_put_token(self, conn: _Conn, request: Any) -> None:
         props = request.properties or {}
@@ -607,18 +799,17 @@ class AmqpEndpoint(HubFrontDoor):
                 if item is None:
                     break
                 assert item.lock_token is not None
-                message: Any = Message()
-                message.body = item.payload
-                message.inferred = True  # a data section, as IoT Hub sends it
-                message.id = item.message_id
-                if item.correlation_id is not None:
-                    message.correlation_id = item.correlation_id
-                message.address = f"/devices/{device_id}/messages/devicebound"
-                message.properties = dict(item.properties)
-                message.delivery_count = max(0, item.delivery_count - 1)
+                message = amqpc.c2d_message(
+                    device_id,
+                    item.payload,
+                    item.properties,
+                    message_id=item.message_id,
+                    correlation_id=item.correlation_id,
+                    delivery_count=item.delivery_count - 1,
+                )
                 # IoT Hub's lock token is the delivery tag (a GUID)
                 delivery = link.delivery(uuid.UUID(item.lock_token).bytes)
-                link.send(amqp.encode_message(message))
+                link.send(encode(message))
                 link.advance()
                 conn.c2d_unsettled[delivery] = (item.lock_token, item.delivery_count)
 

@@ -252,6 +252,13 @@ class HubState:
             else:
                 self._method_routes[device_id] = route
 
+    def unroute_methods(self, device_id: str, route: Callable[[str, bytes, str], None]) -> None:
+        """Forget ``route`` if it is still how ``device_id`` is reached (the device may
+        have connected again meanwhile and installed another)."""
+        with self._lock:
+            if self._method_routes.get(device_id) is route:
+                del self._method_routes[device_id]
+
     def invoke_method(
         self, device_id: str, name: str, payload: bytes = b"null", timeout: float = 10.0
     ) -> tuple[int, bytes]:
