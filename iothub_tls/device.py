@@ -18,13 +18,21 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
-from .errors import ClientError, UnsupportedOperationError
+from .errors import (
+    ClientError,
+    DeliveryError,
+    MessageTooLargeError,
+    NotAuthorizedError,
+    PolicyError,
+    UnsupportedOperationError,
+)
 
 if TYPE_CHECKING:
     from .auth import ClientIdentity, ConnectionString
@@ -44,6 +52,10 @@ logger = logging.getLogger("iothub_tls")
 
 #: Largest device-to-cloud message IoT Hub accepts, body and properties (256 KB).
 MAX_MESSAGE_BYTES = 256 * 1024
+#: The ``api-version`` every transport sends: the version Microsoft's MQTT article shows
+#: (and the Node.js SDK sends), documented for every device operation. IoT Hub
+#: recommends always sending one.
+API_VERSION = "2021-04-12"
 
 _SYSTEM_KEYWORDS = ("message_id", "correlation_id", "content_type", "content_encoding")
 
@@ -168,9 +180,12 @@ class Message:
         return len(self.payload) + system + app
 
     def check_size(self) -> None:
-        """Refuse a message IoT Hub would not accept (over 256 KB with its properties)."""
+        """Refuse a message IoT Hub would not accept (over 256 KB with its properties).
+
+        :raises MessageTooLargeError: found before sending (its ``status`` is None).
+        """
         if self.size > MAX_MESSAGE_BYTES:
-            raise ValueError(
+            raise MessageTooLargeError(
                 f"the message is {self.size} bytes with its properties; IoT Hub accepts at "
                 f"most {MAX_MESSAGE_BYTES} bytes per device-to-cloud message: split it or "
                 "upload large data as a file"
@@ -375,10 +390,48 @@ class MethodRouter:
             return error(500, f"the handler of method {name!r} returned non-JSON data")
 
 
+def check_model_id(model_id: object) -> str:
+    """An IoT Plug and Play model id (a DTMI, ``dtmi:com:example:Thermostat;1``)."""
+    if not isinstance(model_id, str) or not re.fullmatch(
+        r"dtmi:[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?(?::[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?)*;[1-9][0-9]{0,8}",
+        model_id,
+    ):
+        raise PolicyError(
+            f"model_id must be a DTMI such as 'dtmi:com:example:Thermostat;1', not {model_id!r}"
+        )
+    return model_id
+
+
+def twin_error(status: int, operation: str, body: bytes) -> ClientError | None:
+    """None for a successful twin response, else the error to raise.
+
+    GET answers 200 and a reported-properties PATCH 204 (older documentation said 200,
+    so both are accepted; so is 202). 401/403 mean the identity may not do this; 429 is
+    throttling; any other status means the hub did not accept the request.
+    """
+    if status in (200, 202, 204):
+        return None
+    detail = body.decode("utf-8", "replace").strip()[:200]
+    suffix = f": {detail}" if detail else ""
+    if status in (401, 403):
+        return NotAuthorizedError(
+            f"the hub refused the twin {operation} with status {status} (not authorized "
+            f"for this device){suffix}"
+        )
+    if status == 429:
+        return DeliveryError(
+            f"the hub throttled the twin {operation} (status 429){suffix}; retry later, "
+            "with back-off"
+        )
+    if status == 400:
+        return DeliveryError(
+            f"the hub rejected the twin {operation} as malformed (status 400){suffix}"
+        )
+    return DeliveryError(f"the hub failed the twin {operation} with status {status}{suffix}")
+
+
 def decode_twin_document(body: bytes) -> dict[str, Any]:
     """A twin (or twin patch) document from the hub: a JSON object."""
-    from .errors import DeliveryError
-
     try:
         twin = json.loads(body.decode("utf-8")) if body else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -253,7 +253,7 @@ def test_a_link_to_another_device_is_not_authorized(
         policy=pki.policy(),
         server_hostname=HOST,
         cbs_token_provider=SasTokenProvider.from_connection_string(cs),
-        options=replace(QUICK, reconnect=None),
+        options=replace(QUICK, retry=None),
     )
     conn.sender("/devices/dev-other/messages/events")
     with pytest.raises(
@@ -269,7 +269,7 @@ def test_links_without_any_credentials_are_refused(endpoint: AmqpEndpoint, pki: 
         endpoint.port,
         policy=pki.policy(),
         server_hostname=HOST,
-        options=replace(QUICK, reconnect=None),
+        options=replace(QUICK, retry=None),
     )
     conn.sender("/devices/dev-sas/messages/events")
     with pytest.raises(it.NotAuthorizedError, match=r"no credentials for device 'dev-sas'"):
@@ -281,8 +281,12 @@ def test_oversized_telemetry_is_rejected(
     endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
 ) -> None:
     with client_for(endpoint, pki, sas_string(registry)) as client:
-        with pytest.raises(it.DeliveryError, match="did not accept the message: rejected"):
+        with pytest.raises(it.MessageTooLargeError, match="at most 262144 bytes") as found:
             client.send_telemetry(b"x" * (300 * 1024))
+        assert found.value.status is None  # found before sending
+        # a client that does not check first: the hub rejects the message
+        with pytest.raises(it.DeliveryError, match="did not accept the message: rejected"):
+            client._events.send(AmqpMessage(body=b"x" * (300 * 1024)))
         client.send_telemetry(b"small")  # the link and connection stay usable
     assert [m.body for m in endpoint.received] == [b"small"]
 
@@ -302,7 +306,7 @@ def test_c2d_complete_reject_abandon(
         one = client.receive_c2d(timeout=10)
         assert (one.payload, one.properties, one.message_id) == (b"one", {"k": "1"}, first)
         assert one.correlation_id == "corr-9"
-        assert one.to == "/devices/dev-sas/messages/devicebound"
+        assert one.system_properties["to"] == "/devices/dev-sas/messages/devicebound"
         one.complete()
         two = client.receive_c2d(timeout=10)
         assert two.message_id == "c2d-2"
@@ -313,7 +317,7 @@ def test_c2d_complete_reject_abandon(
         again = client.receive_c2d(timeout=10)
         assert (again.message_id, again.payload) == ("c2d-3", b"three")
         again.complete()
-        with pytest.raises(it.DeliveryError, match="already settled"):
+        with pytest.raises(it.ClientError, match="already settled"):
             again.complete()
         with pytest.raises(it.OperationTimeoutError, match="no cloud-to-device message"):
             client.receive_c2d(timeout=0.3)
@@ -431,7 +435,7 @@ def test_reconnects_after_the_endpoint_restarts(
         endpoint,
         pki,
         sas_string(registry),
-        options=replace(QUICK, reconnect=RetryPolicy(initial_delay=0.5, max_delay=0.5)),
+        options=replace(QUICK, retry=RetryPolicy(initial_delay=0.5, max_delay=0.5)),
     )
     endpoint.enqueue_c2d("dev-sas", b"received before the restart", message_id="c2d-old")
     with client:
@@ -475,7 +479,7 @@ def test_backoff_starts_again_after_each_healthy_connection(
     caplog.set_level(logging.INFO, logger="iothub_tls.amqp")
     with FaultProxy(endpoint.port) as proxy:
         client = client_for(
-            proxy, pki, sas_string(registry), options=replace(QUICK, reconnect=policy)
+            proxy, pki, sas_string(registry), options=replace(QUICK, retry=policy)
         )
         with client:
             for drop in range(1, 7):
@@ -498,7 +502,7 @@ def test_backoff_grows_while_connections_do_not_stay_up(
     caplog.set_level(logging.INFO, logger="iothub_tls.amqp")
     with FaultProxy(endpoint.port) as proxy:
         client = client_for(
-            proxy, pki, sas_string(registry), options=replace(QUICK, reconnect=policy)
+            proxy, pki, sas_string(registry), options=replace(QUICK, retry=policy)
         )
         with client:
             for drop in range(1, 5):
@@ -515,7 +519,7 @@ def test_reconnection_gives_up_after_max_attempts(
     policy = RetryPolicy(initial_delay=0.01, max_delay=0.05, max_attempts=3)
     with FaultProxy(endpoint.port) as proxy:
         client = client_for(
-            proxy, pki, sas_string(registry), options=replace(QUICK, reconnect=policy)
+            proxy, pki, sas_string(registry), options=replace(QUICK, retry=policy)
         )
         with client:
             proxy.refusing = True  # every attempt: TCP accepted, closed at once

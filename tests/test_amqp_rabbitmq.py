@@ -76,7 +76,7 @@ def identity(issued: Issued) -> it.ClientIdentity:
 
 def connection(rabbit: RabbitMQ, files: Files, **kwargs: object) -> AmqpConnection:
     kwargs.setdefault("policy", files.pki.policy())
-    options = AmqpOptions(connect_timeout=15, reconnect=None)
+    options = AmqpOptions(connect_timeout=15, retry=None)
     return AmqpConnection(  # type: ignore[arg-type]
         "127.0.0.1", rabbit.amqps_port, server_hostname=HOST, options=options, **kwargs
     )

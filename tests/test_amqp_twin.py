@@ -238,7 +238,7 @@ def test_method_calls_are_only_routed_to_a_device_with_method_links(
 
 def reconnecting(proxy: FaultProxy, pki: PKI, registry: DeviceRegistry) -> AmqpDeviceClient:
     policy = RetryPolicy(initial_delay=0.05, max_delay=0.2, jitter=False)
-    return client_for(proxy.port, pki, registry, options=replace(QUICK, reconnect=policy))
+    return client_for(proxy.port, pki, registry, options=replace(QUICK, retry=policy))
 
 
 def reconnected(client: AmqpDeviceClient, count: int) -> Callable[[], bool]:
@@ -352,7 +352,7 @@ def test_a_device_cannot_attach_another_device_s_twin_or_methods(
         policy=pki.policy(),
         server_hostname=HOST,
         cbs_token_provider=SasTokenProvider.from_connection_string(cs),
-        options=replace(QUICK, reconnect=None),
+        options=replace(QUICK, retry=None),
     )
     if sender:
         conn.sender(address)

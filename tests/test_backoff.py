@@ -25,7 +25,7 @@ def test_one_policy_type_for_every_transport() -> None:
     assert it.RetryPolicy is RetryPolicy
     assert mqtt.RetryPolicy is amqp.RetryPolicy is https.RetryPolicy is RetryPolicy
     assert isinstance(mqtt.MqttOptions().retry, RetryPolicy)
-    assert isinstance(amqp.AmqpOptions().reconnect, RetryPolicy)
+    assert isinstance(amqp.AmqpOptions().retry, RetryPolicy)
 
 
 def test_defaults() -> None:

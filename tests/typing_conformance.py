@@ -4,6 +4,7 @@ the one :class:`iothub_tls.DeviceClient` protocol, instances and classes (factor
 from __future__ import annotations
 
 from iothub_tls import DeviceClient
+from iothub_tls.amqp import AmqpDeviceClient
 from iothub_tls.https import HttpsDeviceClient
 from iothub_tls.mqtt import MqttDeviceClient
 
@@ -12,8 +13,12 @@ def mqtt(client: MqttDeviceClient) -> DeviceClient:
     return client
 
 
+def amqp(client: AmqpDeviceClient) -> DeviceClient:
+    return client
+
+
 def https(client: HttpsDeviceClient) -> DeviceClient:
     return client
 
 
-CLASSES: tuple[type[DeviceClient], ...] = (MqttDeviceClient, HttpsDeviceClient)
+CLASSES: tuple[type[DeviceClient], ...] = (MqttDeviceClient, AmqpDeviceClient, HttpsDeviceClient)

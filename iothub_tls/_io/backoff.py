@@ -1,9 +1,9 @@
 """How every client waits before trying again: one policy type, one schedule.
 
 :class:`RetryPolicy` is the only back-off setting of the library. The MQTT and AMQP
-clients use it for their reconnection loops (``MqttOptions.reconnect``,
-``AmqpOptions.reconnect``), the HTTPS client for the retries of each request
-(``HttpsDeviceClient(retry=...)``).
+clients use it for their reconnection loops (``MqttOptions.retry``,
+``AmqpOptions.retry``), the HTTPS client for the retries of each request
+(``HttpsOptions.retry``).
 
 The schedule is exponential with *full jitter*: the wait before retry ``n`` is drawn
 uniformly from ``[0, min(max_delay, initial_delay * multiplier ** (n - 1))]``. It is a

@@ -7,7 +7,7 @@ engine (connection, transport, SASL) runs *inside* that socket and does no TLS i
 One I/O thread per connection moves bytes between the socket and the engine, sends
 heartbeats (the transport's idle-timeout tick), renews the SAS token on the live
 connection and reconnects after the connection is lost, waiting as
-``AmqpOptions.reconnect`` (a :class:`~iothub_tls.RetryPolicy`) says.
+``AmqpOptions.retry`` (a :class:`~iothub_tls.RetryPolicy`) says.
 
 Install the extra: ``pip install 'iothub-tls[amqp]'``.
 
@@ -41,12 +41,21 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .._io.backoff import Backoff, RetryPolicy
-from .._io.dispatch import Dispatcher
+from .._io.base import ClientBase, check_host, check_port
 from .._io.lifecycle import Connectable
 from .._io.poller import readable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..context import HardenedSSLContext, create_ssl_context
-from ..device import MethodHandler, MethodRouter, decode_twin_document, encode_reported_patch
+from ..device import (
+    C2DMessage,
+    ConnectionState,
+    Message,
+    Settlement,
+    Settler,
+    check_model_id,
+    decode_twin_document,
+    encode_reported_patch,
+)
 from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -95,7 +104,7 @@ def _engine() -> Any:
     return _amqp_engine
 
 
-#: AmqpOptions.reconnect by default: the first wait up to 0.5 s, doubling to 30 s.
+#: AmqpOptions.retry by default: the first wait up to 0.5 s, doubling to 30 s.
 _DEFAULT_RECONNECT = RetryPolicy(initial_delay=0.5, max_delay=30.0)
 
 
@@ -111,7 +120,7 @@ class AmqpOptions:
         peer that stalls any of them fails with a timeout error naming the stage.
     :param operation_timeout: default limit for a message's disposition, a settlement or
         a :meth:`AmqpDeviceClient.receive_c2d`.
-    :param reconnect: how to re-establish a lost connection (CBS and links included): a
+    :param retry: how to re-establish a lost connection (CBS and links included): a
         :class:`~iothub_tls.RetryPolicy` (default: waits of up to 0.5 s doubling
         to 30 s, with full jitter, never giving up, starting again after a connection
         healthy for 60 s), or None not to reconnect. Refused credentials and TLS policy
@@ -126,7 +135,7 @@ class AmqpOptions:
     idle_timeout: float = 120.0
     connect_timeout: float = 30.0
     operation_timeout: float = 30.0
-    reconnect: RetryPolicy | None = _DEFAULT_RECONNECT
+    retry: RetryPolicy | None = _DEFAULT_RECONNECT
     renew_margin: float = 0.2
     sas_ttl: float = 3600.0
     c2d_credit: int = 10
@@ -143,10 +152,9 @@ class AmqpOptions:
                 isinstance(value, int | float) and math.isfinite(value) and value > 0
             ):
                 raise PolicyError(f"{name} must be a positive number of seconds, not {value!r}")
-        if self.reconnect is not None and not isinstance(self.reconnect, RetryPolicy):
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
             raise PolicyError(
-                "reconnect must be a RetryPolicy (or None not to reconnect), not "
-                f"{self.reconnect!r}"
+                f"retry must be a RetryPolicy (or None not to reconnect), not {self.retry!r}"
             )
         if not (isinstance(self.renew_margin, int | float) and 0 < self.renew_margin < 1):
             raise PolicyError(f"renew_margin must be in (0, 1), not {self.renew_margin!r}")
@@ -232,12 +240,14 @@ class AmqpReceiver:
         key: str,
         address: str,
         on_message: Callable[[AmqpMessage], None] | None = None,
+        on_delivery: Callable[[AmqpDelivery], None] | None = None,
     ) -> None:
         self._connection = connection
         self.key = key
         self.address = address
         self._queue: queue.Queue[AmqpDelivery] = queue.Queue()
         self._on_message = on_message
+        self._on_delivery = on_delivery
 
     def receive(self, timeout: float | None = None) -> AmqpDelivery | None:
         """The next message, or None when none arrived within ``timeout`` seconds."""
@@ -315,6 +325,7 @@ class AmqpConnection(Connectable):
         cbs_audience: str | None = None,
         container_id: str | None = None,
         options: AmqpOptions | None = None,
+        on_state: Callable[[ConnectionState, BaseException | None], None] | None = None,
     ) -> None:
         if sasl is not None and sasl not in _SASL_CHOICES:
             raise PolicyError(
@@ -379,6 +390,11 @@ class AmqpConnection(Connectable):
         self._attached = threading.Condition()
         self._attached_keys: set[str] = set()  # links the peer attached, this connection
         self._ready_hooks: list[Callable[[bool], None]] = []
+        self._on_state = on_state
+
+    def _state(self, state: ConnectionState, reason: BaseException | None = None) -> None:
+        if self._on_state is not None:
+            self._on_state(state, reason)
 
     # -- links ----------------------------------------------------------------------------
 
@@ -399,18 +415,21 @@ class AmqpConnection(Connectable):
         name: str | None = None,
         properties: Mapping[str, Any] | None = None,
         on_message: Callable[[AmqpMessage], None] | None = None,
+        on_delivery: Callable[[AmqpDelivery], None] | None = None,
     ) -> AmqpReceiver:
         """Declare a receiving link from ``address`` with ``credit`` messages prefetched.
 
         With ``on_message``, each message is accepted as it arrives and handed to
         ``on_message`` on the I/O thread (for protocol code that must not block: it
         only hands the message on); :meth:`AmqpReceiver.receive` then gets nothing.
+        With ``on_delivery``, each unsettled delivery is handed over instead (on the I/O
+        thread too): whoever takes it settles it.
         """
         if not (isinstance(credit, int) and credit >= 1):
             raise PolicyError(f"credit must be a positive integer, not {credit!r}")
         key = name or f"rcv-{address}-{uuid.uuid4().hex[:8]}"
         spec = self._engine.LinkSpec(key, address, False, key, dict(properties or {}), credit)
-        handle = AmqpReceiver(self, key, address, on_message)
+        handle = AmqpReceiver(self, key, address, on_message, on_delivery)
         self._receivers[key] = handle
         self._declare(spec)
         return handle
@@ -609,30 +628,34 @@ class AmqpConnection(Connectable):
     # -- the I/O thread -------------------------------------------------------------------
 
     def _main(self) -> None:
-        policy = self.options.reconnect
+        policy = self.options.retry
         backoff = self._backoff = Backoff(policy) if policy is not None else None
         first = self._first
         assert first is not None
         while True:
+            self._state(ConnectionState.CONNECTING)
             try:
                 self._run_once()
                 error: BaseException | None = None
             except BaseException as exc:  # reported to the caller / pending operations
                 error = exc
+            was_ready = self._ready.is_set()
             self._ready.clear()
             self._protocol = None
             with self._attached:
                 self._attached_keys.clear()
             if self._closing.is_set() or error is None:
-                self._finish(ConnectionFailedError("the AMQP connection was closed"))
+                self._finish(ConnectionFailedError("the AMQP connection was closed"), None)
                 return
             self._last_error = error
             if not first.done():
                 first.set_exception(error)
-                self._finish(error)
+                self._finish(error, error)
                 return
+            if was_ready:
+                self._state(ConnectionState.DISCONNECTED, _as_client_error(error))
             if backoff is None or isinstance(error, _PERMANENT):
-                self._finish(error)
+                self._finish(error, error)
                 return
             backoff.lost()  # after a healthy connection the schedule starts again
             delay = backoff.next_delay()
@@ -644,7 +667,7 @@ class AmqpConnection(Connectable):
                 )
                 gave_up.__cause__ = error
                 logger.error("%s", gave_up)
-                self._finish(gave_up)
+                self._finish(gave_up, gave_up)
                 return
             logger.warning(
                 "AMQP connection to %s:%s lost (%s); reconnecting in %.1f s",
@@ -654,11 +677,13 @@ class AmqpConnection(Connectable):
                 delay,
             )
             if self._closing.wait(delay):
-                self._finish(ConnectionFailedError("the AMQP connection was closed"))
+                self._finish(ConnectionFailedError("the AMQP connection was closed"), None)
                 return
 
-    def _finish(self, error: BaseException) -> None:
-        """No more connections: fail whatever still waits."""
+    def _finish(self, error: BaseException, reason: BaseException | None) -> None:
+        """No more connections: fail whatever still waits. ``reason``: why, for the
+        CLOSED state (None when closed on purpose)."""
+        self._state(ConnectionState.CLOSED, reason)
         self._dead = error
         with self._lock:
             sends, self._sends = self._sends, []
@@ -843,6 +868,7 @@ class AmqpConnection(Connectable):
             self._backoff.connected()
         self._ready.set()
         self._last_error = None
+        self._state(ConnectionState.CONNECTED)
         for hook in list(self._ready_hooks):
             try:
                 hook(first.done())
@@ -887,7 +913,11 @@ class AmqpConnection(Connectable):
                 proto.flow(event.key, 1)
             handle._on_message(message)
             return
-        handle._queue.put(AmqpDelivery(self, self._generation, event.delivery, event.key, message))
+        delivery = AmqpDelivery(self, self._generation, event.delivery, event.key, message)
+        if handle._on_delivery is not None:
+            handle._on_delivery(delivery)
+            return
+        handle._queue.put(delivery)
 
 
 def _wake_pair() -> tuple[socket.socket, socket.socket]:
@@ -911,47 +941,48 @@ def _as_client_error(error: BaseException) -> ClientError:
 # ---------------------------------------------------------------------------------------
 
 
-class C2DMessage:
-    """A cloud-to-device message. Settle it once: :meth:`complete` (accepted: removed
-    from the device queue), :meth:`reject` (rejected: dead-lettered) or :meth:`abandon`
-    (released: put back, delivered again). Unsettled messages return to the queue when
-    the hub's lock expires."""
+def _settle_delivery(delivery: AmqpDelivery) -> Settler:
+    """How a C2D message received over AMQP is settled: by its delivery's disposition
+    (IoT Hub: accepted completes, rejected dead-letters, released requeues)."""
 
-    def __init__(self, delivery: AmqpDelivery) -> None:
-        self._delivery = delivery
-        content = amqpc.parse_c2d(delivery.message)
-        self.payload: bytes = content.payload
-        self.properties: dict[str, str] = content.properties
-        self.message_id = content.message_id
-        self.correlation_id = content.correlation_id
-        self.content_type = content.content_type
-        self.content_encoding = content.content_encoding
-        self.to = content.to
+    def settle(_message: C2DMessage, how: Settlement) -> None:
+        if how is Settlement.COMPLETE:
+            delivery.accept()
+        elif how is Settlement.REJECT:
+            delivery.reject()
+        else:
+            delivery.release()
 
-    def complete(self) -> None:
-        self._delivery.accept()
-
-    def reject(self) -> None:
-        self._delivery.reject()
-
-    def abandon(self) -> None:
-        self._delivery.release()
-
-    def __repr__(self) -> str:
-        return f"<C2DMessage id={self.message_id!r} {len(self.payload)} bytes>"
+    return settle
 
 
-class AmqpDeviceClient(Connectable):
+class AmqpDeviceClient(ClientBase):
     """An IoT Hub device (or module) over AMQP 1.0 on port 5671.
 
-    Build it with :meth:`from_connection_string`; use it as a context manager or call
-    :meth:`connect` / :meth:`close`. Telemetry goes to ``/devices/{id}/messages/events``;
-    cloud-to-device messages come from ``/devices/{id}/messages/devicebound``; the
-    device twin (``/devices/{id}/twin``) and direct methods
-    (``/devices/{id}/methods/devicebound``) use link pairs attached on first use — the
-    first :meth:`get_twin` / :meth:`patch_reported`, setting :attr:`on_desired_update`,
-    the first :meth:`on_method` — and re-attached after every reconnection.
+    Build it with :meth:`from_connection_string`, :meth:`from_symmetric_key` or
+    :meth:`from_x509`; use it as a context manager or call :meth:`connect` /
+    :meth:`close`. Telemetry goes to ``/devices/{id}/messages/events``; cloud-to-device
+    messages come from ``/devices/{id}/messages/devicebound``; the device twin
+    (``/devices/{id}/twin``) and direct methods (``/devices/{id}/methods/devicebound``)
+    use link pairs attached on first use — the first :meth:`get_twin` /
+    :meth:`patch_reported`, setting :attr:`on_desired_update`, the first
+    :meth:`on_method` — and re-attached after every reconnection.
+
+    :param policy: the :class:`~iothub_tls.TlsPolicy` (default: IoT Hub's guidance).
+    :param identity: the device certificate and key (X.509 authentication).
+    :param host: / :param port: change only where the TCP connection goes (a local
+        endpoint, a port forward); the TLS server name (SNI, certificate check) and the
+        AMQP open hostname stay the hub's.
+    :param options: :class:`AmqpOptions` (timeouts, retry, credit, token renewal).
+    :param sas_token_provider: where SAS tokens come from (default: generated from the
+        connection string's key, ``options.sas_ttl`` long).
+    :param sasl_external: X.509 devices only: authenticate with SASL EXTERNAL instead of
+        connecting without a SASL layer (IoT Hub and its SDKs use none).
+    :param model_id: the IoT Plug and Play model the device implements (``dtmi:...``),
+        announced on its links (``com.microsoft:model-id``).
     """
+
+    transport = "amqp"
 
     def __init__(
         self,
@@ -961,14 +992,19 @@ class AmqpDeviceClient(Connectable):
         identity: ClientIdentity | None = None,
         host: str | None = None,
         port: int | None = None,
-        sasl_external: bool = False,
-        sas_token_provider: SasTokenProvider | None = None,
         options: AmqpOptions | None = None,
+        sas_token_provider: SasTokenProvider | None = None,
+        sasl_external: bool = False,
+        model_id: str | None = None,
     ) -> None:
-        cs = connection_string
-        options = options or AmqpOptions()
-        provider = None
+        cs = ConnectionString.coerce(connection_string)
+        options = AmqpOptions() if options is None else options
+        if not isinstance(options, AmqpOptions):
+            raise TypeError(f"options must be AmqpOptions, not {type(options).__name__}")
         cs.check_identity(identity)
+        connect_host = check_host(host)
+        port = check_port(port, AMQPS_PORT)
+        provider = None
         if cs.x509:
             sasl: str | None = "EXTERNAL" if sasl_external else None
         else:
@@ -978,6 +1014,7 @@ class AmqpDeviceClient(Connectable):
                 cs, ttl=options.sas_ttl
             )
             sasl = "ANONYMOUS"
+        super().__init__(f"amqp-{cs.client_id}", options.operation_timeout)
         from .. import __version__
 
         self.connection_string = cs
@@ -985,10 +1022,13 @@ class AmqpDeviceClient(Connectable):
         self.events_address = amqpc.link_address(kinds.EVENTS, cs.device_id, cs.module_id)
         self.devicebound_address = amqpc.link_address(kinds.C2D, cs.device_id, cs.module_id)
         client_version = f"iothub-tls/{__version__}"
-        link_properties = {amqpc.CLIENT_VERSION_PROPERTY: client_version}
+        link_properties: dict[str, Any] = {amqpc.CLIENT_VERSION_PROPERTY: client_version}
+        if model_id is not None:
+            # IoT Plug and Play: the model is announced on the links (as the Java SDK does)
+            link_properties[amqpc.MODEL_ID_PROPERTY] = check_model_id(model_id)
         self._connection = AmqpConnection(
-            host or cs.hostname,
-            AMQPS_PORT if port is None else port,
+            connect_host or cs.hostname,
+            port,
             policy=policy,
             identity=identity,
             server_hostname=cs.hostname,
@@ -997,6 +1037,7 @@ class AmqpDeviceClient(Connectable):
             cbs_token_provider=provider,
             cbs_audience=cs.resource_uri if provider else None,
             options=options,
+            on_state=self._set_state,
         )
         self._events = self._connection.sender(
             self.events_address, name="link-snd-events", properties=link_properties
@@ -1006,6 +1047,7 @@ class AmqpDeviceClient(Connectable):
             name="link-rcv-devicebound",
             credit=options.c2d_credit,
             properties=link_properties,
+            on_delivery=self._c2d_delivery,
         )
         self._twin_channel = TwinChannel(
             self._connection,
@@ -1019,64 +1061,20 @@ class AmqpDeviceClient(Connectable):
             client_version=client_version,
             on_request=self._incoming_method,
         )
-        self._callbacks = Dispatcher(f"amqp-{cs.client_id}", report=self._report)
-        self._method_router = MethodRouter(report=self._report)
-        self._on_desired_update: Callable[[dict[str, Any]], None] | None = None
 
-    @classmethod
-    def from_connection_string(
-        cls,
-        connection_string: str | ConnectionString,
-        *,
-        policy: TlsPolicy | None = None,
-        identity: ClientIdentity | None = None,
-        host: str | None = None,
-        port: int | None = None,
-        sasl_external: bool = False,
-        sas_token_provider: SasTokenProvider | None = None,
-        options: AmqpOptions | None = None,
-    ) -> AmqpDeviceClient:
-        """A client for the device of ``HostName=...;DeviceId=...;SharedAccessKey=...``
-        (or ``...;x509=true`` with ``identity``; ``ModuleId``, ``SharedAccessKeyName`` and
-        ``GatewayHostName`` are honoured).
+    # -- what it is ---------------------------------------------------------------------
 
-        :param host: / :param port: change only where the TCP connection goes (a local
-            endpoint, a port forward); the TLS server name (SNI, certificate check) and
-            the AMQP open hostname stay the hub's.
-        :param sasl_external: X.509 devices only: authenticate with SASL EXTERNAL instead
-            of connecting without a SASL layer (IoT Hub and its SDKs use none).
-        :param sas_token_provider: where SAS tokens come from (default: generated from
-            the connection string's key, ``options.sas_ttl`` long).
-        :raises ConnectionStringError: naming the malformed part (never the key).
-        :raises IdentityError: x509=true without ``identity``, or a key and an identity.
-        """
-        cs = ConnectionString.coerce(connection_string)
-        return cls(
-            cs,
-            policy=policy,
-            identity=identity,
-            host=host,
-            port=port,
-            sasl_external=sasl_external,
-            sas_token_provider=sas_token_provider,
-            options=options,
-        )
+    @property
+    def device_id(self) -> str:
+        return self.connection_string.device_id
 
-    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def module_id(self) -> str | None:
+        return self.connection_string.module_id
 
-    def connect(self) -> None:
-        """Connect, authenticate (CBS put-token or certificate) and attach the links;
-        with :attr:`on_desired_update` set, subscribe to desired-property updates."""
-        self._connection.connect()
-        try:
-            self._twin_channel.resume(self._connection.operation_timeout)
-        except BaseException:
-            self._connection.close()
-            raise
-
-    def close(self) -> None:
-        self._connection.close()
-        self._callbacks.stop()
+    @property
+    def connected(self) -> bool:
+        return self._connection.connected
 
     @property
     def tls_info(self) -> TlsInfo | None:
@@ -1088,49 +1086,104 @@ class AmqpDeviceClient(Connectable):
         """The underlying AMQP connection (reconnect count, token renewals)."""
         return self._connection
 
+    def __repr__(self) -> str:
+        conn = self._connection
+        return (
+            f"<AmqpDeviceClient {self.connection_string.client_id} -> "
+            f"{conn.server_hostname} via {conn.host}:{conn.port} ({self.state.value})>"
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Connect, authenticate (CBS put-token or certificate) and attach the links;
+        with :attr:`on_desired_update` set, subscribe to desired-property updates.
+
+        The first connection is not retried: its failure is raised here (TLS refusals as
+        the core raised them). Later losses are healed in the background and reported to
+        ``on_connection_state_change``."""
+        self._connection.connect()
+        try:
+            self._twin_channel.resume(self._connection.operation_timeout)
+        except BaseException:
+            self._connection.close()
+            raise
+
+    def close(self) -> None:
+        """Close the connection (messages waiting for the hub fail) and stop the
+        callback thread; a later :meth:`connect` starts afresh."""
+        self._connection.close()
+        self._stop_callbacks()
+
     # -- messaging ------------------------------------------------------------------------
 
     def send_telemetry(
         self,
-        payload: bytes | str,
+        payload: bytes | str | Message,
         properties: Mapping[str, str] | None = None,
         *,
-        content_type: str | None = None,
-        content_encoding: str | None = None,
         message_id: str | None = None,
         correlation_id: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
         timeout: float | None = None,
     ) -> None:
-        """Send a device-to-cloud message and wait until the hub accepts it.
+        """Send a device-to-cloud message and wait until the hub accepts it. ``payload``
+        is bytes, text or a :class:`~iothub_tls.Message`; a message without an id gets a
+        random one (IoT Hub deduplicates nothing, but the id traces a message).
 
         :raises DeliveryError: the hub rejected or released it.
         :raises OperationTimeoutError: no disposition within ``timeout`` (default:
             ``options.operation_timeout``); while reconnecting the message is sent
             again on the new connection (at-least-once).
         """
-        message = amqpc.telemetry_message(
+        message = Message.coerce(
             payload,
             properties,
-            message_id=message_id if message_id is not None else str(uuid.uuid4()),
+            message_id=message_id,
             correlation_id=correlation_id,
             content_type=content_type,
             content_encoding=content_encoding,
         )
-        self._events.send(message, timeout)
+        message.check_size()
+        amqp_message = amqpc.telemetry_message(
+            message.payload,
+            message.properties,
+            message_id=message.message_id or str(uuid.uuid4()),
+            correlation_id=message.correlation_id,
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+        )
+        self._events.send(amqp_message, timeout)
+
+    def _c2d_delivery(self, delivery: AmqpDelivery) -> None:
+        content = amqpc.parse_c2d(delivery.message)
+        self._incoming_c2d(
+            C2DMessage(
+                content.payload,
+                content.properties,
+                message_id=content.message_id,
+                correlation_id=content.correlation_id,
+                content_type=content.content_type,
+                content_encoding=content.content_encoding,
+                delivery_count=delivery.message.delivery_count,
+                system_properties={"to": content.to} if content.to else None,
+                transport="amqp",
+                settler=_settle_delivery(delivery),
+            )
+        )
 
     def receive_c2d(self, timeout: float | None = None) -> C2DMessage:
-        """The next cloud-to-device message. Settle it with ``complete()``, ``reject()``
-        or ``abandon()``; up to ``options.c2d_credit`` messages are prefetched, and each
-        settlement lets the hub send one more.
+        """The next cloud-to-device message (those not taken by :attr:`on_c2d`). Settle
+        it with ``complete()``, ``reject()`` or ``abandon()``; up to
+        ``options.c2d_credit`` messages are prefetched, and each settlement lets the hub
+        send one more. A message not settled before the connection is lost is delivered
+        again.
 
         :raises OperationTimeoutError: none arrived within ``timeout`` seconds (default:
             ``options.operation_timeout``).
         """
-        wait = self._connection.operation_timeout if timeout is None else timeout
-        delivery = self._c2d.receive(wait)
-        if delivery is None:
-            raise OperationTimeoutError(f"no cloud-to-device message arrived within {wait:g} s")
-        return C2DMessage(delivery)
+        return self._receive_c2d(timeout)
 
     # -- device twin ----------------------------------------------------------------------
 
@@ -1159,20 +1212,10 @@ class AmqpDeviceClient(Connectable):
         response = self._twin_channel.request(amqpc.TwinOperation.PATCH, body, timeout)
         return response.version
 
-    @property
-    def on_desired_update(self) -> Callable[[dict[str, Any]], None] | None:
-        """Called (on the callback thread) with each desired-properties patch, a dict
-        including ``$version``. Setting it subscribes to the updates (on a live
-        connection, before the setter returns). Patches sent while the device was
-        offline are not replayed: call :meth:`get_twin` after a reconnection."""
-        return self._on_desired_update
-
-    @on_desired_update.setter
-    def on_desired_update(self, callback: Callable[[dict[str, Any]], None] | None) -> None:
-        if callback is not None and not callable(callback):
-            raise TypeError("on_desired_update must be callable or None")
-        self._on_desired_update = callback
-        if callback is not None:
+    def _desired_callback_changed(self) -> None:
+        """Setting ``on_desired_update`` subscribes to the updates (on a live connection,
+        before the setter returns; else at connect)."""
+        if self.on_desired_update is not None:
             self._start_desired_updates()
 
     def _start_desired_updates(self) -> None:
@@ -1180,38 +1223,14 @@ class AmqpDeviceClient(Connectable):
         connection, else at connect); idempotent."""
         self._twin_channel.subscribe_desired(self._connection.operation_timeout)
 
-    def _incoming_desired(self, patch: dict[str, Any]) -> None:
-        callback = self._on_desired_update
-        if callback is not None:
-            self._callbacks.submit(callback, patch)
-
     # -- direct methods -------------------------------------------------------------------
 
-    def on_method(self, name: str | None, handler: MethodHandler | None) -> None:
-        """Answer direct method ``name`` (``None``: every method without a handler of
-        its own) with ``handler(request) -> (status, payload)``, run on the callback
-        thread with a :class:`~iothub_tls.MethodRequest`; ``handler=None`` removes it.
-        Registering a handler attaches the method links. Unknown methods are answered
-        404, a payload that is not JSON 400, a handler that raises 500 (logged)."""
-        self._method_router.register(name, handler)
-        if handler is not None:
+    def _methods_changed(self) -> None:
+        """Registering a handler attaches the method links."""
+        if self._methods:
             self._start_methods()
 
     def _start_methods(self) -> None:
         """Attach the method links (now on a live connection, else at connect);
         idempotent."""
         self._method_channel.attach(self._connection.operation_timeout)
-
-    def _incoming_method(
-        self, name: str, request_id: str, payload: bytes, respond: Callable[[int, bytes], None]
-    ) -> None:
-        def run() -> None:
-            status, body = self._method_router.invoke(name, request_id, payload)
-            respond(status, body)
-
-        self._callbacks.submit(run)
-
-    def _report(self, exc: BaseException) -> None:
-        logger.error(
-            "a callback or method handler raised %s: %s", type(exc).__name__, exc, exc_info=exc
-        )

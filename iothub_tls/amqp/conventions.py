@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
 
-from ..mqtt.conventions import API_VERSION
+from ..device import API_VERSION
 from .message import AmqpMessage
 
 __all__ = [
@@ -125,6 +125,9 @@ __all__ = [
 CHANNEL_CORRELATION_ID = "com.microsoft:channel-correlation-id"
 API_VERSION_PROPERTY = "com.microsoft:api-version"
 CLIENT_VERSION_PROPERTY = "com.microsoft:client-version"
+#: IoT Plug and Play: the model a device implements, on its links (the Java SDK's
+#: ``AmqpsSenderLinkHandler`` sends it on every sender link).
+MODEL_ID_PROPERTY = "com.microsoft:model-id"
 
 #: Twin ``resource`` annotations.
 REPORTED_PROPERTIES = "/properties/reported"

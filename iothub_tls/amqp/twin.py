@@ -21,8 +21,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..device import twin_error
 from ..errors import ClientError, DeliveryError, OperationTimeoutError
-from ..mqtt.conventions import twin_error
 from . import conventions as amqpc
 from .message import AmqpMessage
 

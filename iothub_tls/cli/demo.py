@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._output import EXIT_NOT_COMPLIANT, EXIT_OK, print_json, table
 
 if TYPE_CHECKING:
+    from ..device import DeviceClient
     from ..hub.hub import LocalHub
     from ..info import TlsInfo
     from . import Subparsers
@@ -92,7 +93,7 @@ class Demo:
 # -- the device side --------------------------------------------------------------------------
 
 
-def _client_class(protocol: str) -> Any:
+def _client_class(protocol: str) -> type[DeviceClient]:
     if protocol == "mqtt":
         from ..mqtt.client import MqttDeviceClient
 
@@ -152,7 +153,7 @@ def _device_round_trip(
         info = client.tls_info
         if info is None:
             raise RuntimeError("the client has no TLS report")
-        return info  # type: ignore[no-any-return]
+        return info
     finally:
         with contextlib.suppress(Exception):
             client.close()

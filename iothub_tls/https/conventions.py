@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-from ..device import C2DMessage, Message, Settler
+from ..device import API_VERSION, C2DMessage, Message, Settler
 from ..errors import (
     AuthenticationError,
     BadRequestError,
@@ -68,8 +68,6 @@ __all__ = [
     "UnexpectedResponseError",
 ]
 
-#: The REST API version sent with every request (documented for all device operations).
-API_VERSION = "2021-04-12"
 #: Largest device-to-cloud message: body + system property values + application
 #: property names and values (IoT Hub quotas); also the largest batch.
 MAX_MESSAGE_BYTES = 256 * 1024

@@ -21,7 +21,7 @@ from typing import Generic, TypeVar
 from urllib.parse import quote, unquote
 
 from .._io.backoff import RetryPolicy
-from ..device import C2DMessage, Settler
+from ..device import API_VERSION, C2DMessage, Settler, check_model_id, twin_error
 from ..errors import (
     AuthenticationError,
     CertificateVerificationError,
@@ -29,8 +29,8 @@ from ..errors import (
     ClientError,
     ConnectionFailedError,
     ConnectRefusedError,
-    DeliveryError,
     IdentityError,
+    MessageTooLargeError,
     NotAuthorizedError,
     PolicyError,
     PolicyViolation,
@@ -83,9 +83,7 @@ __all__ = [
     "username",
 ]
 
-#: The ``api-version`` sent in the CONNECT user name: the version Microsoft's MQTT
-#: article shows (and the Node.js SDK sends). IoT Hub recommends always sending one.
-API_VERSION = "2021-04-12"
+#: The ``api-version`` sent in the CONNECT user name (the one all three transports send).
 #: MQTT over TLS.
 MQTT_PORT = 8883
 #: MQTT over WebSockets over TLS.
@@ -186,18 +184,6 @@ class MqttOptions:
 # --------------------------------------------------------------------------------------
 # CONNECT
 # --------------------------------------------------------------------------------------
-
-
-def check_model_id(model_id: object) -> str:
-    """An IoT Plug and Play model id (a DTMI, ``dtmi:com:example:Thermostat;1``)."""
-    if not isinstance(model_id, str) or not re.fullmatch(
-        r"dtmi:[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?(?::[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?)*;[1-9][0-9]{0,8}",
-        model_id,
-    ):
-        raise PolicyError(
-            f"model_id must be a DTMI such as 'dtmi:com:example:Thermostat;1', not {model_id!r}"
-        )
-    return model_id
 
 
 def username(
@@ -369,7 +355,7 @@ def check_message_size(topic: str, payload: bytes) -> None:
     """Refuse a message IoT Hub would not accept (body and properties over 256 KB)."""
     size = len(payload) + len(topic.encode("utf-8"))
     if size > MAX_MESSAGE_BYTES:
-        raise ValueError(
+        raise MessageTooLargeError(
             f"the message is {size} bytes with its properties; IoT Hub accepts at most "
             f"{MAX_MESSAGE_BYTES} bytes per device-to-cloud message: split it or upload "
             "large data as a file"
@@ -516,34 +502,6 @@ def parse_desired_patch(topic: str) -> tuple[bool, int | None]:
     if not topic.startswith(_TWIN_DESIRED_PREFIX):
         return False, None
     return True, _int_or_none(_query(topic[len(_TWIN_DESIRED_PREFIX) :]).get("$version"))
-
-
-def twin_error(status: int, operation: str, body: bytes) -> ClientError | None:
-    """None for a successful twin response, else the error to raise.
-
-    GET answers 200 and a reported-properties PATCH 204 (older documentation said 200,
-    so both are accepted; so is 202). 401/403 mean the identity may not do this; 429 is
-    throttling; any other status means the hub did not accept the request.
-    """
-    if status in (200, 202, 204):
-        return None
-    detail = body.decode("utf-8", "replace").strip()[:200]
-    suffix = f": {detail}" if detail else ""
-    if status in (401, 403):
-        return NotAuthorizedError(
-            f"the hub refused the twin {operation} with status {status} (not authorized "
-            f"for this device){suffix}"
-        )
-    if status == 429:
-        return DeliveryError(
-            f"the hub throttled the twin {operation} (status 429){suffix}; retry later, "
-            "with back-off"
-        )
-    if status == 400:
-        return DeliveryError(
-            f"the hub rejected the twin {operation} as malformed (status 400){suffix}"
-        )
-    return DeliveryError(f"the hub failed the twin {operation} with status {status}{suffix}")
 
 
 # --------------------------------------------------------------------------------------
