@@ -4,12 +4,14 @@ independent scanner, its connection log and statistics, and its start-up errors.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,7 @@ import iothub_tls as it
 from iothub_tls.cli import main
 from iothub_tls.endpoint.hub import HubOptions, LocalHub, StateDirectoryError
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES, WEAK_SUITES
+from tests.brokers import require_binary
 from tests.scanners import sslscan
 
 STRONG = {s.iana for s in STRONG_SUITES}
@@ -245,3 +248,195 @@ def test_serve_runs_until_interrupted(tmp_path):
     assert proc.returncode == 0
     assert "successful connections" in err
     assert "device d1: HostName=localhost;DeviceId=d1;SharedAccessKey=" in banner
+
+
+# -- CA-signed X.509 devices, as `serve --device NAME:x509` creates them ---------------------
+#
+# The hub's PKI is root -> intermediate -> device; the registry knows only the root. Every
+# door must link the device's certificate to that root through the intermediate the
+# device presents, and identify the device by its certificate's CN.
+
+
+@pytest.fixture(scope="module")
+def x509_hub(tmp_path_factory):
+    hub = LocalHub(
+        HubOptions(tmp_path_factory.mktemp("x509"), mqtt_port=0, amqp_port=0, https_port=0)
+    )
+    hub.add_device("cam-1", x509=True)
+    hub.add_device("cam-2", x509=True)
+    with hub:
+        yield hub
+
+
+def _x509_client(hub, protocol, device_id, files_of):
+    """A device client of ``protocol`` for ``device_id``, presenting the certificate of
+    ``files_of`` (a device of the hub's PKI)."""
+    files = hub.pki.device_files(files_of)
+    identity = it.ClientIdentity.from_files(files.certificate, files.private_key)
+    policy = it.TlsPolicy(roots=it.RootSet.from_pem_file(hub.root_pem_path))
+    cs = f"HostName=localhost;DeviceId={device_id};x509=true"
+    port = hub.ports[protocol]
+    if protocol == "mqtt":
+        pytest.importorskip("paho.mqtt.client")
+        from iothub_tls.mqtt import MqttDeviceClient
+
+        return MqttDeviceClient.from_connection_string(
+            cs, policy=policy, identity=identity, host="127.0.0.1", port=port
+        )
+    if protocol == "amqp":
+        from iothub_tls.amqp import AmqpDeviceClient
+
+        return AmqpDeviceClient.from_connection_string(
+            cs, policy=policy, identity=identity, host="127.0.0.1", port=port
+        )
+    from iothub_tls.https import HttpsDeviceClient
+
+    return HttpsDeviceClient.from_connection_string(
+        cs, policy=policy, identity=identity, host="127.0.0.1", port=port
+    )
+
+
+def _connects_of(hub, protocol, start):
+    door = hub.doors[protocol]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        found = [e for e in door.connections[start:] if e.operation == "deviceConnect"]
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"no {protocol} connection was logged")
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "amqp", "https"])
+def test_ca_signed_device_through_an_intermediate_on_every_door(x509_hub, protocol):
+    start = len(x509_hub.doors[protocol].connections)
+    body = f"from cam-1 over {protocol}".encode()
+    client = _x509_client(x509_hub, protocol, "cam-1", "cam-1")
+    try:
+        client.connect()
+        client.send_telemetry(body)
+    finally:
+        client.close()
+    got = x509_hub.state.wait_for_telemetry(lambda t: t.payload == body)
+    assert got.device_id == "cam-1" and got.protocol.lower() == protocol
+    [event] = _connects_of(x509_hub, protocol, start)
+    files = x509_hub.pki.device_files("cam-1")
+    thumbprint = it.ClientIdentity.from_files(files.certificate, files.private_key)
+    assert (event.result, event.device_id) == ("Success", "cam-1")
+    assert event.client_cert_thumbprint == thumbprint.thumbprint_sha1
+    seen = next(m for m in x509_hub.doors[protocol].received if m.body == body)
+    assert seen.auth_type == "certificateAuthority"
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "amqp", "https"])
+def test_ca_signed_certificate_of_another_device_is_refused_on_every_door(x509_hub, protocol):
+    """The failing twin: a valid chain to the registered root, but its CN is cam-1."""
+    start = len(x509_hub.doors[protocol].connections)
+    client = _x509_client(x509_hub, protocol, "cam-2", "cam-1")
+    try:
+        with pytest.raises(it.AuthenticationError):
+            client.connect()
+            client.send_telemetry(b"must not arrive")
+    finally:
+        client.close()
+    [event] = _connects_of(x509_hub, protocol, start)
+    assert (event.result, event.device_id) == ("Failure", "cam-2")
+    assert "subject CN 'cam-1' is not the device id 'cam-2'" in event.reason
+    assert not [m for m in x509_hub.doors[protocol].received if m.body == b"must not arrive"]
+
+
+@pytest.fixture
+def mosquitto_pub():
+    """Debian's mosquitto_pub (mosquitto-clients): an MQTT client that is not ours."""
+    return require_binary("mosquitto_pub")
+
+
+def test_mosquitto_pub_as_a_ca_signed_device(x509_hub, mosquitto_pub):
+    files = x509_hub.pki.device_files("cam-2")
+    start = len(x509_hub.doors["mqtt"].connections)
+    command = [
+        mosquitto_pub,
+        "-h", "localhost",
+        "-p", str(x509_hub.ports["mqtt"]),
+        "-V", "mqttv311",
+        "-i", "cam-2",
+        "-u", "localhost/cam-2/?api-version=2021-04-12",
+        "--cafile", str(x509_hub.root_pem_path),
+        "--cert", str(files.certificate),
+        "--key", str(files.private_key),
+        "-q", "1",
+        "-t", "devices/cam-2/messages/events/source=mosquitto_pub",
+        "-m", "hello from mosquitto_pub",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    got = x509_hub.state.wait_for_telemetry(lambda t: t.payload == b"hello from mosquitto_pub")
+    assert (got.device_id, got.properties) == ("cam-2", {"source": "mosquitto_pub"})
+    [event] = _connects_of(x509_hub, "mqtt", start)
+    assert (event.result, event.device_id) == ("Success", "cam-2")
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def _start_serve(state, *extra):
+    """``iothub-tls serve`` in a subprocess; returns (process, banner lines on stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iothub_tls", "serve", "--state", str(state), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    banner = ""
+    while "Ctrl-C stops" not in banner:
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError(f"serve did not start: {banner}{proc.stderr.read()}")
+        banner += line
+    return proc, banner
+
+
+def _stop_serve(proc):
+    proc.send_signal(2)
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+def test_mqtt_sample_as_a_ca_signed_device_against_serve(tmp_path):
+    pytest.importorskip("paho.mqtt.client")
+    proc, banner = _start_serve(
+        tmp_path,
+        "--mqtt-port", "0", "--amqp-port", "off", "--https-port", "off",
+        "--device", "sensor-9:x509",
+    )  # fmt: skip
+    try:
+        port = banner.split("MQTT")[1].split(":")[1].split()[0]
+        cs = banner.split("device sensor-9: ")[1].splitlines()[0]
+        cert = banner.split("  certificate ")[1].split()[0]
+        key = banner.split("  key ")[1].split()[0]
+        assert cs == "HostName=localhost;DeviceId=sensor-9;x509=true"
+        env = dict(os.environ, PYTHONPATH=str(SAMPLES.parent))
+        env.pop("IOTHUB_DEVICE_CONNECTION_STRING", None)
+        command = [
+            sys.executable, str(SAMPLES / "mqtt_telemetry.py"),
+            "--connection-string", cs, "--cert", cert, "--key", key,
+            "--root", str(tmp_path / "pki" / "root.pem"),
+            "--host", "127.0.0.1", "--port", port,
+            "--count", "2", "--interval", "0",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        out, _ = _stop_serve(proc)
+    assert done.returncode == 0, done.stderr
+    assert "message 2 acknowledged by the hub" in done.stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    connect = next(r for r in records if r["operationName"] == "deviceConnect")
+    assert (connect["deviceId"], connect["result"], connect["protocol"]) == (
+        "sensor-9",
+        "Success",
+        "Mqtt",
+    )

@@ -11,12 +11,17 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+
+from ..errors import AuthenticationError
+from ..info import verified_chain_der
+from ..roots import common_name
 from .log import ConnectionEvent, ConnectionLog, tls_failure_reason
 from .profile import HubTlsProfile
-from .registry import DeviceNotRegisteredError, DeviceRegistry
+from .registry import Device, DeviceNotRegisteredError, DeviceRegistry, certificate_thumbprints
 from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HubFrontDoor", "PortInUseError", "TlsFrontDoor", "TlsMeta"]
@@ -37,6 +42,9 @@ class TlsMeta:
     sni: str | None
     client_cert: bytes | None
     caller: str
+    #: The client's certificate chain as TLS verified it (DER, leaf first, ending at the
+    #: anchor); just the leaf where the verified chain cannot be read; empty without one.
+    client_chain: tuple[bytes, ...] = field(default=(), repr=False)
 
     @property
     def thumbprint(self) -> str | None:
@@ -179,12 +187,14 @@ class TlsFrontDoor:
                 )
                 return
             cipher = tls.cipher()
+            leaf = tls.getpeercert(binary_form=True)
             meta = TlsMeta(
                 tls_version=tls.version(),
                 cipher=cipher[0] if cipher else None,
                 sni=_handshake_state.sni,
-                client_cert=tls.getpeercert(binary_form=True),
+                client_cert=leaf,
                 caller=caller,
+                client_chain=tuple(verified_chain_der(tls) or [leaf]) if leaf else (),
             )
             with self._lock:
                 self._connections.discard(raw)
@@ -339,6 +349,38 @@ class HubFrontDoor(TlsFrontDoor):
             self._received.append(received)
         self.state.record_telemetry(telemetry)
 
+    def authenticate_certificate(self, meta: TlsMeta, device_id: str | None = None) -> Device:
+        """The registered device that the client's certificate chain authenticates — the
+        one answer every door uses.
+
+        :param device_id: the device the client claims to be (MQTT client id, HTTPS
+            path, AMQP link address); its certificate must identify that device. None
+            (AMQP SASL EXTERNAL): the device is the one whose thumbprint is registered,
+            else the one named by the certificate's subject CN.
+        :raises AuthenticationError: saying why the chain does not identify the device.
+        """
+        chain = meta.client_chain
+        if device_id is None:
+            if not chain:
+                raise AuthenticationError("no device certificate was presented in TLS")
+            sha1, sha256 = certificate_thumbprints(chain[0])
+            device_id = next(
+                (
+                    d.device_id
+                    for d in self.registry.devices
+                    if sha1 in d.thumbprints or sha256 in d.thumbprints
+                ),
+                None,
+            ) or _subject_cn(chain[0])
+            if not device_id or self.registry.get(device_id) is None:
+                raise AuthenticationError(
+                    f"no registered device has the certificate presented (SHA-256 "
+                    f"thumbprint {sha256}, CN {_subject_cn(chain[0])!r})"
+                )
+        # The verified chain (leaf, intermediates, anchor) lets the registry link a
+        # CA-signed leaf to a registered root through the intermediate the device sent.
+        return self.registry.verify_certificate(device_id, chain)
+
     @property
     def connections(self) -> tuple[ConnectionEvent, ...]:
         """This door's events in the connection log."""
@@ -356,3 +398,7 @@ class HubFrontDoor(TlsFrontDoor):
                 logger.exception("connection listener %r failed", callback)
 
         self.log.subscribe(listener)
+
+
+def _subject_cn(der: bytes) -> str:
+    return common_name(x509.load_der_x509_certificate(der))

@@ -381,7 +381,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 endpoint.registry.verify_sas(device_id, authorization, now=endpoint._now())
                 auth = "sas"
             else:
-                device = endpoint.registry.verify_certificate(device_id, conn.tls.client_chain)
+                device = endpoint.authenticate_certificate(conn.meta, device_id)
                 auth = device.auth_type
         except DeviceNotRegisteredError as exc:
             endpoint._outcome(conn, device_id, success=False, reason=str(exc))

@@ -204,8 +204,7 @@ class MqttEndpoint(HubFrontDoor):
                 token = connect.password.decode("utf-8", "replace")
                 auth_type = self.registry.verify_sas(device_id, token).auth_type
             else:  # X.509: no password; the TLS client certificate identifies the device
-                chain = [meta.client_cert] if meta.client_cert else []
-                auth_type = self.registry.verify_certificate(device_id, chain).auth_type
+                auth_type = self.authenticate_certificate(meta, device_id).auth_type
         except (IoTHubTLSError, LookupError) as exc:
             refuse(_NOT_AUTHORIZED, f"not authorized: {exc}")
             return None
