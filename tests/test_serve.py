@@ -440,3 +440,76 @@ def test_mqtt_sample_as_a_ca_signed_device_against_serve(tmp_path):
         "Success",
         "Mqtt",
     )
+
+
+# -- the connection cap ------------------------------------------------------------------------
+
+
+def test_max_connections_reaches_every_door(tmp_path):
+    hub = LocalHub(HubOptions(tmp_path, mqtt_port=0, amqp_port=0, https_port=0, max_connections=7))
+    with hub:
+        assert {p: d.max_connections for p, d in hub.doors.items()} == {
+            "mqtt": 7,
+            "amqp": 7,
+            "https": 7,
+        }
+        assert hub.describe()["maxConnections"] == 7
+    with pytest.raises(ValueError, match="max_connections must be a whole number >= 1, not 0"):
+        HubOptions(tmp_path, max_connections=0)
+
+
+def test_serve_refuses_a_max_connections_below_one(tmp_path, capsys):
+    code = main(["serve", "--state", str(tmp_path), "--max-connections", "0"])
+    assert code == 2
+    assert "--max-connections: '0' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def _open_file_limit(pid):
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+@pytest.mark.parametrize("hard", [None, 200], ids=["raised", "hard-limit-too-low"])
+def test_serve_fits_the_open_file_limit_to_its_doors(tmp_path, hard):
+    """Three doors x 100 connections need 364 descriptors: serve raises a soft limit of
+    128 to that, or says what to do when the hard limit does not allow it."""
+    import resource
+
+    def low_limit():
+        top = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, top))
+
+    if hard is None and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 364:
+        pytest.skip("the hard open-file limit of this machine is below 364")
+    command = [
+        sys.executable, "-m", "iothub_tls", "serve", "--state", str(tmp_path),
+        "--mqtt-port", "0", "--amqp-port", "0", "--https-port", "0",
+        "--max-connections", "100",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=low_limit,
+    )
+    try:
+        banner = ""
+        while "Ctrl-C stops" not in banner:
+            line = proc.stderr.readline()
+            assert line, banner + proc.stderr.read()
+            banner += line
+        limit = _open_file_limit(proc.pid)
+    finally:
+        _stop_serve(proc)
+    assert "each door holds at most 100 connections at once" in banner
+    if hard is None:
+        assert limit == 364 and "warning" not in banner
+    else:
+        assert limit == 200
+        assert (
+            "warning: the open-file limit (200) is below what 3 doors x --max-connections 100 "
+            "need (364)" in banner
+        )

@@ -55,7 +55,7 @@ from urllib.parse import unquote
 from .. import _amqp_engine as amqp  # first: MissingDependencyError without proton
 from .._poller import readable
 from ..errors import AuthenticationError
-from .frontdoor import HubFrontDoor, TlsMeta
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import DeviceNotRegisteredError, DeviceRegistry
@@ -117,6 +117,8 @@ class AmqpEndpoint(HubFrontDoor):
     :param idle_timeout: the AMQP idle timeout the endpoint announces and enforces.
     :param max_delivery_count: a cloud-to-device message released (abandoned) this many
         times is dead-lettered instead of delivered again (IoT Hub's default: 10).
+    :param max_connections: connections open at once (TLS handshakes in progress and
+        connections served); the next is closed before TLS and logged as refused.
     """
 
     protocol = "Amqp"
@@ -134,6 +136,7 @@ class AmqpEndpoint(HubFrontDoor):
         handshake_timeout: float = 10.0,
         idle_timeout: float = 240.0,
         max_delivery_count: int = 10,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         super().__init__(
             profile,
@@ -144,6 +147,7 @@ class AmqpEndpoint(HubFrontDoor):
             log=log,
             on_connection=on_connection,
             handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
         )
         self.idle_timeout = float(idle_timeout)
         if not 1 <= max_delivery_count <= 100:

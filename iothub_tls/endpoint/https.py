@@ -40,7 +40,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import _http_protocol as proto
 from ..errors import AuthenticationError
-from .frontdoor import HubFrontDoor, TlsMeta
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import DeviceNotRegisteredError, DeviceRegistry
@@ -168,6 +168,8 @@ class HttpsEndpoint(HubFrontDoor):
     :param request_timeout: seconds a client has to send a whole request (request line,
         headers and body) from its first byte; a request still incomplete then is
         answered 408 and its connection closed.
+    :param max_connections: connections open at once (TLS handshakes in progress and
+        connections served); the next is closed before TLS and logged as refused.
     """
 
     protocol = "Https"
@@ -186,6 +188,7 @@ class HttpsEndpoint(HubFrontDoor):
         handshake_timeout: float = 10.0,
         idle_timeout: float = 60.0,
         request_timeout: float = 30.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if not request_timeout > 0:
             raise ValueError(
@@ -200,6 +203,7 @@ class HttpsEndpoint(HubFrontDoor):
             log=log,
             on_connection=on_connection,
             handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
         )
         self.idle_timeout = idle_timeout
         self.request_timeout = float(request_timeout)

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from ..errors import IoTHubTLSError
 from ..testpki import CertificateAuthority, KeyType, PKIDirectory
-from .frontdoor import TlsFrontDoor
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, TlsFrontDoor
 from .log import ConnectionLog
 from .mqtt import MqttEndpoint
 from .profile import HubTlsProfile, ServerCredential
@@ -31,7 +31,8 @@ class StateDirectoryError(IoTHubTLSError, OSError):
 
 @dataclass(frozen=True)
 class HubOptions:
-    """How the local hub runs. A port of 0 picks a free one; None disables the door."""
+    """How the local hub runs. A port of 0 picks a free one; None disables the door.
+    ``max_connections`` caps each door's concurrent connections."""
 
     state_dir: Path
     hostname: str = "localhost"
@@ -42,8 +43,15 @@ class HubOptions:
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
     legacy_ciphers: bool = False
     certificate: str = "dual"
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int):
+            raise TypeError("max_connections must be an int")
+        if self.max_connections < 1:
+            raise ValueError(
+                f"max_connections must be a whole number >= 1, not {self.max_connections}"
+            )
         if self.certificate not in CERTIFICATE_CHOICES:
             raise ValueError(
                 f"certificate must be one of {', '.join(CERTIFICATE_CHOICES)}, "
@@ -167,7 +175,12 @@ class LocalHub:
     # -- life cycle ---------------------------------------------------------------------
 
     def _door(self, protocol: str, port: int) -> TlsFrontDoor:
-        common: dict[str, Any] = {"host": self.options.bind, "port": port, "log": self.log}
+        common: dict[str, Any] = {
+            "host": self.options.bind,
+            "port": port,
+            "log": self.log,
+            "max_connections": self.options.max_connections,
+        }
         if protocol == "mqtt":
             return MqttEndpoint(self.profile, self.registry, self.state, **common)
         if protocol == "https":
@@ -219,6 +232,7 @@ class LocalHub:
             "hostname": self.options.hostname,
             "bind": self.options.bind,
             "ports": self.ports,
+            "maxConnections": self.options.max_connections,
             "unavailable": self.unavailable,
             "profile": self.profile.as_dict(),
             "profileSummary": self.profile.describe(),

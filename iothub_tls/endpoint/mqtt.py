@@ -23,7 +23,7 @@ from typing import Any
 from ..errors import IoTHubTLSError
 from ..policy import iana_name
 from . import mqtt_codec as codec
-from .frontdoor import HubFrontDoor, TlsMeta
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile
 from .registry import DeviceRegistry
@@ -87,7 +87,13 @@ class _Session:
 class MqttEndpoint(HubFrontDoor):
     """IoT Hub's device MQTT endpoint, locally. Devices authenticate against
     ``registry``; its ``hub_host`` is the name they put in their username and SAS
-    resource."""
+    resource.
+
+    :param connect_timeout: seconds a client has for the TLS handshake, and then for its
+        MQTT CONNECT.
+    :param max_connections: connections open at once (TLS handshakes in progress and
+        connections served); the next is closed before TLS and logged as refused.
+    """
 
     protocol = "Mqtt"
 
@@ -102,6 +108,7 @@ class MqttEndpoint(HubFrontDoor):
         log: ConnectionLog | None = None,
         on_connection: Callable[[ConnectionEvent], None] | None = None,
         connect_timeout: float = 10.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         super().__init__(
             profile,
@@ -112,6 +119,7 @@ class MqttEndpoint(HubFrontDoor):
             log=log,
             on_connection=on_connection,
             handshake_timeout=connect_timeout,
+            max_connections=max_connections,
         )
         self.hostname = registry.hub_host
         self.connect_timeout = connect_timeout
