@@ -517,6 +517,23 @@ def test_x509_device_without_certificate_is_401(endpoint, client_for, pki):
     assert "no credentials" in json.loads(response.data)["Message"]
 
 
+def test_malformed_authorization_header_is_named(endpoint, pki):
+    import urllib3
+
+    pool = urllib3.HTTPSConnectionPool(
+        "127.0.0.1",
+        endpoint.port,
+        ssl_context=it.create_ssl_context(pki.policy()),
+        server_hostname=HOST,
+        retries=False,
+    )
+    response = pool.request("POST", EVENTS, body=b"x", headers={"Authorization": "hunter2"})
+    assert response.status == 401
+    assert json.loads(response.data)["Message"].endswith(
+        ";the Authorization header is not a SAS token (it must start with 'SharedAccessSignature ')"
+    )
+
+
 # -- TLS refusals -----------------------------------------------------------------------------
 
 

@@ -58,7 +58,7 @@ from ..errors import AuthenticationError
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
-from .registry import DeviceNotRegisteredError, DeviceRegistry
+from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
 from .state import HubState, ReceivedMessage, Telemetry
 
 from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
@@ -122,6 +122,7 @@ class AmqpEndpoint(HubFrontDoor):
     """
 
     protocol = "Amqp"
+    token_source = TokenSource.CBS_PUT_TOKEN
 
     def __init__(
         self,
@@ -490,10 +491,10 @@ class AmqpEndpoint(HubFrontDoor):
             for name, value in (
                 ("message-id", message.id),
                 ("correlation-id", message.correlation_id),
-                ("content-type", message.content_type),
-                ("content-encoding", message.content_encoding),
+                ("content-type", amqp.content_type_of(message)),
+                ("content-encoding", amqp.content_encoding_of(message)),
             )
-            if value
+            if value is not None and value != ""
         }
         tls = conn.tls
         entry = ReceivedMessage(
@@ -541,7 +542,7 @@ class AmqpEndpoint(HubFrontDoor):
         else:
             device_id = unquote(match["device"])
             try:
-                device = self.registry.verify_sas(device_id, token)
+                device = self.authenticate_sas(device_id, token)
             except (AuthenticationError, DeviceNotRegisteredError) as exc:
                 status, description = 401, str(exc)
             else:

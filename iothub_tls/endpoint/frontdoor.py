@@ -24,7 +24,13 @@ from ..info import verified_chain_der
 from ..roots import common_name
 from .log import ConnectionEvent, ConnectionLog, tls_failure_reason
 from .profile import HubTlsProfile
-from .registry import Device, DeviceNotRegisteredError, DeviceRegistry, certificate_thumbprints
+from .registry import (
+    Device,
+    DeviceNotRegisteredError,
+    DeviceRegistry,
+    TokenSource,
+    certificate_thumbprints,
+)
 from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = [
@@ -437,6 +443,9 @@ class HubFrontDoor(TlsFrontDoor):
         served) open at once; the next is closed before TLS and logged as refused.
     """
 
+    #: Where this door's devices put their SAS token (subclasses set it).
+    token_source = TokenSource.AUTHORIZATION_HEADER
+
     def __init__(
         self,
         profile: HubTlsProfile,
@@ -525,6 +534,15 @@ class HubFrontDoor(TlsFrontDoor):
             self._received.append(received)
         self.state.record_telemetry(telemetry)
 
+    def authenticate_sas(self, device_id: str, token: str, *, now: float | None = None) -> Device:
+        """The registered device a SAS token authenticates (refusals name where this
+        door's devices put their token: :attr:`token_source`).
+
+        :raises AuthenticationError: saying which check failed.
+        :raises DeviceNotRegisteredError: for a valid policy token and an unknown device.
+        """
+        return self.registry.verify_sas(device_id, token, now=now, source=self.token_source)
+
     def authenticate_certificate(self, meta: TlsMeta, device_id: str | None = None) -> Device:
         """The registered device that the client's certificate chain authenticates — the
         one answer every door uses.
@@ -555,7 +573,7 @@ class HubFrontDoor(TlsFrontDoor):
                 )
         # The verified chain (leaf, intermediates, anchor) lets the registry link a
         # CA-signed leaf to a registered root through the intermediate the device sent.
-        return self.registry.verify_certificate(device_id, chain)
+        return self.registry.verify_certificate(device_id, chain, source=self.token_source)
 
     @property
     def connections(self) -> tuple[ConnectionEvent, ...]:

@@ -43,7 +43,7 @@ from ..errors import AuthenticationError
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
-from .registry import DeviceNotRegisteredError, DeviceRegistry
+from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
 from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HttpsEndpoint", "ReceivedMessage"]
@@ -173,6 +173,7 @@ class HttpsEndpoint(HubFrontDoor):
     """
 
     protocol = "Https"
+    token_source = TokenSource.AUTHORIZATION_HEADER
 
     def __init__(
         self,
@@ -508,7 +509,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         authorization = self.headers.get("Authorization")
         try:
             if authorization:
-                endpoint.registry.verify_sas(device_id, authorization, now=endpoint._now())
+                endpoint.authenticate_sas(device_id, authorization, now=endpoint._now())
                 auth = "sas"
             else:
                 device = endpoint.authenticate_certificate(conn.meta, device_id)

@@ -26,7 +26,7 @@ from . import mqtt_codec as codec
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile
-from .registry import DeviceRegistry
+from .registry import DeviceRegistry, TokenSource
 from .state import C2DMessage, HubState, ReceivedMessage, Telemetry
 
 __all__ = ["MqttEndpoint", "decode_properties", "encode_properties"]
@@ -96,6 +96,7 @@ class MqttEndpoint(HubFrontDoor):
     """
 
     protocol = "Mqtt"
+    token_source = TokenSource.MQTT_PASSWORD
 
     def __init__(
         self,
@@ -210,7 +211,7 @@ class MqttEndpoint(HubFrontDoor):
         try:
             if connect.password:
                 token = connect.password.decode("utf-8", "replace")
-                auth_type = self.registry.verify_sas(device_id, token).auth_type
+                auth_type = self.authenticate_sas(device_id, token).auth_type
             else:  # X.509: no password; the TLS client certificate identifies the device
                 auth_type = self.authenticate_certificate(meta, device_id).auth_type
         except (IoTHubTLSError, LookupError) as exc:
