@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -379,13 +382,14 @@ def test_mosquitto_pub_as_a_ca_signed_device(x509_hub, mosquitto_pub):
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
-def _start_serve(state, *extra):
+def _start_serve(state, *extra, **popen):
     """``iothub-tls serve`` in a subprocess; returns (process, banner lines on stderr)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "iothub_tls", "serve", "--state", str(state), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        **popen,
     )
     banner = ""
     while "Ctrl-C stops" not in banner:
@@ -513,3 +517,86 @@ def test_serve_fits_the_open_file_limit_to_its_doors(tmp_path, hard):
             "warning: the open-file limit (200) is below what 3 doors x --max-connections 100 "
             "need (364)" in banner
         )
+
+
+# -- what serve creates, and who may run it ------------------------------------------------------
+
+
+def test_serve_state_directories_are_private_under_umask_0(tmp_path):
+    state = tmp_path / "parent" / "state"
+    proc, _ = _start_serve(
+        state,
+        "--mqtt-port", "0", "--amqp-port", "off", "--https-port", "off",
+        "--device", "cam-1:x509", "--device", "sas-1",
+        preexec_fn=lambda: os.umask(0),
+    )  # fmt: skip
+    _stop_serve(proc)
+    assert proc.returncode == 0
+    directories = [tmp_path / "parent", state, *(p for p in state.rglob("*") if p.is_dir())]
+    assert {str(d.relative_to(tmp_path)) for d in directories} >= {
+        "parent",
+        "parent/state",
+        "parent/state/pki",
+        "parent/state/pki/servers",
+        "parent/state/pki/devices",
+    }
+    for directory in directories:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    for secret in [*state.rglob("*.key"), state / "devices.json"]:
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+
+
+NOBODY = 65534
+
+
+def _python_for_nobody(env):
+    """An interpreter the unprivileged user can run with this package importable (the
+    test's own, or the system's with our import paths), or skip."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("dropping to an unprivileged user needs root")
+    for candidate in dict.fromkeys([sys.executable, shutil.which("python3")]):
+        if candidate is None:
+            continue
+        probe = subprocess.run(
+            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+             candidate, "-c", "import iothub_tls.endpoint.hub"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return setpriv, candidate
+    pytest.skip("no Python interpreter with this package is usable by an unprivileged user")
+
+
+def test_serve_on_a_privileged_port_as_an_unprivileged_user():
+    """The real thing: serve started as 'nobody' on port 443 is refused by the kernel
+    (EACCES), and says that the port is privileged and which flag picks another."""
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if start.exists() and int(start.read_text()) <= 443:
+        pytest.skip("port 443 is not privileged here (net.ipv4.ip_unprivileged_port_start)")
+    import sysconfig
+
+    repo = Path(__file__).resolve().parent.parent
+    paths = [str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    setpriv, python = _python_for_nobody(env)
+    work = Path(tempfile.mkdtemp(prefix="iothub-tls-nobody-"))
+    try:
+        os.chown(work, NOBODY, NOBODY)
+        done = subprocess.run(
+            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+             python, "-m", "iothub_tls", "serve", "--state", str(work / "state"),
+             "--mqtt-port", "0", "--amqp-port", "0", "--https-port", "443"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(work)
+    assert done.returncode == 2, done.stderr
+    assert (
+        "cannot listen on 127.0.0.1:443 for Https: port 443 is privileged (below 1024) and "
+        "this user may not listen on it"
+    ) in done.stderr
+    assert "choose another port with --https-port, e.g. --https-port 8443" in done.stderr
+    assert "stop what uses it" not in done.stderr

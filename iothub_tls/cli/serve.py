@@ -237,7 +237,7 @@ def _print_stats(hub: LocalHub, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..endpoint.frontdoor import PortInUseError
+    from ..endpoint.frontdoor import PortInUseError, PrivilegedPortError
     from ..endpoint.hub import StateDirectoryError
 
     log_file = None
@@ -262,6 +262,15 @@ def run(args: argparse.Namespace) -> int:
         doors = sum(1 for p in (args.mqtt_port, args.amqp_port, args.https_port) if p is not None)
         limit_warning = _fit_open_file_limit(doors, args.max_connections)
         hub.start()
+    except PrivilegedPortError as exc:
+        if log_file:
+            log_file.close()
+        flag = f"--{exc.protocol.lower()}-port"
+        return error(
+            "serve",
+            f"{exc.strerror}; choose another port with {flag}, e.g. {flag} {exc.port + 8000}",
+            as_json=args.json,
+        )
     except (PortInUseError, StateDirectoryError, ValueError, OSError) as exc:
         if log_file:
             log_file.close()

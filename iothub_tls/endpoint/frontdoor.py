@@ -37,6 +37,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "HubFrontDoor",
     "PortInUseError",
+    "PrivilegedPortError",
     "TlsFrontDoor",
     "TlsMeta",
 ]
@@ -45,7 +46,15 @@ logger = logging.getLogger("iothub_tls.endpoint")
 
 
 class PortInUseError(OSError):
-    """The front door's port is taken."""
+    """The front door cannot listen on its port (taken, or not allowed: see
+    :class:`PrivilegedPortError`). ``protocol`` and ``port`` say which."""
+
+    protocol: str = ""
+    port: int = 0
+
+
+class PrivilegedPortError(PortInUseError):
+    """The port is privileged (below 1024) and this process may not listen on it."""
 
 
 @dataclass(frozen=True)
@@ -176,11 +185,7 @@ class TlsFrontDoor:
             listener.bind((self.host, self.requested_port))
         except OSError as exc:
             listener.close()
-            raise PortInUseError(
-                exc.errno,
-                f"cannot listen on {self.host}:{self.requested_port} for {self.protocol}: "
-                f"{exc.strerror}. Choose another port (0 = any free port) or stop what uses it",
-            ) from exc
+            raise self._bind_error(exc) from exc
         listener.listen(128)
         listener.setblocking(False)
         self._listener = listener
@@ -189,6 +194,26 @@ class TlsFrontDoor:
             target=self._accept_loop, args=(listener,), name=f"{self.protocol}-accept", daemon=True
         )
         self._thread.start()
+
+    def _bind_error(self, exc: OSError) -> PortInUseError:
+        port = self.requested_port
+        where = f"cannot listen on {self.host}:{port} for {self.protocol}"
+        error: PortInUseError
+        if exc.errno in (errno.EACCES, errno.EPERM) and 0 < port < 1024:
+            error = PrivilegedPortError(
+                exc.errno,
+                f"{where}: port {port} is privileged (below 1024) and this user may not "
+                "listen on it. Choose a port from 1024 up (0 = any free port), or run as "
+                "root or with the CAP_NET_BIND_SERVICE capability",
+            )
+        else:
+            error = PortInUseError(
+                exc.errno,
+                f"{where}: {exc.strerror}. Choose another port (0 = any free port) or stop "
+                "what uses it",
+            )
+        error.protocol, error.port = self.protocol, port
+        return error
 
     def stop(self) -> None:
         self._stopping.set()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .._fs import private_directory
 from ..errors import IoTHubTLSError
 from ..testpki import CertificateAuthority, KeyType, PKIDirectory
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, TlsFrontDoor
@@ -80,7 +81,7 @@ class LocalHub:
         self.options = options
         self.state_dir = Path(options.state_dir)
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            private_directory(self.state_dir)  # keys and the registry: 0700
             probe = self.state_dir / ".writable"
             probe.write_bytes(b"")
             probe.unlink()

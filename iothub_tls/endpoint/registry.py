@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from .._fs import private_directory
 from ..auth import SasToken
 from ..auth import thumbprints as _thumbprints
 from ..errors import AuthenticationError, IoTHubTLSError, SasTokenError
@@ -463,7 +464,7 @@ class DeviceRegistry:
         """Write ``devices.json`` into the state directory atomically (mode 0600)."""
         if self.state_dir is None:
             raise RegistryError("this registry has no state_dir to save to")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.state_dir)
         target = self.state_dir / STATE_FILE
         data = json.dumps(self.as_json(), indent=2).encode("utf-8")
         fd, tmp = tempfile.mkstemp(prefix=".devices-", dir=self.state_dir)
