@@ -163,6 +163,27 @@ def test_cbs_put_token_and_telemetry_with_properties(
     wait_for(lambda: any(e.operation == "deviceDisconnect" for e in endpoint.connections))
 
 
+def test_telemetry_without_system_properties_records_them_as_absent(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    """No content type, encoding or correlation id: absent (None) in what the hub
+    records (and the device receives), not the text "None"."""
+    endpoint.enqueue_c2d("dev-sas", b"bare command")
+    with client_for(endpoint, pki, sas_string(registry)) as client:
+        client.send_telemetry(b"bare")
+        c2d = client.receive_c2d(timeout=10)  # the client reads them the same way
+        c2d.complete()
+    assert c2d.payload == b"bare command"
+    assert c2d.content_type is None and c2d.content_encoding is None
+    [received] = endpoint.received
+    assert received.body == b"bare"
+    assert received.content_type is None and received.content_encoding is None
+    assert received.correlation_id is None
+    [telemetry] = endpoint.state.telemetry
+    assert "None" not in telemetry.system_properties.values()
+    assert not {"content-type", "content-encoding"} & set(telemetry.system_properties)
+
+
 def test_cbs_refuses_a_token_with_a_bad_signature(
     endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
 ) -> None:
@@ -177,6 +198,32 @@ def test_cbs_refuses_a_token_with_a_bad_signature(
     [event] = connects(endpoint, "Failure")
     assert event.device_id == "dev-sas" and "signature does not match" in (event.reason or "")
     assert endpoint.received == ()
+
+
+class _MalformedTokens(SasTokenProvider):
+    """Hands out text that is not a SAS token at all."""
+
+    def token(self) -> str:
+        return "hunter2"
+
+    def renew(self) -> str:
+        return "hunter2"
+
+
+def test_cbs_refusal_of_a_malformed_token_names_the_put_token(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    cs = it.ConnectionString.parse(sas_string(registry))
+    provider = _MalformedTokens(cs.resource_uri, cs.shared_access_key)
+    client = client_for(endpoint, pki, sas_string(registry), sas_token_provider=provider)
+    with pytest.raises(it.AuthenticationError, match=r"put-token status 401"):
+        client.connect()
+    client.close()
+    [event] = connects(endpoint, "Failure")
+    assert event.reason == (
+        "$cbs put-token refused: the $cbs put-token is not a SAS token (it must start "
+        "with 'SharedAccessSignature ')"
+    )
 
 
 def test_cbs_refuses_an_expired_token(

@@ -131,3 +131,26 @@ def test_unknown_benchmark_is_a_usage_error(capsys: pytest.CaptureFixture[str]) 
     assert (
         "unknown benchmark(s) handshakes; choose from context_creation" in capsys.readouterr().err
     )
+
+
+def test_hub_flood_script_at_tiny_size() -> None:
+    """bench/hub_flood.py against a real `serve`: 6 silent TLS connections on a door
+    capped at 4. Facts only (who was held, who refused, what was logged), no numbers."""
+    command = [
+        sys.executable, "bench/hub_flood.py", "--connections", "6", "--rounds", "1",
+        "--max-connections", "4", "--settle", "5", "--json",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    [round_] = result["rounds"]
+    assert (round_["held_open"], round_["refused_at_handshake"]) == (4, 2)
+    assert result["refusals_logged"] == 2
+    before, during, after = round_["threads"]
+    assert during == before + 4 and after == before  # one thread per served connection

@@ -404,6 +404,38 @@ def test_certs_layout_and_modes(lab):
         assert mode == (0o600 if name.endswith(".key") else 0o644), name
 
 
+def _under_umask_0(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``iothub-tls ARGS`` in a subprocess whose umask is 000 (what a careless service
+    manager or container gives): nothing it creates may then be open to others."""
+    return subprocess.run(
+        [sys.executable, "-c", "import os, sys\nos.umask(0)\nfrom iothub_tls.cli import main\n"
+         "sys.exit(main(sys.argv[1:]))", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_certs_directories_are_private_under_umask_0(tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    existing.chmod(0o755)
+    pki = existing / "nested" / "lab"
+    for args in (
+        ["certs", "init", str(pki), "--intermediate", "--key", "ec"],
+        ["certs", "server", str(pki), "localhost", "--key", "ec"],
+        ["certs", "device", str(pki), "sensor-1", "--key", "ec"],
+    ):
+        done = _under_umask_0(*args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    for directory in (existing / "nested", pki, pki / "servers", pki / "devices"):
+        assert _mode(directory) == 0o700, directory
+    for key in pki.rglob("*.key"):
+        assert _mode(key) == 0o600, key
+    assert _mode(existing) == 0o755  # a directory that existed is left as it was
+
+
 def test_certs_contents(lab):
     (root,) = _load(lab / "root.pem")
     (inter,) = _load(lab / "intermediate.pem")

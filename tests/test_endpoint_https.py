@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import ssl
 import stat
 import time
@@ -539,6 +540,23 @@ def test_x509_device_without_certificate_is_401(endpoint, client_for, pki):
     assert "no credentials" in json.loads(response.data)["Message"]
 
 
+def test_malformed_authorization_header_is_named(endpoint, pki):
+    import urllib3
+
+    pool = urllib3.HTTPSConnectionPool(
+        "127.0.0.1",
+        endpoint.port,
+        ssl_context=it.create_ssl_context(pki.policy()),
+        server_hostname=HOST,
+        retries=False,
+    )
+    response = pool.request("POST", EVENTS, body=b"x", headers={"Authorization": "hunter2"})
+    assert response.status == 401
+    assert json.loads(response.data)["Message"].endswith(
+        ";the Authorization header is not a SAS token (it must start with 'SharedAccessSignature ')"
+    )
+
+
 # -- TLS refusals -----------------------------------------------------------------------------
 
 
@@ -722,6 +740,158 @@ def test_endpoint_answers_413_for_an_oversized_request(endpoint, registry, pki):
         headers={"Authorization": token},
     )
     assert wrong_method.status == 405
+
+
+# -- hostile requests ---------------------------------------------------------------------------
+#
+# Raw TLS sockets send what no well-behaved client sends. Each refusal is the HTTP status
+# RFC 9112 names for it, the connection is closed after the answer, and the door goes on
+# serving a good device.
+
+EVENTS = "/devices/dev-sas/messages/events?api-version=2021-04-12"
+
+
+def raw_tls(endpoint: HttpsEndpoint, pki: PKI, timeout: float = 10) -> ssl.SSLSocket:
+    ctx = it.create_ssl_context(pki.policy())
+    raw = socket.create_connection(("127.0.0.1", endpoint.port), timeout)
+    return ctx.wrap_socket(raw, server_hostname=HOST)
+
+
+def read_until_closed(tls: ssl.SSLSocket) -> bytes:
+    """Everything the door sends until it closes the connection (a read timeout fails
+    the test: the door kept the connection open)."""
+    data = b""
+    while True:
+        try:
+            chunk = tls.recv(65536)
+        except (ConnectionResetError, ssl.SSLEOFError):
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def status_of(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response.split(b" ", 2)[1])
+
+
+def still_serves_a_good_device(endpoint, registry, client_for) -> None:
+    client = client_for(endpoint, sas_cs(registry))
+    client.send_telemetry(b"after the hostile request")
+    assert endpoint.received[-1].body == b"after the hostile request"
+
+
+@pytest.mark.parametrize(
+    ("framing", "status", "message"),
+    [
+        ("Content-Length: -1", 400, "Content-Length '-1' is not a number of bytes"),
+        ("Content-Length: +5", 400, "Content-Length '+5' is not a number of bytes"),
+        ("Content-Length: five", 400, "Content-Length 'five' is not a number of bytes"),
+        ("Content-Length: 5\r\nContent-Length: 6", 400, "conflicting Content-Length"),
+        ("Content-Length: 5, 6", 400, "conflicting Content-Length"),
+        ("Transfer-Encoding: chunked", 411, "Transfer-Encoding is not supported"),
+        ("Transfer-Encoding: gzip, chunked", 411, "Transfer-Encoding is not supported"),
+        ("Content-Length: 5\r\nTransfer-Encoding: chunked", 411, "Transfer-Encoding"),
+        ("Content-Length: 2000000", 413, "request body of 2000000 bytes is too large"),
+    ],
+    ids=[
+        "negative",
+        "signed",
+        "not-a-number",
+        "two-conflicting-headers",
+        "conflicting-list",
+        "chunked",
+        "gzip-chunked",
+        "length-and-chunked",
+        "over-1-MiB",
+    ],
+)
+def test_hostile_body_framing_is_refused_and_closed(
+    endpoint, registry, pki, client_for, framing, status, message
+):
+    token = it.generate_sas_token(f"{HOST}/devices/dev-sas", registry.get("dev-sas").primary_key)
+    with raw_tls(endpoint, pki) as tls:
+        tls.sendall(
+            f"POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {token}\r\n"
+            f"{framing}\r\n\r\nhello".encode()
+        )
+        # A door that believed the framing would wait for (or read to) the end of a body
+        # that never comes: keep the connection open for it, as a streaming attacker does.
+        response = read_until_closed(tls)
+    assert status_of(response) == status
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"\r\nConnection: close\r\n" in head + b"\r\n"
+    assert message in json.loads(body)["Message"]
+    assert endpoint.received == ()
+    still_serves_a_good_device(endpoint, registry, client_for)
+
+
+def test_expect_100_continue_with_a_refused_length_gets_no_100(endpoint, registry, pki, client_for):
+    token = it.generate_sas_token(f"{HOST}/devices/dev-sas", registry.get("dev-sas").primary_key)
+    with raw_tls(endpoint, pki) as tls:
+        tls.sendall(
+            f"POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {token}\r\n"
+            "Content-Length: 2000000\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        response = read_until_closed(tls)
+    assert status_of(response) == 413  # not "100 Continue": the body is never invited
+    still_serves_a_good_device(endpoint, registry, client_for)
+
+
+@pytest.mark.parametrize("stalls_in", ["request-line", "headers", "body"])
+def test_a_trickled_request_gets_408_at_the_whole_request_deadline(
+    endpoints, registry, pki, client_for, stalls_in
+):
+    """One byte at a time, each well inside the idle timeout: only a deadline for the
+    whole request (request line, headers, body) ends it."""
+    endpoint = endpoints(request_timeout=1.0, idle_timeout=30.0)
+    token = it.generate_sas_token(f"{HOST}/devices/dev-sas", registry.get("dev-sas").primary_key)
+    head = f"POST {EVENTS} HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: {token}\r\n"
+    request = (head + "Content-Length: 4096\r\n\r\n").encode() + b"x" * 4096
+    sent_at_once = {
+        "request-line": 0,
+        "headers": len(f"POST {EVENTS} HTTP/1.1\r\n"),
+        "body": len(head) + len("Content-Length: 4096\r\n\r\n"),
+    }[stalls_in]
+    with raw_tls(endpoint, pki) as tls:
+        if sent_at_once:
+            tls.sendall(request[:sent_at_once])
+        response = b""
+        tls.settimeout(0.2)
+        # 0.2 s per byte for at most 60 bytes (12 s): the door must answer long before.
+        for byte in request[sent_at_once : sent_at_once + 60]:
+            try:
+                tls.sendall(bytes([byte]))
+            except OSError:
+                break  # the door closed the connection
+            try:
+                response = tls.recv(65536)
+            except TimeoutError:
+                continue  # no answer yet: trickle on
+            break
+        tls.settimeout(10)
+        response += read_until_closed(tls)
+    assert status_of(response) == 408
+    assert b"\r\nConnection: close\r\n" in response
+    message = json.loads(response.partition(b"\r\n\r\n")[2])["Message"]
+    assert "did not arrive within 1 s of its first byte" in message
+    assert endpoint.received == ()
+    still_serves_a_good_device(endpoint, registry, client_for)
+
+
+def test_idle_keep_alive_connection_is_closed_silently(endpoints, registry, pki, client_for):
+    """Waiting for the next request is the idle timeout's business: no 408 for a
+    connection that sent nothing."""
+    endpoint = endpoints(request_timeout=5.0, idle_timeout=0.5)
+    with raw_tls(endpoint, pki) as tls:
+        assert read_until_closed(tls) == b""
+    still_serves_a_good_device(endpoint, registry, client_for)
+
+
+def test_request_timeout_must_be_positive(profile, registry):
+    with pytest.raises(ValueError, match="request_timeout must be a positive number of seconds"):
+        HttpsEndpoint(profile, registry, request_timeout=0)
 
 
 # -- connections, resumption, the log ----------------------------------------------------------

@@ -138,6 +138,30 @@ def test_wrong_sas_key_is_not_authorized(hub_pki, hub):
     assert "signature" in failure.reason and failure.device_id == "sas-device"
 
 
+def test_malformed_password_is_reported_as_the_mqtt_password(hub_pki, hub):
+    client = _client(hub_pki, "sas-device")
+    client.username_pw_set(f"{HUB}/sas-device/?api-version=2021-04-12", "hunter2")
+    assert _connect(client, hub.port) == 5
+    client.loop_stop()
+    [failure] = [e for e in hub.log.events if e.result == "Failure"]
+    assert failure.reason == (
+        "not authorized: the MQTT password is not a SAS token (it must start with "
+        "'SharedAccessSignature ')"
+    )
+
+
+def test_no_password_and_no_certificate_says_what_mqtt_needs(hub_pki, hub):
+    client = _client(hub_pki, "sas-device")
+    client.username_pw_set(f"{HUB}/sas-device/?api-version=2021-04-12")
+    assert _connect(client, hub.port) == 5
+    client.loop_stop()
+    [failure] = [e for e in hub.log.events if e.result == "Failure"]
+    assert failure.reason == (
+        "not authorized: no credentials for device 'sas-device': send a SAS token as the "
+        "MQTT password or present the device certificate in TLS"
+    )
+
+
 def test_username_must_name_the_hub_and_device(hub_pki, hub):
     client = _client(hub_pki, "sas-device")
     token = generate_sas_token(f"{HUB}/devices/sas-device", hub.sas_key)

@@ -1,4 +1,5 @@
-"""The local hub's shared state: C2D locks and settlement rules (pure logic)."""
+"""The local hub's shared state and connection log: C2D locks and settlement rules, the
+log's bounded memory (pure logic)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,19 @@ def test_expired_lock_returns_the_message(monkeypatch):
     with pytest.raises(KeyError):
         state.settle_c2d(locked.lock_token, "complete")
     assert state.pending_c2d("a") == 1
+
+
+def test_connection_log_keeps_a_bounded_window_and_counts_everything():
+    import io
+
+    from iothub_tls.hub import ConnectionEvent, ConnectionLog
+
+    stream = io.StringIO()
+    log = ConnectionLog(stream, max_events=3)
+    for n in range(5):
+        log.emit(ConnectionEvent("deviceConnect", "Mqtt", "Failure", reason=f"r{n}"))
+    assert [e.reason for e in log.events] == ["r2", "r3", "r4"]
+    assert log.stats()["failedConnections"] == {"Mqtt": 5}
+    assert len(stream.getvalue().splitlines()) == 5
+    with pytest.raises(ValueError, match="max_events must be >= 1"):
+        ConnectionLog(max_events=0)

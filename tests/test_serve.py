@@ -4,12 +4,17 @@ independent scanner, its connection log and statistics, and its start-up errors.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
 import ssl
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +22,7 @@ import iothub_tls as it
 from iothub_tls.cli import main
 from iothub_tls.hub.hub import HubOptions, LocalHub, StateDirectoryError
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES, WEAK_SUITES
+from tests.brokers import require_binary
 from tests.scanners import sslscan
 
 STRONG = {s.iana for s in STRONG_SUITES}
@@ -258,3 +264,352 @@ def test_serve_runs_until_interrupted(tmp_path):
     assert proc.returncode == 0
     assert "successful connections" in err
     assert "device d1: HostName=localhost;DeviceId=d1;SharedAccessKey=" in banner
+
+
+# -- CA-signed X.509 devices, as `serve --device NAME:x509` creates them ---------------------
+#
+# The hub's PKI is root -> intermediate -> device; the registry knows only the root. Every
+# door must link the device's certificate to that root through the intermediate the
+# device presents, and identify the device by its certificate's CN.
+
+
+@pytest.fixture(scope="module")
+def x509_hub(tmp_path_factory):
+    hub = LocalHub(
+        HubOptions(tmp_path_factory.mktemp("x509"), mqtt_port=0, amqp_port=0, https_port=0)
+    )
+    hub.add_device("cam-1", x509=True)
+    hub.add_device("cam-2", x509=True)
+    with hub:
+        yield hub
+
+
+def _x509_client(hub, protocol, device_id, files_of):
+    """A device client of ``protocol`` for ``device_id``, presenting the certificate of
+    ``files_of`` (a device of the hub's PKI)."""
+    files = hub.pki.device_files(files_of)
+    identity = it.ClientIdentity.from_files(files.certificate, files.private_key)
+    policy = it.TlsPolicy(roots=it.RootSet.from_pem_file(hub.root_pem_path))
+    cs = f"HostName=localhost;DeviceId={device_id};x509=true"
+    port = hub.ports[protocol]
+    if protocol == "mqtt":
+        pytest.importorskip("paho.mqtt.client")
+        from iothub_tls.mqtt import MqttDeviceClient
+
+        return MqttDeviceClient.from_connection_string(
+            cs, policy=policy, identity=identity, host="127.0.0.1", port=port
+        )
+    if protocol == "amqp":
+        from iothub_tls.amqp import AmqpDeviceClient
+
+        return AmqpDeviceClient.from_connection_string(
+            cs, policy=policy, identity=identity, host="127.0.0.1", port=port
+        )
+    from iothub_tls.https import HttpsDeviceClient
+
+    return HttpsDeviceClient.from_connection_string(
+        cs, policy=policy, identity=identity, host="127.0.0.1", port=port
+    )
+
+
+def _connects_of(hub, protocol, start):
+    door = hub.doors[protocol]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        found = [e for e in door.connections[start:] if e.operation == "deviceConnect"]
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"no {protocol} connection was logged")
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "amqp", "https"])
+def test_ca_signed_device_through_an_intermediate_on_every_door(x509_hub, protocol):
+    start = len(x509_hub.doors[protocol].connections)
+    body = f"from cam-1 over {protocol}".encode()
+    client = _x509_client(x509_hub, protocol, "cam-1", "cam-1")
+    try:
+        client.connect()
+        client.send_telemetry(body)
+    finally:
+        client.close()
+    got = x509_hub.state.wait_for_telemetry(lambda t: t.payload == body)
+    assert got.device_id == "cam-1" and got.protocol.lower() == protocol
+    [event] = _connects_of(x509_hub, protocol, start)
+    files = x509_hub.pki.device_files("cam-1")
+    thumbprint = it.ClientIdentity.from_files(files.certificate, files.private_key)
+    assert (event.result, event.device_id) == ("Success", "cam-1")
+    assert event.client_cert_thumbprint == thumbprint.thumbprint_sha1
+    seen = next(m for m in x509_hub.doors[protocol].received if m.body == body)
+    assert seen.auth_type == "certificateAuthority"
+
+
+@pytest.mark.parametrize("protocol", ["mqtt", "amqp", "https"])
+def test_ca_signed_certificate_of_another_device_is_refused_on_every_door(x509_hub, protocol):
+    """The failing twin: a valid chain to the registered root, but its CN is cam-1."""
+    start = len(x509_hub.doors[protocol].connections)
+    client = _x509_client(x509_hub, protocol, "cam-2", "cam-1")
+    try:
+        with pytest.raises(it.AuthenticationError):
+            client.connect()
+            client.send_telemetry(b"must not arrive")
+    finally:
+        client.close()
+    [event] = _connects_of(x509_hub, protocol, start)
+    assert (event.result, event.device_id) == ("Failure", "cam-2")
+    assert "subject CN 'cam-1' is not the device id 'cam-2'" in event.reason
+    assert not [m for m in x509_hub.doors[protocol].received if m.body == b"must not arrive"]
+
+
+@pytest.fixture
+def mosquitto_pub():
+    """Debian's mosquitto_pub (mosquitto-clients): an MQTT client that is not ours."""
+    return require_binary("mosquitto_pub")
+
+
+def test_mosquitto_pub_as_a_ca_signed_device(x509_hub, mosquitto_pub):
+    files = x509_hub.pki.device_files("cam-2")
+    start = len(x509_hub.doors["mqtt"].connections)
+    command = [
+        mosquitto_pub,
+        "-h", "localhost",
+        "-p", str(x509_hub.ports["mqtt"]),
+        "-V", "mqttv311",
+        "-i", "cam-2",
+        "-u", "localhost/cam-2/?api-version=2021-04-12",
+        "--cafile", str(x509_hub.root_pem_path),
+        "--cert", str(files.certificate),
+        "--key", str(files.private_key),
+        "-q", "1",
+        "-t", "devices/cam-2/messages/events/source=mosquitto_pub",
+        "-m", "hello from mosquitto_pub",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    got = x509_hub.state.wait_for_telemetry(lambda t: t.payload == b"hello from mosquitto_pub")
+    assert (got.device_id, got.properties) == ("cam-2", {"source": "mosquitto_pub"})
+    [event] = _connects_of(x509_hub, "mqtt", start)
+    assert (event.result, event.device_id) == ("Success", "cam-2")
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def _start_serve(state, *extra, **popen):
+    """``iothub-tls serve`` in a subprocess; returns (process, banner lines on stderr)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iothub_tls", "serve", "--state", str(state), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    banner = ""
+    while "Ctrl-C stops" not in banner:
+        line = proc.stderr.readline()
+        if not line:
+            proc.kill()
+            raise AssertionError(f"serve did not start: {banner}{proc.stderr.read()}")
+        banner += line
+    return proc, banner
+
+
+def _stop_serve(proc):
+    proc.send_signal(2)
+    try:
+        return proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+def test_mqtt_sample_as_a_ca_signed_device_against_serve(tmp_path):
+    pytest.importorskip("paho.mqtt.client")
+    proc, banner = _start_serve(
+        tmp_path,
+        "--mqtt-port", "0", "--amqp-port", "off", "--https-port", "off",
+        "--device", "sensor-9:x509",
+    )  # fmt: skip
+    try:
+        port = banner.split("MQTT")[1].split(":")[1].split()[0]
+        cs = banner.split("device sensor-9: ")[1].splitlines()[0]
+        cert = banner.split("  certificate ")[1].split()[0]
+        key = banner.split("  key ")[1].split()[0]
+        assert cs == "HostName=localhost;DeviceId=sensor-9;x509=true"
+        env = dict(os.environ, PYTHONPATH=str(SAMPLES.parent))
+        env.pop("IOTHUB_DEVICE_CONNECTION_STRING", None)
+        command = [
+            sys.executable, str(SAMPLES / "mqtt_telemetry.py"),
+            "--connection-string", cs, "--cert", cert, "--key", key,
+            "--root", str(tmp_path / "pki" / "root.pem"),
+            "--host", "127.0.0.1", "--port", port,
+            "--count", "2", "--interval", "0",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    finally:
+        out, _ = _stop_serve(proc)
+    assert done.returncode == 0, done.stderr
+    assert "message 2 acknowledged by the hub" in done.stdout
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    connect = next(r for r in records if r["operationName"] == "deviceConnect")
+    assert (connect["deviceId"], connect["result"], connect["protocol"]) == (
+        "sensor-9",
+        "Success",
+        "Mqtt",
+    )
+
+
+# -- the connection cap ------------------------------------------------------------------------
+
+
+def test_max_connections_reaches_every_door(tmp_path):
+    hub = LocalHub(HubOptions(tmp_path, mqtt_port=0, amqp_port=0, https_port=0, max_connections=7))
+    with hub:
+        assert {p: d.max_connections for p, d in hub.doors.items()} == {
+            "mqtt": 7,
+            "amqp": 7,
+            "https": 7,
+        }
+        assert hub.describe()["maxConnections"] == 7
+    with pytest.raises(ValueError, match="max_connections must be a whole number >= 1, not 0"):
+        HubOptions(tmp_path, max_connections=0)
+
+
+def test_serve_refuses_a_max_connections_below_one(tmp_path, capsys):
+    code = main(["serve", "--state", str(tmp_path), "--max-connections", "0"])
+    assert code == 2
+    assert "--max-connections: '0' is not a whole number >= 1" in capsys.readouterr().err
+
+
+def _open_file_limit(pid):
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open-file limit in /proc")
+
+
+@pytest.mark.parametrize("hard", [None, 200], ids=["raised", "hard-limit-too-low"])
+def test_serve_fits_the_open_file_limit_to_its_doors(tmp_path, hard):
+    """Three doors x 100 connections need 364 descriptors: serve raises a soft limit of
+    128 to that, or says what to do when the hard limit does not allow it."""
+    import resource
+
+    def low_limit():
+        top = resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, top))
+
+    if hard is None and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 364:
+        pytest.skip("the hard open-file limit of this machine is below 364")
+    command = [
+        sys.executable, "-m", "iothub_tls", "serve", "--state", str(tmp_path),
+        "--mqtt-port", "0", "--amqp-port", "0", "--https-port", "0",
+        "--max-connections", "100",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=low_limit,
+    )
+    try:
+        banner = ""
+        while "Ctrl-C stops" not in banner:
+            line = proc.stderr.readline()
+            assert line, banner + proc.stderr.read()
+            banner += line
+        limit = _open_file_limit(proc.pid)
+    finally:
+        _stop_serve(proc)
+    assert "each door holds at most 100 connections at once" in banner
+    if hard is None:
+        assert limit == 364 and "warning" not in banner
+    else:
+        assert limit == 200
+        assert (
+            "warning: the open-file limit (200) is below what 3 doors x --max-connections 100 "
+            "need (364)" in banner
+        )
+
+
+# -- what serve creates, and who may run it ------------------------------------------------------
+
+
+def test_serve_state_directories_are_private_under_umask_0(tmp_path):
+    state = tmp_path / "parent" / "state"
+    proc, _ = _start_serve(
+        state,
+        "--mqtt-port", "0", "--amqp-port", "off", "--https-port", "off",
+        "--device", "cam-1:x509", "--device", "sas-1",
+        preexec_fn=lambda: os.umask(0),
+    )  # fmt: skip
+    _stop_serve(proc)
+    assert proc.returncode == 0
+    directories = [tmp_path / "parent", state, *(p for p in state.rglob("*") if p.is_dir())]
+    assert {str(d.relative_to(tmp_path)) for d in directories} >= {
+        "parent",
+        "parent/state",
+        "parent/state/pki",
+        "parent/state/pki/servers",
+        "parent/state/pki/devices",
+    }
+    for directory in directories:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    for secret in [*state.rglob("*.key"), state / "devices.json"]:
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+
+
+NOBODY = 65534
+
+
+def _python_for_nobody(env):
+    """An interpreter the unprivileged user can run with this package importable (the
+    test's own, or the system's with our import paths), or skip."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("dropping to an unprivileged user needs root")
+    for candidate in dict.fromkeys([sys.executable, shutil.which("python3")]):
+        if candidate is None:
+            continue
+        probe = subprocess.run(
+            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+             candidate, "-c", "import iothub_tls.hub.hub"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if probe.returncode == 0:
+            return setpriv, candidate
+    pytest.skip("no Python interpreter with this package is usable by an unprivileged user")
+
+
+def test_serve_on_a_privileged_port_as_an_unprivileged_user():
+    """The real thing: serve started as 'nobody' on port 443 is refused by the kernel
+    (EACCES), and says that the port is privileged and which flag picks another."""
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if start.exists() and int(start.read_text()) <= 443:
+        pytest.skip("port 443 is not privileged here (net.ipv4.ip_unprivileged_port_start)")
+    import sysconfig
+
+    repo = Path(__file__).resolve().parent.parent
+    paths = [str(repo), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    setpriv, python = _python_for_nobody(env)
+    work = Path(tempfile.mkdtemp(prefix="iothub-tls-nobody-"))
+    try:
+        os.chown(work, NOBODY, NOBODY)
+        done = subprocess.run(
+            [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--",
+             python, "-m", "iothub_tls", "serve", "--state", str(work / "state"),
+             "--mqtt-port", "0", "--amqp-port", "0", "--https-port", "443"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(work)
+    assert done.returncode == 2, done.stderr
+    assert (
+        "cannot listen on 127.0.0.1:443 for Https: port 443 is privileged (below 1024) and "
+        "this user may not listen on it"
+    ) in done.stderr
+    assert "choose another port with --https-port, e.g. --https-port 8443" in done.stderr
+    assert "stop what uses it" not in done.stderr

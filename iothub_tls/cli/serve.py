@@ -52,6 +52,12 @@ def _port(text: str) -> int | None:
     return value
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "serve",
@@ -121,6 +127,14 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="server certificate: RSA, ECDSA or both as IoT Hub serves (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-connections",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="connections each door holds at once; beyond, a connection is closed before "
+        "TLS and logged as refused (default: %(default)s)",
+    )
+    parser.add_argument(
         "--device",
         action="append",
         default=[],
@@ -160,8 +174,31 @@ def build_hub(args: argparse.Namespace, log_stream: Any) -> LocalHub:
         min_version=_VERSIONS[args.min_tls],
         legacy_ciphers=args.legacy_ciphers,
         certificate=args.cert,
+        max_connections=args.max_connections,
     )
     return LocalHub(options, log_stream=log_stream)
+
+
+def _fit_open_file_limit(doors: int, max_connections: int) -> str | None:
+    """Raise this process's open-file limit so every door can hold ``max_connections``
+    (one descriptor each, plus the process's own); a warning when the hard limit is
+    lower."""
+    import resource
+
+    wanted = doors * max_connections + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return None
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        return (
+            f"the open-file limit ({target}) is below what {doors} doors x "
+            f"--max-connections {max_connections} need ({wanted}): a flood can exhaust it "
+            "first; raise 'ulimit -Hn' or lower --max-connections"
+        )
+    return None
 
 
 def _summary(hub: LocalHub, devices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,6 +211,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     rows = [(p.upper(), f"{summary['bind']}:{port}") for p, port in summary["ports"].items()]
     rows += [(p.upper(), f"unavailable: {why}") for p, why in summary["unavailable"].items()]
     out.write(table(("PROTOCOL", "LISTENING"), rows) + "\n")
+    out.write(f"each door holds at most {summary['maxConnections']} connections at once\n")
     out.write(f"devices pin this root: {summary['root']}\n")
     for device in summary["devices"]:
         out.write(f"device {device['deviceId']}: {device['connectionString']}\n")
@@ -199,7 +237,7 @@ def _print_stats(hub: LocalHub, as_json: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..hub.frontdoor import PortInUseError
+    from ..hub.frontdoor import PortInUseError, PrivilegedPortError
     from ..hub.hub import StateDirectoryError
 
     log_file = None
@@ -221,7 +259,18 @@ def run(args: argparse.Namespace) -> int:
                     ),
                 }
             )
+        doors = sum(1 for p in (args.mqtt_port, args.amqp_port, args.https_port) if p is not None)
+        limit_warning = _fit_open_file_limit(doors, args.max_connections)
         hub.start()
+    except PrivilegedPortError as exc:
+        if log_file:
+            log_file.close()
+        flag = f"--{exc.protocol.lower()}-port"
+        return error(
+            "serve",
+            f"{exc.strerror}; choose another port with {flag}, e.g. {flag} {exc.port + 8000}",
+            as_json=args.json,
+        )
     except (PortInUseError, StateDirectoryError, ValueError, OSError) as exc:
         if log_file:
             log_file.close()
@@ -230,6 +279,8 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         summary = _summary(hub, devices)
+        if limit_warning:
+            sys.stderr.write(f"warning: {limit_warning}\n")
         if args.json:
             sys.stderr.write(json.dumps(summary, indent=2) + "\n")
         else:

@@ -12,7 +12,13 @@ deliberately breaks) IoT Hub's TLS policy and logs what each device negotiated.
 from .https import HttpsEndpoint, ReceivedMessage
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, ServerCredential, peer_tls
-from .registry import Device, DeviceNotRegisteredError, DeviceRegistry, RegistryError
+from .registry import (
+    Device,
+    DeviceNotRegisteredError,
+    DeviceRegistry,
+    RegistryError,
+    TokenSource,
+)
 from .state import HubState
 
 __all__ = [
@@ -28,5 +34,6 @@ __all__ = [
     "ReceivedMessage",
     "RegistryError",
     "ServerCredential",
+    "TokenSource",
     "peer_tls",
 ]

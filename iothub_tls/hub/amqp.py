@@ -75,10 +75,10 @@ from ..amqp import conventions as amqpc
 from ..amqp import engine as amqp  # first: MissingDependencyError without proton
 from ..amqp.message import AmqpMessage, encode
 from ..errors import AuthenticationError
-from .frontdoor import HubFrontDoor, TlsMeta
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
-from .registry import DeviceNotRegisteredError, DeviceRegistry, certificate_thumbprints
+from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
 from .state import HubState, ReceivedMessage, Telemetry
 
 from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
@@ -153,9 +153,12 @@ class AmqpEndpoint(HubFrontDoor):
     :param idle_timeout: the AMQP idle timeout the endpoint announces and enforces.
     :param max_delivery_count: a cloud-to-device message released (abandoned) this many
         times is dead-lettered instead of delivered again (IoT Hub's default: 10).
+    :param max_connections: connections open at once (TLS handshakes in progress and
+        connections served); the next is closed before TLS and logged as refused.
     """
 
     protocol = "Amqp"
+    token_source = TokenSource.CBS_PUT_TOKEN
 
     def __init__(
         self,
@@ -170,6 +173,7 @@ class AmqpEndpoint(HubFrontDoor):
         handshake_timeout: float = 10.0,
         idle_timeout: float = 240.0,
         max_delivery_count: int = 10,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         super().__init__(
             profile,
@@ -180,6 +184,7 @@ class AmqpEndpoint(HubFrontDoor):
             log=log,
             on_connection=on_connection,
             handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
         )
         self.idle_timeout = float(idle_timeout)
         if not 1 <= max_delivery_count <= 100:
@@ -246,7 +251,7 @@ class AmqpEndpoint(HubFrontDoor):
         """Run the SASL exchange (blocking, within the handshake timeout); returns the
         bytes that follow it for the AMQP engine, or None when the connection ends."""
         mechanisms = ["ANONYMOUS", "MSSBCBS"]
-        if conn.tls.client_chain:
+        if conn.meta.client_chain:
             mechanisms.insert(0, "EXTERNAL")
         server = amqp.SaslServer(mechanisms)
         while server.state in ("header", "mechanisms"):
@@ -273,7 +278,7 @@ class AmqpEndpoint(HubFrontDoor):
             server.outcome(amqp.SaslCode.OK)
         elif init.mechanism == "EXTERNAL" and "EXTERNAL" in mechanisms:
             try:
-                device_id = self._certificate_identity(conn)
+                device_id = self.authenticate_certificate(conn.meta).device_id
             except AuthenticationError as exc:
                 server.outcome(amqp.SaslCode.AUTH)
                 tls.sendall(server.take_output())
@@ -289,29 +294,6 @@ class AmqpEndpoint(HubFrontDoor):
             return None
         tls.sendall(server.take_output())
         return server.leftover
-
-    def _certificate_identity(self, conn: _Conn, device_id: str | None = None) -> str:
-        """The device a TLS client certificate identifies (registered thumbprint, or CN
-        of a certificate from a registered CA); checked against ``device_id`` if given."""
-        tls = conn.tls
-        if not tls.client_chain:
-            raise AuthenticationError("no device certificate was presented in TLS")
-        chain = list(tls.client_chain)
-        if device_id is None:
-            sha1, sha256 = certificate_thumbprints(chain[0])
-            for device in self.registry.devices:
-                if sha1 in device.thumbprints or sha256 in device.thumbprints:
-                    device_id = device.device_id
-                    break
-            else:
-                device_id = tls.client_subject or ""
-            if not device_id or self.registry.get(device_id) is None:
-                raise AuthenticationError(
-                    f"no registered device has the certificate presented (SHA-256 "
-                    f"thumbprint {sha256}, CN {tls.client_subject!r})"
-                )
-        self.registry.verify_certificate(device_id, chain)
-        return device_id
 
     def _auth_type(self, device_id: str) -> str:
         device = self.registry.get(device_id)
@@ -477,10 +459,10 @@ class AmqpEndpoint(HubFrontDoor):
         X.509 device without SASL whose certificate does not match, the connection)."""
         if device_id in conn.authorized:
             return True
-        if conn.sasl_mechanism is None and conn.tls is not None and conn.tls.client_chain:
+        if conn.sasl_mechanism is None and conn.meta.client_chain:
             # IoT Hub's X.509 connections: no SASL, the TLS certificate is the identity.
             try:
-                self._certificate_identity(conn, device_id)
+                self.authenticate_certificate(conn.meta, device_id)
             except AuthenticationError as exc:
                 self._outcome(conn, device_id, False, str(exc))
                 self._close(conn, link.connection, _UNAUTHORIZED, str(exc))
@@ -752,7 +734,7 @@ class AmqpEndpoint(HubFrontDoor):
         else:
             device_id = unquote(match["device"])
             try:
-                device = self.registry.verify_sas(device_id, token)
+                device = self.authenticate_sas(device_id, token)
             except (AuthenticationError, DeviceNotRegisteredError) as exc:
                 status, description = 401, str(exc)
             else:

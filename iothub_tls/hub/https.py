@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import http.server
+import io
 import logging
 import socket
 import ssl
@@ -39,10 +40,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..device import C2DMessage, Message
 from ..errors import AuthenticationError
 from ..https import conventions as proto
-from .frontdoor import HubFrontDoor, TlsMeta
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
-from .registry import DeviceNotRegisteredError, DeviceRegistry
+from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
 from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HttpsEndpoint", "ReceivedMessage"]
@@ -51,6 +52,49 @@ logger = logging.getLogger("iothub_tls.hub")
 
 #: Requests larger than this are refused without reading them (a message is 256 KB).
 _MAX_REQUEST_BYTES = 1024 * 1024
+
+
+class _RequestDeadlineExpired(Exception):
+    """The whole-request deadline passed before the request was read (answered 408)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The handler's raw input: reads from the TLS socket under one clock.
+
+    Between requests a read may wait ``idle_timeout`` (a kept-alive connection that
+    stays silent is closed without an answer); from the first byte of a request, every
+    read shares one deadline that covers the request line, the headers and the body,
+    so a client sending a byte now and then cannot hold the connection (and its
+    thread) longer than ``request_timeout`` per request."""
+
+    def __init__(self, sock: socket.socket, idle_timeout: float, request_timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self._deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def between_requests(self) -> None:
+        self._deadline = None
+
+    def request_started(self) -> None:
+        self._deadline = time.monotonic() + self.request_timeout
+
+    def readinto(self, buffer: Any) -> int:
+        if self._deadline is None:
+            self._sock.settimeout(self.idle_timeout)
+            return self._sock.recv_into(buffer)
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise _RequestDeadlineExpired
+        self._sock.settimeout(remaining)
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            raise _RequestDeadlineExpired from None
 
 
 @dataclass
@@ -121,9 +165,15 @@ class HttpsEndpoint(HubFrontDoor):
     :param clock: seconds since the epoch, for SAS token expiry.
     :param handshake_timeout: seconds a client has to complete the TLS handshake.
     :param idle_timeout: seconds a kept-alive connection may stay idle.
+    :param request_timeout: seconds a client has to send a whole request (request line,
+        headers and body) from its first byte; a request still incomplete then is
+        answered 408 and its connection closed.
+    :param max_connections: connections open at once (TLS handshakes in progress and
+        connections served); the next is closed before TLS and logged as refused.
     """
 
     protocol = "Https"
+    token_source = TokenSource.AUTHORIZATION_HEADER
 
     def __init__(
         self,
@@ -138,7 +188,13 @@ class HttpsEndpoint(HubFrontDoor):
         clock: Callable[[], float] = time.time,
         handshake_timeout: float = 10.0,
         idle_timeout: float = 60.0,
+        request_timeout: float = 30.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
+        if not request_timeout > 0:
+            raise ValueError(
+                f"request_timeout must be a positive number of seconds, not {request_timeout!r}"
+            )
         super().__init__(
             profile,
             registry,
@@ -148,8 +204,10 @@ class HttpsEndpoint(HubFrontDoor):
             log=log,
             on_connection=on_connection,
             handshake_timeout=handshake_timeout,
+            max_connections=max_connections,
         )
         self.idle_timeout = idle_timeout
+        self.request_timeout = float(request_timeout)
         self._clock = clock
         self._state_lock = threading.Condition()
         self._faults: deque[_Fault] = deque()
@@ -199,7 +257,6 @@ class HttpsEndpoint(HubFrontDoor):
         with self._state_lock:
             self._active += 1
         try:
-            tls.settimeout(self.idle_timeout)
             _Handler(tls, meta.caller, self, conn)
         except (OSError, ssl.SSLError) as exc:
             logger.debug("HTTPS connection from %s ended: %s", meta.caller, exc)
@@ -284,6 +341,41 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s " + format, self.caller, *args)
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own reader: replaced by one under our clock
+        self.clock = _DeadlineReader(
+            self.connection, self.endpoint.idle_timeout, self.endpoint.request_timeout
+        )
+        self.reader = io.BufferedReader(self.clock)
+        self.rfile = self.reader
+
+    def handle_one_request(self) -> None:
+        # Defaults for an answer sent before the request line is parsed.
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+        self.clock.between_requests()
+        try:
+            if not self.reader.peek(1):  # waits up to idle_timeout for a request to begin
+                self.close_connection = True
+                return
+        except TimeoutError:  # idle: close without an answer, as IoT Hub does
+            self.close_connection = True
+            return
+        self.clock.request_started()
+        try:
+            super().handle_one_request()
+        except _RequestDeadlineExpired:
+            self.close_connection = True
+            seconds = f"{self.endpoint.request_timeout:g}"
+            self._error(
+                _HttpError(
+                    408,
+                    f"the whole request (request line, headers, body) did not arrive "
+                    f"within {seconds} s of its first byte",
+                    "RequestTimeout",
+                )
+            )
+
     # -- requests -----------------------------------------------------------------------
 
     def do_GET(self) -> None:
@@ -303,27 +395,66 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             body = self._read_body()
             status, headers, payload = self._route(body)
         except _HttpError as err:
-            tracking = uuid.uuid4().hex
-            headers = {proto.H_ERROR_CODE: err.code, **err.headers}
-            self._send(err.status, headers, proto.error_body(err.code, err.message, tracking))
+            self._error(err)
             return
         self._send(status, headers, payload)
 
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise _HttpError(400, "chunked request bodies are not supported; send Content-Length")
+    def _error(self, err: _HttpError) -> None:
+        tracking = uuid.uuid4().hex
+        headers = {proto.H_ERROR_CODE: err.code, **err.headers}
+        self._send(err.status, headers, proto.error_body(err.code, err.message, tracking))
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue``: refuse a body we would refuse anyway before the
+        client sends it."""
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
+            self._body_length()
+        except _HttpError as err:
+            self._error(err)
+            return False
+        return super().handle_expect_100()
+
+    def _read_body(self) -> bytes:
+        length = self._body_length()
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            self.close_connection = True  # the client closed mid-body
+            raise _HttpError(400, f"the body ended after {len(body)} of {length} bytes")
+        return body
+
+    def _body_length(self) -> int:
+        """The request body's length, framed by Content-Length only (RFC 9112 section 6).
+        Framing that cannot be trusted closes the connection after the answer: the bytes
+        that follow cannot be told apart from the next request."""
+        if self.headers.get_all("Transfer-Encoding"):
+            # RFC 9112 6.1: with Transfer-Encoding, Content-Length must be ignored; we do
+            # not decode transfer codings, so the request has no length we can use.
             self.close_connection = True
-            raise _HttpError(400, "Content-Length is not a number") from None
+            raise _HttpError(
+                411,
+                "Transfer-Encoding is not supported: send the body with Content-Length",
+                "LengthRequired",
+            )
+        values = [
+            v.strip() for h in self.headers.get_all("Content-Length") or () for v in h.split(",")
+        ]
+        for value in values:
+            # 1*DIGIT (RFC 9110 8.6): no sign, no spaces, no other digits than ASCII.
+            if not (value.isascii() and value.isdigit()):
+                self.close_connection = True
+                raise _HttpError(400, f"Content-Length {value[:20]!r} is not a number of bytes")
+        if len({int(v) for v in values}) > 1:
+            self.close_connection = True
+            raise _HttpError(400, f"conflicting Content-Length values: {', '.join(values)[:80]}")
+        length = int(values[0]) if values else 0
         if length > _MAX_REQUEST_BYTES:
             self.close_connection = True
             raise _HttpError(413, f"request body of {length} bytes is too large")
-        return self.rfile.read(length) if length else b""
+        return length
 
     def _send(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
+        # Writing is not bound by the request's deadline, only by the idle timeout.
+        self.connection.settimeout(self.endpoint.idle_timeout)
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
@@ -378,10 +509,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         authorization = self.headers.get("Authorization")
         try:
             if authorization:
-                endpoint.registry.verify_sas(device_id, authorization, now=endpoint._now())
+                endpoint.authenticate_sas(device_id, authorization, now=endpoint._now())
                 auth = "sas"
             else:
-                device = endpoint.registry.verify_certificate(device_id, conn.tls.client_chain)
+                device = endpoint.authenticate_certificate(conn.meta, device_id)
                 auth = device.auth_type
         except DeviceNotRegisteredError as exc:
             endpoint._outcome(conn, device_id, success=False, reason=str(exc))

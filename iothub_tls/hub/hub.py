@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from .._io.fs import private_directory
 from ..errors import IoTHubTLSError
 from ..testing.pki import CertificateAuthority, KeyType, PKIDirectory
-from .frontdoor import TlsFrontDoor
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, TlsFrontDoor
 from .log import ConnectionLog
 from .mqtt import MqttEndpoint
 from .profile import HubTlsProfile, ServerCredential
@@ -31,7 +32,8 @@ class StateDirectoryError(IoTHubTLSError, OSError):
 
 @dataclass(frozen=True)
 class HubOptions:
-    """How the local hub runs. A port of 0 picks a free one; None disables the door."""
+    """How the local hub runs. A port of 0 picks a free one; None disables the door.
+    ``max_connections`` caps each door's concurrent connections."""
 
     state_dir: Path
     hostname: str = "localhost"
@@ -42,8 +44,15 @@ class HubOptions:
     min_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2
     legacy_ciphers: bool = False
     certificate: str = "dual"
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __post_init__(self) -> None:
+        if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int):
+            raise TypeError("max_connections must be an int")
+        if self.max_connections < 1:
+            raise ValueError(
+                f"max_connections must be a whole number >= 1, not {self.max_connections}"
+            )
         if self.certificate not in CERTIFICATE_CHOICES:
             raise ValueError(
                 f"certificate must be one of {', '.join(CERTIFICATE_CHOICES)}, "
@@ -72,7 +81,7 @@ class LocalHub:
         self.options = options
         self.state_dir = Path(options.state_dir)
         try:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
+            private_directory(self.state_dir)  # keys and the registry: 0700
             probe = self.state_dir / ".writable"
             probe.write_bytes(b"")
             probe.unlink()
@@ -167,7 +176,12 @@ class LocalHub:
     # -- life cycle ---------------------------------------------------------------------
 
     def _door(self, protocol: str, port: int) -> TlsFrontDoor:
-        common: dict[str, Any] = {"host": self.options.bind, "port": port, "log": self.log}
+        common: dict[str, Any] = {
+            "host": self.options.bind,
+            "port": port,
+            "log": self.log,
+            "max_connections": self.options.max_connections,
+        }
         if protocol == "mqtt":
             return MqttEndpoint(self.profile, self.registry, self.state, **common)
         if protocol == "https":
@@ -219,6 +233,7 @@ class LocalHub:
             "hostname": self.options.hostname,
             "bind": self.options.bind,
             "ports": self.ports,
+            "maxConnections": self.options.max_connections,
             "unavailable": self.unavailable,
             "profile": self.profile.as_dict(),
             "profileSummary": self.profile.describe(),

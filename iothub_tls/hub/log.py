@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -65,12 +65,19 @@ def tls_failure_reason(exc: BaseException) -> str:
 
 
 class ConnectionLog:
-    """Collects events, writes one JSON line per event, counts successes."""
+    """Collects events, writes one JSON line per event, counts successes.
 
-    def __init__(self, stream: IO[str] | None = None) -> None:
+    :param max_events: how many recent events :attr:`events` keeps in memory (the
+        stream gets every one, the counters count every one): a hub that runs for
+        weeks, or takes a connection flood, must not keep a record per connection.
+    """
+
+    def __init__(self, stream: IO[str] | None = None, *, max_events: int = 1000) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, not {max_events}")
         self._stream = stream
         self._lock = threading.Lock()
-        self.events: list[ConnectionEvent] = []
+        self.events: deque[ConnectionEvent] = deque(maxlen=max_events)
         self.by_tls_version: Counter[str] = Counter()
         self.by_cipher_suite: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()

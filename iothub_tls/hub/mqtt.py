@@ -23,10 +23,10 @@ from ..errors import IoTHubTLSError
 from ..mqtt import conventions as mqttc
 from ..mqtt import packets as codec
 from ..policy import iana_name
-from .frontdoor import HubFrontDoor, TlsMeta
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile
-from .registry import DeviceRegistry
+from .registry import DeviceRegistry, TokenSource
 from .state import C2DMessage, HubState, ReceivedMessage, Telemetry
 
 __all__ = ["MqttEndpoint"]
@@ -66,9 +66,16 @@ class _Session:
 class MqttEndpoint(HubFrontDoor):
     """IoT Hub's device MQTT endpoint, locally. Devices authenticate against
     ``registry``; its ``hub_host`` is the name they put in their username and SAS
-    resource."""
+    resource.
+
+    :param connect_timeout: seconds a client has for the TLS handshake, and then for its
+        MQTT CONNECT.
+    :param max_connections: connections open at once (TLS handshakes in progress and
+        connections served); the next is closed before TLS and logged as refused.
+    """
 
     protocol = "Mqtt"
+    token_source = TokenSource.MQTT_PASSWORD
 
     def __init__(
         self,
@@ -81,6 +88,7 @@ class MqttEndpoint(HubFrontDoor):
         log: ConnectionLog | None = None,
         on_connection: Callable[[ConnectionEvent], None] | None = None,
         connect_timeout: float = 10.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         super().__init__(
             profile,
@@ -91,6 +99,7 @@ class MqttEndpoint(HubFrontDoor):
             log=log,
             on_connection=on_connection,
             handshake_timeout=connect_timeout,
+            max_connections=max_connections,
         )
         self.hostname = registry.hub_host
         self.connect_timeout = connect_timeout
@@ -181,10 +190,9 @@ class MqttEndpoint(HubFrontDoor):
         try:
             if connect.password:
                 token = connect.password.decode("utf-8", "replace")
-                auth_type = self.registry.verify_sas(device_id, token).auth_type
+                auth_type = self.authenticate_sas(device_id, token).auth_type
             else:  # X.509: no password; the TLS client certificate identifies the device
-                chain = [meta.client_cert] if meta.client_cert else []
-                auth_type = self.registry.verify_certificate(device_id, chain).auth_type
+                auth_type = self.authenticate_certificate(meta, device_id).auth_type
         except (IoTHubTLSError, LookupError) as exc:
             refuse(_NOT_AUTHORIZED, f"not authorized: {exc}")
             return None

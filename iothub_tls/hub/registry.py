@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
+from .._io.fs import private_directory
 from ..auth import SasToken
 from ..auth import thumbprints as _thumbprints
 from ..errors import AuthenticationError, IoTHubTLSError, SasTokenError
@@ -47,6 +49,7 @@ __all__ = [
     "DeviceNotRegisteredError",
     "DeviceRegistry",
     "RegistryError",
+    "TokenSource",
     "certificate_thumbprints",
 ]
 
@@ -64,6 +67,33 @@ class RegistryError(IoTHubTLSError, ValueError):
 class DeviceNotRegisteredError(IoTHubTLSError, LookupError):
     """Valid shared-access-policy credentials for a device id the registry does not
     hold (IoT Hub: 404 DeviceNotFound)."""
+
+
+class TokenSource(enum.Enum):
+    """Where a device's SAS token came from: refusals name it in the device's terms
+    (MQTT has no Authorization header)."""
+
+    AUTHORIZATION_HEADER = "the Authorization header"  # HTTPS
+    MQTT_PASSWORD = "the MQTT password"  # noqa: S105 - a description, not a secret
+    CBS_PUT_TOKEN = "the $cbs put-token"  # noqa: S105 - AMQP; a description, not a secret
+
+    @property
+    def how_to_send(self) -> str:
+        """How a device sends a token this way ("send a SAS token ...")."""
+        return {
+            TokenSource.AUTHORIZATION_HEADER: "in the Authorization header",
+            TokenSource.MQTT_PASSWORD: "as the MQTT password",
+            TokenSource.CBS_PUT_TOKEN: "with a $cbs put-token",
+        }[self]
+
+    @property
+    def how_to_omit(self) -> str:
+        """What an X.509 device leaves out instead."""
+        return {
+            TokenSource.AUTHORIZATION_HEADER: "send no Authorization header",
+            TokenSource.MQTT_PASSWORD: "send no MQTT password",
+            TokenSource.CBS_PUT_TOKEN: "put no token on $cbs",
+        }[self]
 
 
 def _check_device_id(device_id: str) -> None:
@@ -290,12 +320,14 @@ class DeviceRegistry:
         authorization: str,
         *,
         now: float | None = None,
+        source: TokenSource = TokenSource.AUTHORIZATION_HEADER,
     ) -> Device:
-        """Check an ``Authorization`` header value for ``device_id`` as IoT Hub does:
-        a device-key token (no ``skn``) signed with the device's primary or secondary key,
-        or a policy token (``skn``) signed with that policy's key; not expired; for a
-        resource covering ``{hub}/devices/{device_id}``.
+        """Check a SAS token for ``device_id`` as IoT Hub does: a device-key token (no
+        ``skn``) signed with the device's primary or secondary key, or a policy token
+        (``skn``) signed with that policy's key; not expired; for a resource covering
+        ``{hub}/devices/{device_id}``.
 
+        :param source: where the token came from, named in refusals.
         :raises AuthenticationError: saying which check failed.
         :raises DeviceNotRegisteredError: for a valid policy token and an unknown device.
         """
@@ -303,9 +335,8 @@ class DeviceRegistry:
         try:
             token = SasToken.parse(authorization)
         except SasTokenError as exc:
-            raise AuthenticationError(
-                f"the Authorization header is not a SAS token: {exc}"
-            ) from None
+            detail = str(exc).removeprefix("not a SAS token: ")
+            raise AuthenticationError(f"{source.value} is not a SAS token ({detail})") from None
         resource = self.resource_uri(device_id)
         if token.key_name is not None:
             with self._lock:
@@ -328,7 +359,7 @@ class DeviceRegistry:
             if not keys:
                 raise AuthenticationError(
                     f"device {device_id!r} authenticates with X.509 ({device.auth_type}), "
-                    "not SAS: present its certificate and send no Authorization header"
+                    f"not SAS: present its certificate and {source.how_to_omit}"
                 )
             self._check_token(token, keys, resource, current, f"device {device_id!r}")
         if not device.enabled:
@@ -350,19 +381,27 @@ class DeviceRegistry:
         best = next((p for p in problems if "signature" not in p), problems[0])
         raise AuthenticationError(f"SAS token refused for {whose}: {best}")
 
-    def verify_certificate(self, device_id: str, chain_der: Sequence[bytes]) -> Device:
+    def verify_certificate(
+        self,
+        device_id: str,
+        chain_der: Sequence[bytes],
+        *,
+        source: TokenSource = TokenSource.AUTHORIZATION_HEADER,
+    ) -> Device:
         """Check a device certificate for ``device_id``: its thumbprint is registered, or
         (``x509_ca`` devices) its chain contains a registered CA and its CN is the id.
 
         :param chain_der: the client's chain as verified by TLS, leaf first (just the
             leaf when the verified chain cannot be read; then the leaf must be issued
             directly by a registered CA).
+        :param source: how the device would have sent a SAS token instead (named when
+            it sent neither).
         :raises AuthenticationError: saying why the certificate does not identify the device.
         """
         if not chain_der:
             raise AuthenticationError(
-                f"no credentials for device {device_id!r}: send a SAS token in the "
-                "Authorization header or present the device certificate in TLS"
+                f"no credentials for device {device_id!r}: send a SAS token "
+                f"{source.how_to_send} or present the device certificate in TLS"
             )
         device = self.get(device_id)
         if device is None:
@@ -425,7 +464,7 @@ class DeviceRegistry:
         """Write ``devices.json`` into the state directory atomically (mode 0600)."""
         if self.state_dir is None:
             raise RegistryError("this registry has no state_dir to save to")
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_directory(self.state_dir)
         target = self.state_dir / STATE_FILE
         data = json.dumps(self.as_json(), indent=2).encode("utf-8")
         fd, tmp = tempfile.mkstemp(prefix=".devices-", dir=self.state_dir)

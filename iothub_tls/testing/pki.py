@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .._io.fs import private_directory
 from ..auth import thumbprints
 from ..roots import common_name
 
@@ -222,7 +223,7 @@ class Issued:
                         f"{path} already exists: refusing to overwrite a certificate or key "
                         "(pass force=True / --force to replace it)"
                     )
-        folder.mkdir(parents=True, exist_ok=True)
+        private_directory(folder)  # keys live here: 0700, whatever the umask
         _write_atomically(key_path, self.key_pem, 0o600)
         _write_atomically(cert_path, self.chain_pem, 0o644)
         return WrittenFiles(cert_path, key_path)
