@@ -67,8 +67,7 @@ def read_csv(source: Source, aggregator: Aggregator, stats: InputStats) -> int:
     if "device" not in positions and properties is None:
         shown = ", ".join(header[:8]) or "nothing"
         raise AuditInputError(
-            f"{source.name}: not a connection log (no DeviceId column; the header has "
-            f"{shown})"
+            f"{source.name}: not a connection log (no DeviceId column; the header has {shown})"
         )
     layout = Layout.of(positions)
     width = len(header)

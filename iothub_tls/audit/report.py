@@ -317,8 +317,10 @@ def _unidentified(
             verdict, why = refusal
         else:
             verdict = Verdict.UNKNOWN
-            why = f"connection failed without TLS details: {reason}" if reason else (
-                "no device id, TLS version or cipher suite logged"
+            why = (
+                f"connection failed without TLS details: {reason}"
+                if reason
+                else ("no device id, TLS version or cipher suite logged")
             )
         device.find(verdict, why, protocol, count, when)
 
@@ -327,4 +329,3 @@ def suite_summary(report: AuditReport) -> Iterable[tuple[str, str, int]]:
     """(suite, kind, connections), most used first."""
     for name, (kind, n) in sorted(report.suites.items(), key=lambda kv: (-kv[1][1], kv[0])):
         yield name, kind, n
-

@@ -134,8 +134,12 @@ def judge_refusal(reason: str) -> tuple[Verdict, str] | None:
     text = reason.upper()
     if "TLS HANDSHAKE FAILED" not in text and "SSL" not in text:
         return None
-    for marker in ("UNSUPPORTED_PROTOCOL", "WRONG_VERSION_NUMBER", "PROTOCOL_VERSION",
-                   "VERSION_TOO_LOW"):
+    for marker in (
+        "UNSUPPORTED_PROTOCOL",
+        "WRONG_VERSION_NUMBER",
+        "PROTOCOL_VERSION",
+        "VERSION_TOO_LOW",
+    ):
         if marker in text:
             return Verdict.WILL_BE_REFUSED, (
                 f"offered only TLS versions below 1.2 (handshake refused: {marker})"

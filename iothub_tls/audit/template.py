@@ -183,9 +183,7 @@ def _skip(raw: str, value: Any, level: int) -> str | None:
     return "(?:null|true|false|" + _NUMBER + ")"
 
 
-def _members(
-    pairs: Sequence[_Pair], level: int, used: set[str]
-) -> tuple[Member, ...] | None:
+def _members(pairs: Sequence[_Pair], level: int, used: set[str]) -> tuple[Member, ...] | None:
     out: list[Member] = []
     q = _quote(level)
     for pair in pairs:
@@ -284,9 +282,7 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> list[tuple[int, int]]:
     return pairs
 
 
-def _merge_members(
-    a: Sequence[Member], b: Sequence[Member]
-) -> tuple[Member, ...] | None:
+def _merge_members(a: Sequence[Member], b: Sequence[Member]) -> tuple[Member, ...] | None:
     pairs = _lcs([m.key for m in a], [m.key for m in b])
     out: list[Member] = []
     i = j = 0
