@@ -54,21 +54,65 @@ class Profile:
 
 
 PROFILES: tuple[Profile, ...] = (
-    Profile("rsa", "Mqtt", "1.2", "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
-            "compliant", "will-be-refused", "unknown"),
-    Profile("ecc", "Amqp", "1.2", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
-            "compliant", "compliant", "unknown"),
-    Profile("tls13", "Mqtt", "1.3", "TLS_AES_256_GCM_SHA384",
-            "compliant", "compliant", "compliant"),
-    Profile("tls11", "Mqtt", "1.1", "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
-            "will-be-refused", "will-be-refused", "will-be-refused"),
-    Profile("tls10", "Amqp", "1.0", "TLS_RSA_WITH_AES_128_CBC_SHA",
-            "will-be-refused", "will-be-refused", "will-be-refused"),
-    Profile("weak", "MqttWs", "1.2", "TLS_RSA_WITH_AES_128_GCM_SHA256",
-            "will-be-refused", "will-be-refused", "unknown"),
+    Profile(
+        "rsa",
+        "Mqtt",
+        "1.2",
+        "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "compliant",
+        "will-be-refused",
+        "unknown",
+    ),
+    Profile(
+        "ecc",
+        "Amqp",
+        "1.2",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "compliant",
+        "compliant",
+        "unknown",
+    ),
+    Profile(
+        "tls13", "Mqtt", "1.3", "TLS_AES_256_GCM_SHA384", "compliant", "compliant", "compliant"
+    ),
+    Profile(
+        "tls11",
+        "Mqtt",
+        "1.1",
+        "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA",
+        "will-be-refused",
+        "will-be-refused",
+        "will-be-refused",
+    ),
+    Profile(
+        "tls10",
+        "Amqp",
+        "1.0",
+        "TLS_RSA_WITH_AES_128_CBC_SHA",
+        "will-be-refused",
+        "will-be-refused",
+        "will-be-refused",
+    ),
+    Profile(
+        "weak",
+        "MqttWs",
+        "1.2",
+        "TLS_RSA_WITH_AES_128_GCM_SHA256",
+        "will-be-refused",
+        "will-be-refused",
+        "unknown",
+    ),
     Profile("https", "Https", None, None, "unknown", "unknown", "unknown"),
-    Profile("fallback", "Mqtt", "1.2", "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
-            "will-be-refused", "will-be-refused", "will-be-refused", fallback_every=7),
+    Profile(
+        "fallback",
+        "Mqtt",
+        "1.2",
+        "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "will-be-refused",
+        "will-be-refused",
+        "will-be-refused",
+        fallback_every=7,
+    ),
 )
 FALLBACK_SUITE = "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA"
 
@@ -236,8 +280,7 @@ def write_kql_tables(
                 "name": "PrimaryResult",
                 "columns": [{"name": col, "type": "dynamic"} for col in columns],
                 "rows": [
-                    [_kql_value(c, col) or None for col in columns]
-                    for c in fleet.connections(rows)
+                    [_kql_value(c, col) or None for col in columns] for c in fleet.connections(rows)
                 ],
             }
         ]
