@@ -319,6 +319,41 @@ def it_event(device, tls, cipher, i, reason=None):
     ).to_json()
 
 
+# -- several processes ---------------------------------------------------------------------
+
+
+def _with_bad_lines(path: Path, every: int, bad: str) -> None:
+    lines = path.read_text().splitlines()
+    for i in range(every, len(lines), every):
+        lines[i] = bad
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "csv-multiline"])
+def test_several_processes_give_the_same_audit(tmp_path, fleet, monkeypatch, kind):
+    import iothub_tls.audit as audit_module
+
+    if kind == "jsonl":
+        path = write_azure_jsonl(tmp_path / "a.jsonl", fleet, ROWS)
+        _with_bad_lines(path, 97, "not JSON at all")
+    else:
+        path = write_kql_csv(tmp_path / "c.csv", fleet, ROWS, EXTENDED_COLUMNS)
+        _with_bad_lines(path, 89, "2025-08-01T00:00:00Z,dev-x,Mqtt,TLS 9,X")
+        if kind == "csv-multiline":  # a quoted field holding newlines, mid-file
+            lines = path.read_text().splitlines()
+            lines[ROWS // 2] = '2025-08-01T00:00:00Z,"dev\nwith\nnewlines",Mqtt,1.2,X'
+            path.write_text("\n".join(lines) + "\n")
+    one = audit([str(path)], jobs=1)
+    monkeypatch.setattr(audit_module, "MIN_PARALLEL_BYTES", 1)
+    two = audit([str(path)], jobs=2)
+    three = audit([str(path)], jobs=3)
+    for other in (two, three):
+        assert [d.as_dict() for d in other.devices] == [d.as_dict() for d in one.devices]
+        assert other.inputs[0].as_dict() == one.inputs[0].as_dict()
+        assert other.timeline == one.timeline
+    assert one.inputs[0].rejected > 20
+
+
 # -- rows that cannot be read -----------------------------------------------------------
 
 

@@ -17,16 +17,18 @@ Memory holds per-device aggregates, never the rows.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 
 from .aggregate import Aggregator, InputStats
-from .csvlog import read_csv
+from .csvlog import csv_dialect, open_reader, read_csv, read_header
 from .errors import AuditInputError
 from .jsondoc import read_json_document
 from .jsonlines import read_json_lines
+from .parallel import MIN_PARALLEL_BYTES, plain_file, read_parallel
 from .report import AuditReport, DeviceReport, Finding, build_report
 from .rules import AuditPolicy, Verdict
-from .sources import open_source
+from .sources import Source, open_source
 
 __all__ = [
     "AuditInputError",
@@ -47,7 +49,22 @@ _FORMATS = {
 }
 
 
-def _read(name: str, aggregator: Aggregator) -> InputStats:
+def _in_parallel(
+    source: Source, kind: str, aggregator: Aggregator, stats: InputStats, jobs: int
+) -> bool:
+    if jobs < 2 or source.compressed or kind not in ("jsonl", "csv"):
+        return False
+    if not plain_file(source.name) or os.path.getsize(source.name) < MIN_PARALLEL_BYTES:
+        return False
+    header = None
+    if kind == "csv":
+        dialect = csv_dialect(source.head[:8192])
+        first = source.head.split("\n", 1)[0] + "\n"
+        header = read_header(source, open_reader(iter([first]), dialect), dialect)
+    return read_parallel(source, kind, aggregator, stats, jobs, header)
+
+
+def _read(name: str, aggregator: Aggregator, jobs: int) -> InputStats:
     source = open_source(name)
     stats = InputStats(name)
     try:
@@ -56,7 +73,8 @@ def _read(name: str, aggregator: Aggregator) -> InputStats:
             raise AuditInputError(f"{name}: empty, not a connection log")
         label, reader = _FORMATS[kind]
         stats.format = label + (", gzip" if source.compressed else "")
-        reader(source, aggregator, stats)
+        if not _in_parallel(source, kind, aggregator, stats, jobs):
+            reader(source, aggregator, stats)
     except (OSError, EOFError) as exc:  # e.g. a gzip stream cut short
         raise AuditInputError(f"{name}: cannot read: {exc}") from exc
     finally:
@@ -68,9 +86,16 @@ def _read(name: str, aggregator: Aggregator) -> InputStats:
     return stats
 
 
-def audit(inputs: Iterable[str], policy: AuditPolicy | None = None) -> AuditReport:
+def audit(
+    inputs: Iterable[str], policy: AuditPolicy | None = None, *, jobs: int = 1
+) -> AuditReport:
     """Read every input (a path, or ``-`` for standard input) and judge each device
     against ``policy`` (default: IoT Hub's, TLS 1.2+ and strong suites).
+
+    ``jobs`` > 1 reads a large plain JSON lines or CSV file with that many worker
+    processes (see :mod:`.parallel`); the result is the same. Workers are started
+    with ``spawn``, so a script calling this with ``jobs`` > 1 needs the usual
+    ``if __name__ == "__main__":`` guard.
 
     Rows that are not connection rows or cannot be read are counted per input with
     their line numbers (see :attr:`AuditReport.inputs`). An input that cannot be
@@ -78,5 +103,5 @@ def audit(inputs: Iterable[str], policy: AuditPolicy | None = None) -> AuditRepo
     """
     aggregator = Aggregator()
     for name in inputs:
-        aggregator.inputs.append(_read(name, aggregator))
+        aggregator.inputs.append(_read(name, aggregator, jobs))
     return build_report(aggregator, policy or AuditPolicy())

@@ -95,6 +95,15 @@ class InputStats:
         if len(self.lines) < LISTED_LINES:
             self.lines.append(line)
 
+    def absorb(self, other: InputStats, line_offset: int) -> None:
+        """Add the counts of a part of this input whose lines start after
+        ``line_offset`` lines."""
+        self.rows += other.rows
+        self.rejected += other.rejected
+        self.reasons.update(other.reasons)
+        room = LISTED_LINES - len(self.lines)
+        self.lines.extend(line_offset + n for n in other.lines[: max(room, 0)])
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "file": self.name,
@@ -133,6 +142,25 @@ class Aggregator:
 
     def folded(self) -> list[_Folded]:
         return list(self._folded.values())
+
+    def merge(self, other: Aggregator) -> None:
+        """Add what ``other`` folded (another part of the same inputs)."""
+        for layout, theirs in other._folded.items():
+            mine = self._folded.get(layout)
+            if mine is None:
+                self._folded[layout] = theirs
+                continue
+            mine.counts.update(theirs.counts)
+            mine.hours.update(theirs.hours)
+            _keep_latest(mine.last, theirs.last)
+        self.unidentified.update(other.unidentified)
+        _keep_latest(self.unidentified_last, other.unidentified_last)
+        for name, values in other._valid.items():
+            self._valid[name] |= values
+        if other.latest > self.latest:
+            self.latest = other.latest
+        if other.earliest and (not self.earliest or other.earliest < self.earliest):
+            self.earliest = other.earliest
 
     def add(
         self,
@@ -264,6 +292,12 @@ class Aggregator:
             when = times[i] if times is not None else ""
             if when > self.unidentified_last.get(entry, ""):
                 self.unidentified_last[entry] = when
+
+
+def _keep_latest(mine: dict[tuple[str, ...], str], theirs: dict[tuple[str, ...], str]) -> None:
+    for key, when in theirs.items():
+        if when > mine.get(key, ""):
+            mine[key] = when
 
 
 def _valid_tls(value: str) -> bool:

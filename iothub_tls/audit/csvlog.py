@@ -13,8 +13,11 @@ from __future__ import annotations
 import csv
 import itertools
 import re
+import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from operator import itemgetter
+from typing import Any
 
 from .aggregate import Aggregator, InputStats, Layout
 from .errors import AuditInputError
@@ -22,16 +25,17 @@ from .fields import PROPERTIES, TIME_ISO, field_of, normalize_time
 from .records import CANONICAL, Reject, Row, row_of_record
 from .sources import Source
 
-__all__ = ["read_csv"]
+__all__ = ["Header", "csv_dialect", "fold_rows", "open_reader", "read_csv", "read_header"]
 
 _BATCH = 8192
 _ISO_LINES = re.compile(rf"^(?:{TIME_ISO})?$", re.MULTILINE)
 _CANONICAL = Layout.of(CANONICAL)
-_FIELD_LIMIT = 16 << 20
+_FIELD_LIMIT = 1 << 30
 
 
 def _rows(reader: Iterator[list[str]], stats: InputStats) -> Iterator[list[str]]:
-    """``reader``'s rows; a row the csv module cannot parse is rejected, not fatal."""
+    """``reader``'s rows; a row the csv module cannot parse (Python 3.10: a NUL byte)
+    is rejected, not fatal."""
     while True:
         try:
             yield next(reader)
@@ -41,49 +45,100 @@ def _rows(reader: Iterator[list[str]], stats: InputStats) -> Iterator[list[str]]
             stats.reject(getattr(reader, "line_num", 0), f"not CSV: {exc}")
 
 
-def read_csv(source: Source, aggregator: Aggregator, stats: InputStats) -> int:
-    """Fold every row of a CSV export; returns the data rows read."""
-    if csv.field_size_limit() < _FIELD_LIMIT:
-        csv.field_size_limit(_FIELD_LIMIT)
+@dataclass(frozen=True)
+class Header:
+    """What the header line says: the dialect, the columns and where each field is."""
+
+    dialect: dict[str, Any]
+    columns: tuple[str, ...]
+    positions: dict[str, int]
+    #: index of a ``properties_s`` (JSON) column
+    properties: int | None
+    #: physical lines up to and including the header
+    lines: int
+
+
+def csv_dialect(sample: str) -> dict[str, Any]:
     try:
-        dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(
-            source.head[:8192], delimiters=",;\t"
-        )
+        found: Any = csv.Sniffer().sniff(sample, delimiters=",;\t")
     except csv.Error:
-        dialect = csv.excel
-    reader = csv.reader(source.lines(), dialect)
-    header: list[str] = []
-    for header in reader:
-        if any(cell.strip() for cell in header):
+        found = csv.excel
+    return {
+        "delimiter": found.delimiter,
+        "quotechar": found.quotechar or '"',
+        "doublequote": found.doublequote,
+        "skipinitialspace": found.skipinitialspace,
+        "escapechar": found.escapechar,
+        "quoting": found.quoting,
+    }
+
+
+def read_header(source: Source, reader: Any, dialect: dict[str, Any]) -> Header:
+    columns: list[str] = []
+    for columns in reader:
+        if any(cell.strip() for cell in columns):
             break
     positions: dict[str, int] = {}
     properties: int | None = None
-    for index, name in enumerate(header):
+    for index, name in enumerate(columns):
         found = field_of(name)
         if found == PROPERTIES:
             properties = index
         elif found is not None and found not in positions:
             positions[found] = index
     if "device" not in positions and properties is None:
-        shown = ", ".join(header[:8]) or "nothing"
+        shown = ", ".join(columns[:8]) or "nothing"
         raise AuditInputError(
             f"{source.name}: not a connection log (no DeviceId column; the header has {shown})"
         )
-    layout = Layout.of(positions)
-    width = len(header)
-    time = positions.get("time")
-    rows = _rows(reader, stats)
+    return Header(dialect, tuple(columns), positions, properties, reader.line_num)
+
+
+def open_reader(lines: Iterator[str], dialect: dict[str, Any]) -> Any:
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
+    return csv.reader(lines, **dialect)
+
+
+def read_csv(source: Source, aggregator: Aggregator, stats: InputStats) -> int:
+    """Fold every row of a CSV export; returns the data rows read."""
+    dialect = csv_dialect(source.head[:8192])
+    reader = open_reader(source.lines(), dialect)
+    header = read_header(source, reader, dialect)
+    return fold_rows(reader, header, aggregator, stats, source.name)
+
+
+def fold_rows(
+    reader: Any,
+    header: Header,
+    aggregator: Aggregator,
+    stats: InputStats,
+    name: str,
+    line_offset: int = 0,
+) -> int:
+    """Fold the rows ``reader`` has left; row line numbers are ``line_offset`` plus the
+    reader's own."""
+    layout = Layout.of(header.positions)
+    width = len(header.columns)
+    time = header.positions.get("time")
+    rows = _rows(reader, stats) if sys.version_info < (3, 11) else reader
     total = 0
     while True:
         before = reader.line_num
-        batch = list(itertools.islice(rows, _BATCH))
+        try:
+            batch = list(itertools.islice(rows, _BATCH))
+        except csv.Error as exc:  # 3.11+: only a field over the size limit
+            raise AuditInputError(
+                f"{name}: not readable as CSV at line {line_offset + reader.line_num}: {exc}"
+            ) from exc
         if not batch:
             break
         total += len(batch)
         consecutive = reader.line_num - before == len(batch)
-        lines: int | list[int] = before + 1 if consecutive else _spread(before, batch)
-        if properties is not None:
-            _with_properties(batch, header, lines, aggregator, stats)
+        start = line_offset + before
+        lines: int | list[int] = start + 1 if consecutive else _spread(start, batch)
+        if header.properties is not None:
+            _with_properties(batch, list(header.columns), lines, aggregator, stats)
             continue
         if set(map(len, batch)) != {width}:
             batch, lines = _fit(batch, width, lines, stats)

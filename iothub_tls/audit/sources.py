@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -43,10 +44,8 @@ class Source:
 
     def lines(self) -> Iterator[str]:
         """The remaining text, line by line (line ends kept)."""
-        if self.head:
-            head, self.head = self.head, ""
-            yield from io.StringIO(head, newline="")
-        yield from self.stream
+        head, self.head = self.head, ""
+        return itertools.chain(io.StringIO(head, newline=""), self.stream)
 
     def close(self) -> None:
         self.stream.close()

@@ -4,6 +4,7 @@ hub's connection logs."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -87,6 +88,14 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="devices shown in the terminal table, riskiest first (default: %(default)s; 0 = all)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="processes reading one large plain JSON lines or CSV file "
+        "(default: 0 = one per CPU; 1 = this process only)",
+    )
+    parser.add_argument(
         "--allow-unknown",
         action="store_true",
         help="exit 0 when no device will be refused, even if some have no TLS evidence",
@@ -98,8 +107,10 @@ def run(args: argparse.Namespace) -> int:
     from ..audit import AuditInputError, AuditPolicy, audit
     from ..audit.render import to_csv, to_html, to_json, to_text
 
+    jobs = args.jobs if args.jobs > 0 else min(os.cpu_count() or 1, 8)
+    policy = AuditPolicy(min_tls=args.min_tls, ecc_only=args.ecc_only)
     try:
-        report = audit(args.files, AuditPolicy(min_tls=args.min_tls, ecc_only=args.ecc_only))
+        report = audit(args.files, policy, jobs=jobs)
     except AuditInputError as exc:
         return error("audit", str(exc), as_json=args.json)
     code = report.exit_code(allow_unknown=args.allow_unknown)
