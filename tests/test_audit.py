@@ -873,3 +873,18 @@ def test_memory_does_not_grow_with_the_log(tmp_path, write, small, large):
     size_kib = big.stat().st_size // 1024
     assert grown < 24 * 1024, f"peak RSS grew {grown} KiB from {small:,} to {large:,} rows"
     assert large_rss < size_kib, "the audit holds less than the file"
+
+
+def test_throughput_benchmark_harness(tmp_path):
+    """bench/audit_throughput.py in smoke mode: it runs and reports what it claims
+    (never a timing assertion: smoke numbers mean nothing)."""
+    from bench.audit_throughput import main as bench_main
+
+    assert bench_main(["--smoke", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    bench = doc["benchmarks"]["audit_throughput"]
+    for key in ("azure-jsonl/20000", "kql-csv/20000"):
+        variants = bench["data"][key]["variants"]
+        assert all(v["samples"][0]["rows"] == 20_000 for v in variants.values()), key
+    if bench["data"]["duckdb"]:
+        assert {h["target"] for h in bench["headlines"]} == {">= 0.5x"}
