@@ -125,6 +125,10 @@ def _python(code: str, *args: str) -> dict[str, Any]:
     return found
 
 
+def _spread(summary: dict[str, Any]) -> str:
+    return f"{_report.fmt(summary['min'])} to {_report.fmt(summary['max'])}"
+
+
 def duckdb_available() -> str | None:
     """DuckDB's version, or None when it is not installed."""
     try:
@@ -208,7 +212,7 @@ def run(smoke: bool, sizes: Sequence[int] | None = None, rounds: int | None = No
                             "MiB": round(found["bytes"] / 2**20),
                             "reader": name,
                             "rows/s (median)": rps["median"],
-                            "rows/s min-max": f"{_report.fmt(rps['min'])} to {_report.fmt(rps['max'])}",
+                            "rows/s min-max": _spread(rps),
                             "peak RSS MiB": round(sample["rss_kib"] / 1024)
                             if "rss_kib" in sample
                             else None,
