@@ -98,6 +98,7 @@ _DUCKDB = """
 import json, sys, time
 import duckdb
 con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")
 began = time.perf_counter()
 groups = con.execute(sys.argv[2], [sys.argv[1]]).fetchall()
 seconds = time.perf_counter() - began
@@ -121,7 +122,8 @@ def _python(code: str, *args: str) -> dict[str, Any]:
         timeout=3600,
         check=True,
     ).stdout
-    found: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    last = [line for line in out.splitlines() if line.startswith("{")][-1]
+    found: dict[str, Any] = json.loads(last)
     return found
 
 

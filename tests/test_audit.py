@@ -354,6 +354,23 @@ def test_several_processes_give_the_same_audit(tmp_path, fleet, monkeypatch, kin
     assert one.inputs[0].rejected > 20
 
 
+def test_times_with_an_offset_take_the_slow_path_once(tmp_path, fleet):
+    """Lines whose times carry a +02:00 offset match no template: they are read by
+    json, their times turned to UTC, and the layout is not relearned on every line."""
+    path = write_azure_jsonl(tmp_path / "a.jsonl", fleet, ROWS)
+    text = re.sub(
+        r'"time": "(\d{4}-\d\d-\d\d)T(\d\d):(\d\d:\d\d\.\d+)0Z"',
+        lambda m: f'"time": "{m[1]}T{int(m[2]) + 2:02d}:{m[3]}+02:00"',
+        path.read_text(),
+    )
+    shifted = tmp_path / "offset.jsonl"
+    shifted.write_text(text)
+    plain, offset = audit([str(path)]), audit([str(shifted)])
+    assert verdicts(offset) == fleet.expected()
+    for a, b in zip(plain.devices, offset.devices, strict=True):
+        assert a.device_id == b.device_id and a.last_seen[:19] == b.last_seen[:19]
+
+
 # -- rows that cannot be read -----------------------------------------------------------
 
 

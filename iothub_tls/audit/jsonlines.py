@@ -27,6 +27,7 @@ class _Reader:
         self.aggregator = aggregator
         self.stats = stats
         self.template: Template | None = None
+        #: top-level key sequences that gave no (matching) template
         self.failed_layouts: set[tuple[str, ...]] = set()
         self.recognised = 0
 
@@ -81,20 +82,28 @@ class _Reader:
             lines.append(number)
             produced += 1
         if produced == 1 and isinstance(value, dict) and "records" not in value:
-            self._learn(line)
+            self._learn(line, tuple(value))
 
-    def _learn(self, line: str) -> None:
-        learned = learn(line)
-        if learned is None or learned.keys in self.failed_layouts:
+    def _learn(self, line: str, keys: tuple[str, ...]) -> None:
+        """Learn the layout of ``line`` (a record with top-level ``keys``) into the
+        template, once per layout: a layout that gives no template, or whose template
+        did not match the line (a value of another shape: a time with an offset, an
+        escaped string), is not tried again."""
+        if keys in self.failed_layouts or len(self.failed_layouts) >= _MAX_FAILED_LAYOUTS:
             return
-        if len(self.failed_layouts) >= _MAX_FAILED_LAYOUTS:
+        learned = learn(line)
+        if learned is None:
+            self.failed_layouts.add(keys)
             return
         if self.template is None:
-            self.template = learned
+            if learned.line.fullmatch(line) is None:
+                self.failed_layouts.add(keys)
+            else:
+                self.template = learned
             return
         combined = merge(self.template, learned)
-        if combined is None:
-            self.failed_layouts.add(learned.keys)
+        if combined is None or combined.line.fullmatch(line) is None:
+            self.failed_layouts.add(keys)
         else:
             self.template = combined
 

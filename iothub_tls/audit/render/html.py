@@ -79,6 +79,10 @@ def _when(text: str) -> str:
     return text[:19].replace("T", " ") if text else "-"
 
 
+def _last(tally: Tally) -> str:
+    return f", last {escape(_when(tally.last_seen))}" if tally.last_seen else ""
+
+
 def _badge(verdict: Verdict) -> str:
     return (
         f'<span class="badge" style="background:{VERDICT_COLORS[verdict]}">'
@@ -89,8 +93,7 @@ def _badge(verdict: Verdict) -> str:
 def _tallies(items: dict[str, Tally]) -> str:
     ordered = sorted(items.items(), key=lambda kv: (-kv[1].connections, kv[0]))
     return "<br>".join(
-        f"{escape(name)} <span class=muted>&times;{t.connections:,}, "
-        f"last {escape(_when(t.last_seen))}</span>"
+        f"{escape(name)} <span class=muted>&times;{t.connections:,}{_last(t)}</span>"
         for name, t in ordered
     )
 
@@ -101,8 +104,8 @@ def _device_row(device: DeviceReport) -> str:
         reasons = '<span class="muted">every logged connection accepted</span>'
     else:
         reasons = "<br>".join(
-            f"{escape(f.reason)} <span class=muted>&times;{f.tally.connections:,}, last "
-            f"{escape(_when(f.tally.last_seen))}</span>"
+            f"{escape(f.reason)} <span class=muted>&times;{f.tally.connections:,}"
+            f"{_last(f.tally)}</span>"
             for f in device.reasons()
         )
     protocols = ", ".join(f"{escape(p)} &times;{n:,}" for p, n in device.protocols.most_common())

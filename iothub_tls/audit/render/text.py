@@ -39,7 +39,8 @@ def _row(device: DeviceReport) -> list[str]:
         reason = ""
     else:
         reason = "; ".join(
-            f"{f.reason} ({f.tally.connections:,}, last {_when(f.tally.last_seen)})"
+            f"{f.reason} ({f.tally.connections:,}"
+            + (f", last {_when(f.tally.last_seen)})" if f.tally.last_seen else ")")
             for f in reasons
         )
     return [
