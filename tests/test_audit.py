@@ -6,6 +6,7 @@ browser without a single request; memory does not grow with the log."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import gzip
 import io
 import json
@@ -27,6 +28,7 @@ import pytest
 import iothub_tls as it
 from iothub_tls.audit import AuditInputError, AuditPolicy, Verdict, audit
 from iothub_tls.audit.fields import field_of, normalize_time, normalize_tls
+from iothub_tls.audit.render import to_html
 from iothub_tls.audit.rules import judge
 from iothub_tls.cli import main
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES, WEAK_SUITES
@@ -244,6 +246,21 @@ def test_order_of_rows_does_not_change_last_seen(tmp_path, fleet):
     shuffled.write_text("\n".join(reversed(lines)) + "\n")
     forward, backward = audit([str(path)]), audit([str(shuffled)])
     assert [d.as_dict() for d in forward.devices] == [d.as_dict() for d in backward.devices]
+
+
+def test_timeline_turns_hours_into_days_for_long_logs(tmp_path, monkeypatch):
+    """The timeline is kept per hour until the log spans too many hours, then per day:
+    it grows with the days a log covers, never with its rows."""
+    import iothub_tls.audit.aggregate as aggregate
+
+    monkeypatch.setattr(aggregate, "MAX_PERIODS", 48)
+    fleet = Fleet(40, step=dt.timedelta(minutes=20))
+    path = write_azure_jsonl(tmp_path / "a.jsonl", fleet, ROWS)  # ~42 days
+    report = audit([str(path)])
+    periods = {period for period, _ in report.timeline}
+    assert all(len(p) == 10 for p in periods) and len(periods) == 42
+    assert sum(report.timeline.values()) == ROWS
+    assert "deviceConnect events per day" in to_html(report)
 
 
 def test_several_inputs_add_up(tmp_path, fleet):

@@ -3,7 +3,8 @@
 Readers hand over batches of rows (tuples or lists of strings) with a :class:`Layout`
 saying where each field sits. A batch is folded into counters keyed by the fields that
 matter for a verdict (device, protocol, TLS version, suite, operation, result), plus the
-last time each key was seen and an hourly count per TLS version. The folding runs in C
+last time each key was seen and a count per hour (per day, once the log spans more than
+:data:`MAX_PERIODS` hours) and TLS version. The folding runs in C
 (``Counter.update``, ``dict(zip(...))``, ``map(itemgetter)``): no Python code runs per
 row on the common path. Memory grows with the number of distinct keys (devices x the
 ways they connect), never with the number of rows.
@@ -27,6 +28,10 @@ __all__ = ["KEY_FIELDS", "Aggregator", "InputStats", "Layout"]
 KEY_FIELDS = FIELDS[:9]
 #: How many line numbers of rejected rows each input lists (the count stays exact).
 LISTED_LINES = 20
+#: Timeline periods kept per layout before hours are merged into days (so the timeline
+#: grows with the days a log spans, not with its rows).
+MAX_PERIODS = 24 * 366
+HOUR, DAY = 13, 10  # characters of an ISO time that name its hour, its day
 
 Row = Sequence[str]
 _SUITE_SYNTAX = re.compile(r"[A-Za-z0-9_\-]{0,120}")
@@ -138,6 +143,8 @@ class Aggregator:
         self._valid: dict[str, set[str]] = {"tls": set(), "suite": set()}
         self.latest = ""
         self.earliest = ""
+        #: HOUR or DAY: what a timeline period is
+        self.period = HOUR
         self.inputs: list[InputStats] = []
 
     def folded(self) -> list[_Folded]:
@@ -145,13 +152,16 @@ class Aggregator:
 
     def merge(self, other: Aggregator) -> None:
         """Add what ``other`` folded (another part of the same inputs)."""
+        if other.period < self.period:
+            self._coarsen(other.period)
         for layout, theirs in other._folded.items():
             mine = self._folded.get(layout)
             if mine is None:
+                theirs.hours = _coarse(theirs.hours, self.period)
                 self._folded[layout] = theirs
                 continue
             mine.counts.update(theirs.counts)
-            mine.hours.update(theirs.hours)
+            mine.hours.update(_coarse(theirs.hours, self.period))
             _keep_latest(mine.last, theirs.last)
         self.unidentified.update(other.unidentified)
         _keep_latest(self.unidentified_last, other.unidentified_last)
@@ -264,13 +274,23 @@ class Aggregator:
         layout = folded.layout
         positions = (layout.position(f) for f in ("tls", "operation", "category"))
         present = [p for p in positions if p is not None]
-        if layout.hour is not None:
+        if layout.hour is not None and self.period == HOUR:
             hourly = itemgetter(layout.hour, *(layout.source[p] for p in present))
             folded.hours.update(map(hourly, rows))
         else:
-            hours = map(itemgetter(slice(0, 13)), times)
+            periods = map(itemgetter(slice(0, self.period)), times)
             columns = [map(itemgetter(p), keys) for p in present]
-            folded.hours.update(zip(hours, *columns, strict=True))
+            folded.hours.update(zip(periods, *columns, strict=True))
+        if len(folded.hours) > MAX_PERIODS * 4 and self.period == HOUR:
+            distinct = len({key[0] for key in folded.hours})
+            if distinct > MAX_PERIODS:
+                self._coarsen(DAY)
+
+    def _coarsen(self, period: int) -> None:
+        """Merge the timeline's periods into longer ones (hours into days)."""
+        self.period = period
+        for folded in self._folded.values():
+            folded.hours = _coarse(folded.hours, period)
 
     def _fold_unidentified(
         self,
@@ -292,6 +312,16 @@ class Aggregator:
             when = times[i] if times is not None else ""
             if when > self.unidentified_last.get(entry, ""):
                 self.unidentified_last[entry] = when
+
+
+def _coarse(counts: Counter[tuple[str, ...]], period: int) -> Counter[tuple[str, ...]]:
+    if all(len(key[0]) <= period for key in itertools.islice(counts, 1)):
+        return counts
+    merged: Counter[tuple[str, ...]] = Counter()
+    for (when, *rest), n in counts.items():
+        key = (when[:period], *rest)
+        merged[key] += n
+    return merged
 
 
 def _keep_latest(mine: dict[tuple[str, ...], str], theirs: dict[tuple[str, ...], str]) -> None:

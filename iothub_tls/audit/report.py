@@ -155,7 +155,8 @@ class AuditReport:
     policy: AuditPolicy
     devices: list[DeviceReport]
     inputs: list[InputStats]
-    #: (hour "YYYY-MM-DDTHH", TLS version or "not logged") -> deviceConnect rows
+    #: (period: hour "YYYY-MM-DDTHH" or day "YYYY-MM-DD", TLS version or "not logged")
+    #: -> deviceConnect rows
     timeline: Counter[tuple[str, str]]
     #: IANA suite (or "not logged") -> (kind, connections)
     suites: dict[str, tuple[str, int]]
@@ -215,8 +216,8 @@ class AuditReport:
                 for name, (kind, n) in sorted(self.suites.items(), key=lambda kv: -kv[1][1])
             ],
             "timeline": [
-                {"hour": hour, "tlsVersion": version, "connections": n}
-                for (hour, version), n in sorted(self.timeline.items())
+                {"period": period, "tlsVersion": version, "connections": n}
+                for (period, version), n in sorted(self.timeline.items())
             ],
         }
 

@@ -117,15 +117,19 @@ def _device_row(device: DeviceReport) -> str:
     )
 
 
+def _period(text: str) -> dt.datetime:
+    """A timeline period: an hour (YYYY-MM-DDTHH) or a day (YYYY-MM-DD)."""
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H" if len(text) > 10 else "%Y-%m-%d")
+
+
 def _buckets(report: AuditReport) -> tuple[list[str], dict[str, list[int]], str]:
     """Timeline columns: hours over up to three days, days up to 120, else weeks."""
     hours = sorted({h for h, _ in report.timeline if h})
     if not hours:
         return [], {}, "hour"
-    first = dt.datetime.strptime(hours[0], "%Y-%m-%dT%H")
-    last = dt.datetime.strptime(hours[-1], "%Y-%m-%dT%H")
+    first, last = _period(hours[0]), _period(hours[-1])
     span = last - first
-    if span <= dt.timedelta(days=3):
+    if span <= dt.timedelta(days=3) and len(hours[0]) > 10:
         unit, step = "hour", dt.timedelta(hours=1)
 
         def bucket(moment: dt.datetime) -> dt.datetime:
@@ -156,7 +160,7 @@ def _buckets(report: AuditReport) -> tuple[list[str], dict[str, list[int]], str]
     for (hour, version), n in report.timeline.items():
         if not hour:
             continue
-        counts[(bucket(dt.datetime.strptime(hour, "%Y-%m-%dT%H")), version)] += n
+        counts[(bucket(_period(hour)), version)] += n
         versions.add(version)
     columns: list[dt.datetime] = []
     moment = bucket(first)
