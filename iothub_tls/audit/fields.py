@@ -170,7 +170,10 @@ def normalize_protocol(raw: str) -> str:
 
 #: A UTC ISO 8601 time as IoT Hub and the local hub write it. Rows whose time matches
 #: are kept as written: such strings order like the instants they name (to the second).
-TIME_ISO: Final = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|\+00:00)"
+TIME_ISO: Final = (
+    r"[0-9]{4}-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9](?:\.[0-9]{1,9})?"
+    r"(?:Z|\+00:00)"
+)
 _TIME_ISO = re.compile(TIME_ISO)
 _TIME_ANY = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[T ](\d\d):(\d\d)(?::(\d\d)(?:[.,](\d+))?)?\s*"

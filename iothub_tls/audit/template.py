@@ -59,6 +59,10 @@ class Member:
     nested: tuple[Member, ...] | None = None
     closing: str = ""  # of a nested object
     captures: frozenset[str] = frozenset()
+    #: a captured field: its name, nesting level and whether null was seen for it
+    field: str | None = None
+    level: int = 0
+    nullable: bool = False
 
     @property
     def pattern(self) -> str:
@@ -156,11 +160,13 @@ def _plain(level: int) -> str:
     return r'[^"\\]*' if level == 0 else r"[^\\]*"
 
 
-def _capture(name: str, level: int) -> str:
+def _capture(name: str, level: int, nullable: bool) -> str:
     q = _quote(level)
     if name == "time":
         return f"{q}(?P<time>(?P<hour>{TIME_ISO[:_HOUR_END]}){TIME_ISO[_HOUR_END:]}){q}"
-    return f"(?:{q}(?P<{name}>{_plain(level)}){q}|null)"
+    if nullable:
+        return f"(?:{q}(?P<{name}>{_plain(level)}){q}|null)"
+    return f"{q}(?P<{name}>{_plain(level)}){q}"
 
 
 def _skip(raw: str, value: Any, level: int) -> str | None:
@@ -208,10 +214,24 @@ def _members(pairs: Sequence[_Pair], level: int, used: set[str]) -> tuple[Member
                     )
                 )
                 continue
-        if name in _CAPTURED and name not in used:
+        if name in _CAPTURED and name not in used and (name != "time" or pair.value):
             used.add(name)
             captures = frozenset({name, "hour"} if name == "time" else {name})
-            out.append(Member(key, key_text, _capture(name, level), captures=captures))
+            nullable = pair.value is None
+            if not nullable and not isinstance(pair.value, str):
+                return None  # a number or a flag where text is read: the slow path
+            value = _capture(name, level, nullable)
+            out.append(
+                Member(
+                    key,
+                    key_text,
+                    value,
+                    captures=captures,
+                    field=name,
+                    level=level,
+                    nullable=nullable,
+                )
+            )
             continue
         skip = _skip(pair.raw, pair.value, level)
         if skip is None:
@@ -306,6 +326,19 @@ def _merge_members(a: Sequence[Member], b: Sequence[Member]) -> tuple[Member, ..
             )
         elif left.pattern == right.pattern and left.nested == right.nested:
             merged = replace(left, optional=left.optional or right.optional)
+        elif (
+            left.head == right.head
+            and left.field is not None
+            and left.field == right.field
+            and left.field != "time"
+        ):  # text here, null there
+            nullable = left.nullable or right.nullable
+            merged = replace(
+                left,
+                value=_capture(left.field, left.level, nullable),
+                nullable=nullable,
+                optional=left.optional or right.optional,
+            )
         elif (
             left.head == right.head
             and not left.captures
