@@ -1,6 +1,7 @@
 """``iothub-tls audit`` throughput and memory, side by side with DuckDB on the same file.
 
-Logs of a made-up fleet (10,000 devices, :mod:`tests.fleetlogs`) are written to a
+Logs of a made-up fleet (10,000 devices connecting over 30 days, :mod:`tests.fleetlogs`)
+are written to a
 temporary directory (never kept): Azure Monitor resource logs as JSON lines, as archived
 to a storage account, and the Log Analytics CSV export of a query projecting
 TimeGenerated, DeviceId, Protocol, TLSVersion and CipherSuite. Each run is a fresh
@@ -48,6 +49,7 @@ NAME = "audit_throughput"
 TITLE = "Audit throughput: iothub-tls audit vs DuckDB"
 _REPO = Path(__file__).resolve().parent.parent
 DEVICES = 10_000
+SPAN_DAYS = 30
 TARGET = 0.5
 
 FORMATS: dict[str, tuple[str, Callable[[Path, Fleet, int], Path]]] = {
@@ -185,7 +187,7 @@ def run(smoke: bool, sizes: Sequence[int] | None = None, rounds: int | None = No
     rounds = rounds or (1 if smoke else 3)
     jobs = min(os.cpu_count() or 1, 8)
     version = duckdb_available()
-    fleet = Fleet(200 if smoke else DEVICES)
+    devices = 200 if smoke else DEVICES
     data: dict[str, Any] = {"sizes": sizes, "rounds": rounds, "jobs": jobs, "duckdb": version}
     rows_table: list[dict[str, Any]] = []
     headlines: list[Headline] = []
@@ -194,6 +196,8 @@ def run(smoke: bool, sizes: Sequence[int] | None = None, rounds: int | None = No
         for kind, (label, write) in FORMATS.items():
             for size in sizes:
                 path = Path(folder) / f"{kind}-{size}"
+                # a month of connections, however many rows
+                fleet = Fleet(devices, step=dt.timedelta(days=SPAN_DAYS) / size)
                 began = time.perf_counter()
                 write(path, fleet, size)
                 print(
@@ -248,7 +252,8 @@ def run(smoke: bool, sizes: Sequence[int] | None = None, rounds: int | None = No
         title=TITLE,
         method=(
             f"{rounds} interleaved rounds per file; each run a fresh interpreter. "
-            f"Fleet of {len(fleet.devices):,} devices; files written to a temporary "
+            f"Fleet of {devices:,} devices connecting over {SPAN_DAYS} days; files written "
+            "to a temporary "
             f"directory, deleted after. Ours with {jobs} processes and with 1; DuckDB "
             f"{version or '(not installed)'} with its default threads. Spread: min-max "
             "over the rounds."
