@@ -52,14 +52,18 @@ class RecordingProxy:
 
     def __post_init__(self) -> None:
         self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
         self.port = self._server.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        while True:
+        while not self._stop.is_set():
             try:
                 conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return
             with conn:
@@ -75,8 +79,9 @@ class RecordingProxy:
                     pass
 
     def close(self) -> None:
-        self._server.close()
+        self._stop.set()
         self._thread.join(timeout=5)
+        self._server.close()
 
     @staticmethod
     def host(request: str) -> str:

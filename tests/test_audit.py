@@ -298,6 +298,14 @@ def test_columns_in_any_order_and_a_bom(tmp_path, fleet):
     assert verdicts(audit([str(bom)])) == fleet.expected()
 
 
+@pytest.mark.parametrize("separator", [";", "\t"])
+def test_other_csv_separators(tmp_path, separator):
+    path = tmp_path / "export.csv"
+    path.write_text(separator.join(("DeviceId", "TLSVersion")) + "\ndev-a" + separator + "1.1\n")
+    report = audit([str(path)])
+    assert [(d.device_id, d.reasons()[0].reason) for d in report.devices] == [("dev-a", "TLS 1.1")]
+
+
 def test_local_hub_log_variants_learned_on_the_way(tmp_path):
     """Lines of another layout (a refused handshake: no device, no SNI) mixed into a
     log of successes are read too, and audited per client address."""
@@ -552,6 +560,19 @@ def test_help_explains_itself(capsys):
     for text in ("will-be-refused", "unknown", "compliant", "examples:", "--ecc-only", "--html"):
         assert text in out
     assert "project DeviceId = props_json.deviceId" in out
+
+
+def test_docs_present_every_option():
+    from iothub_tls.cli import build_parser
+
+    parser = build_parser()
+    audit_parser = parser._subparsers._group_actions[0].choices["audit"]  # type: ignore[union-attr]
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "audit.md").read_text()
+    options = [o for a in audit_parser._actions for o in a.option_strings if o.startswith("--")]
+    assert len(options) > 8
+    for option in options:
+        if option != "--help":
+            assert f"`{option}" in docs, f"docs/audit.md does not present {option}"
 
 
 def test_library_imports_no_comparison_or_browser_code():

@@ -70,6 +70,7 @@ td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .muted { color: #757575; font-size: 12px; }
 code { font-size: 12px; }
 td.nowrap { white-space: nowrap; }
+td.wide { min-width: 170px; }
 svg { max-width: 100%; height: auto; }
 ul.plain { margin: 0; padding-left: 18px; }
 """
@@ -111,7 +112,7 @@ def _device_row(device: DeviceReport) -> str:
     protocols = ", ".join(f"{escape(p)} &times;{n:,}" for p, n in device.protocols.most_common())
     return (
         f"<tr><td>{_badge(verdict)}</td><td class=nowrap><code>{escape(device.name)}</code></td>"
-        f"<td>{reasons}</td><td>{protocols or '-'}</td><td>{_tallies(device.tls)}</td>"
+        f"<td>{reasons}</td><td>{protocols or '-'}</td><td class=wide>{_tallies(device.tls)}</td>"
         f"<td>{_tallies(device.suites)}</td><td class=n>{device.connections:,}</td>"
         f"<td class=nowrap>{escape(_when(device.last_seen))}</td></tr>"
     )
