@@ -478,6 +478,14 @@ def test_not_a_log_at_all(tmp_path, content, message):
         audit([str(path)])
 
 
+def test_a_gzip_file_cut_short_cannot_be_read(tmp_path, fleet):
+    path = write_azure_jsonl(tmp_path / "a.jsonl.gz", fleet, ROWS, compress=True)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AuditInputError, match="cannot read"):
+        audit([str(path)])
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(AuditInputError, match="no such file"):
         audit([str(tmp_path / "nope.csv")])
