@@ -14,8 +14,10 @@ import socket
 import ssl
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 import iothub_tls as it
+import iothub_tls.context
 from iothub_tls.policy import WEAK_SUITES
 from tests.conftest import HOST, connect
 from tests.pki import CA, NOW, self_signed
@@ -443,6 +445,118 @@ def test_tightening_the_context_is_allowed():
     ctx.verify_mode = ssl.CERT_REQUIRED  # what urllib3 does on every connection
     ctx.options |= ssl.OP_NO_TICKET
     assert ctx.minimum_version == V13
+
+
+def _full_state(ctx):
+    return (
+        ctx.security_level,
+        sorted(c["name"] for c in ctx.get_ciphers()),
+        int(ctx.verify_flags),
+        ctx.hostname_checks_common_name,
+        int(ctx.options),
+        ctx.sslsocket_class,
+        ctx.sslobject_class,
+    )
+
+
+def test_set_ciphers_cannot_lower_the_security_level(pki, tls_server):
+    weakening = "ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=0"  # allowed names, level 0
+    leaf = pki.intermediate.issue(HOST, key_size=1024)
+    server = tls_server([leaf], ciphers="ALL")  # the server drops to SECLEVEL 0 to load it
+    ctx = it.create_ssl_context(pki.policy())
+    before = _full_state(ctx)
+    with pytest.raises(it.PolicyError, match="lowers the OpenSSL security level to 0") as err:
+        ctx.set_ciphers(weakening)
+    assert "not allowed on a HardenedSSLContext" in str(err.value)
+    assert _full_state(ctx) == before and ctx.security_level == 2
+    with pytest.raises(it.CertificateVerificationError) as refused:
+        connect(ctx, server.port)
+    assert refused.value.verify_code == 66  # EE_KEY_TOO_SMALL
+    # the failing twin: a plain context given the same string accepts the RSA-1024 leaf
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain.load_verify_locations(cadata=pki.root.cert_pem.decode())
+    plain.set_ciphers(weakening)
+    with connect(plain, server.port) as tls:
+        assert tls.getpeercert(binary_form=True) == leaf.cert.public_bytes(Encoding.DER)
+
+
+def test_common_name_matching_cannot_be_turned_on(pki, tls_server):
+    cn_only = pki.intermediate.issue(cn=HOST)  # no subjectAltName: only a CN could match
+    server = tls_server([cn_only])
+    ctx = it.create_ssl_context(pki.policy())
+    with pytest.raises(it.PolicyError, match="never the subject CN"):
+        ctx.hostname_checks_common_name = True
+    assert ctx.hostname_checks_common_name is False
+    with pytest.raises(it.CertificateVerificationError) as refused:
+        connect(ctx, server.port)
+    assert refused.value.verify_code == 62  # hostname mismatch
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain.load_verify_locations(cadata=pki.root.cert_pem.decode())
+    plain.hostname_checks_common_name = True
+    with connect(plain, server.port) as tls:
+        assert tls.version() is not None
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=1"), "security level to 1"),
+        (lambda c: c.set_ciphers("ALL:@SECLEVEL=3"), "suites outside the policy"),
+        (lambda c: setattr(c, "verify_flags", ssl.VERIFY_X509_TRUSTED_FIRST), "X509_STRICT"),
+        (lambda c: setattr(c, "verify_flags", ssl.VERIFY_DEFAULT), "X509_STRICT"),
+        (
+            lambda c: setattr(c, "verify_flags", c.verify_flags | ssl.VERIFY_ALLOW_PROXY_CERTS),
+            "loosen",
+        ),
+        (
+            lambda c: setattr(c, "verify_flags", c.verify_flags | 0x200000),
+            "loosen",
+        ),  # NO_CHECK_TIME
+        (lambda c: setattr(c, "hostname_checks_common_name", True), "subject CN"),
+        (lambda c: setattr(c, "options", c.options | (1 << 10)), "ALLOW_NO_DHE_KEX"),
+        (lambda c: setattr(c, "options", c.options | (1 << 19)), "ENCRYPT_THEN_MAC"),
+        (lambda c: setattr(c, "options", c.options | (1 << 18)), "UNSAFE_LEGACY"),
+        (lambda c: setattr(c, "sslsocket_class", ssl.SSLSocket), "policy checks"),
+        (lambda c: setattr(c, "sslobject_class", ssl.SSLObject), "policy checks"),
+    ],
+    ids=[
+        "seclevel1",
+        "all_ciphers_seclevel3",
+        "no_strict",
+        "verify_default",
+        "proxy_certs",
+        "no_check_time",
+        "cn_matching",
+        "no_dhe_kex",
+        "no_etm",
+        "unsafe_renegotiation",
+        "socket_class",
+        "object_class",
+    ],
+)
+def test_weakening_security_level_flags_and_classes_is_refused(change, message):
+    ctx = it.create_ssl_context()
+    before = _full_state(ctx)
+    with pytest.raises(it.PolicyError, match="not allowed on a HardenedSSLContext") as err:
+        change(ctx)
+    assert message in str(err.value)
+    assert _full_state(ctx) == before
+
+
+def test_tightening_security_level_and_flags_is_allowed(pki, tls_server):
+    ctx = it.create_ssl_context(pki.policy())
+    ctx.set_ciphers("ECDHE-RSA-AES256-GCM-SHA384:@SECLEVEL=3")
+    assert ctx.security_level == 3
+    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")  # keeps level 3
+    assert ctx.security_level == 3
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.hostname_checks_common_name = False
+    ctx.sslsocket_class = type("Mine", (it.context.HardenedSSLSocket,), {})
+    # level 3 wants RSA 3072+: the 2048-bit test leaf is now refused, as asked
+    server = tls_server([pki.rsa_leaf])
+    with pytest.raises(it.CertificateVerificationError) as refused:
+        connect(ctx, server.port)
+    assert refused.value.verify_code == 66
 
 
 def test_server_side_and_missing_hostname_are_refused():
