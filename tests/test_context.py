@@ -584,7 +584,45 @@ def test_without_shim_the_default_policy_still_connects(pki, tls_server, no_shim
     with connect(it.create_ssl_context(pki.policy()), server.port) as tls:
         info = it.tls_info(tls)
     assert info.version == "TLSv1.3"
-    assert info.chain == (HOST,) and info.anchor is None  # cannot be read without the shim
+    # the verified chain comes from Python's get_verified_chain(), not the shim
+    assert info.chain == (HOST, "iothub-tls Test Issuing CA", "iothub-tls Test Root G2")
+    assert info.anchor == "iothub-tls Test Root G2"
+
+
+def test_verified_chain_without_the_shim_anchors_system_trust(
+    pki, tls_server, tmp_path, monkeypatch, no_shim
+):
+    """Trust.SYSTEM checks the anchor of the verified chain: it must work without the
+    shim (Python 3.13 hands the chain out as DER bytes, 3.10-3.12 as certificate
+    objects), and still refuse an anchor outside the policy's roots."""
+    bundle = tmp_path / "system-store.pem"
+    bundle.write_bytes(pki.root.cert_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the "OS store" for this test
+    server = tls_server([pki.rsa_leaf])
+    allowed = it.create_ssl_context(pki.policy(trust=it.Trust.SYSTEM))
+    with connect(allowed, server.port) as tls:
+        info = it.tls_info(tls)
+    assert info.anchor == "iothub-tls Test Root G2"
+    assert info.chain == (HOST, "iothub-tls Test Issuing CA", "iothub-tls Test Root G2")
+    trusted_elsewhere = it.create_ssl_context(it.TlsPolicy(trust=it.Trust.SYSTEM))
+    with pytest.raises(it.PolicyViolation, match="system store trusts but the policy does not"):
+        connect(trusted_elsewhere, server.port)
+
+
+def test_chain_to_der_takes_bytes_and_certificate_objects(pki, tls_server):
+    from iothub_tls.info import chain_to_der
+
+    server = tls_server([pki.rsa_leaf])
+    with connect(it.create_ssl_context(pki.policy()), server.port) as tls:
+        objects = tls._sslobj.get_verified_chain()  # _ssl.Certificate objects (3.10+)
+        expected = [
+            c.public_bytes(Encoding.DER) for c in (pki.rsa_leaf.cert, *pki.rsa_leaf.chain)
+        ] + [pki.root.cert.public_bytes(Encoding.DER)]
+        assert chain_to_der(objects) == expected
+        assert chain_to_der(expected) == expected  # Python 3.13's shape: DER bytes
+        assert chain_to_der([bytearray(expected[0])]) == expected[:1]
+        assert chain_to_der(None) is None
+        assert chain_to_der([object()]) is None  # unknown shape: try the next source
 
 
 # -- asyncio (wrap_bio / SSLObject) ----------------------------------------------------------
