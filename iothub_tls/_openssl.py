@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import FeatureUnavailableError
 
-__all__ = ["OpenSSLShim", "shim", "shim_status"]
+__all__ = ["OpenSSLShim", "options_restype", "shim", "shim_status"]
 
 # SSL_ctrl / SSL_CTX_ctrl commands (openssl/ssl.h, stable across 1.1.1 and 3.x)
 _SSL_CTRL_SET_SIGALGS_LIST = 98
@@ -34,6 +34,29 @@ _SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102
 # Python versions whose PySSLContext / PySSLSocket start with the OpenSSL pointer right
 # after the object header (Modules/_ssl.c, 3.8 through 3.14).
 _KNOWN_PYTHON = ((3, 8), (3, 14))
+
+
+_LIBRESSL_REASON = (
+    "LibreSSL is not supported for ECC-only mode or max_fragment_length: it is a separate "
+    "implementation that reports the same OpenSSL version number (0x20000000) whatever its "
+    "release and does not provide the OpenSSL 1.1.1 interfaces these features go through "
+    "(RFC 6066 max_fragment_length, signature algorithm lists); use a CPython built with "
+    "OpenSSL 1.1.1 or 3.x"
+)
+
+
+def options_restype(version_number: int, version_text: str) -> Any:
+    """The ctypes type ``SSL_CTX_get_options`` returns in this libssl, or a string saying
+    why the shim cannot be used with it. OpenSSL 3.x declares ``uint64_t``; 1.1.1 declares
+    ``unsigned long``, which is 32 bits on ARMv7, i386 and 64-bit Windows: reading it as
+    64 bits there takes a garbage upper half and fails the pointer check."""
+    if version_text.startswith("LibreSSL"):
+        return _LIBRESSL_REASON
+    if version_number >= 0x30000000:
+        return ctypes.c_uint64
+    if version_number >= 0x10101000:
+        return ctypes.c_ulong
+    return f"{version_text} is too old: OpenSSL 1.1.1 or later is needed"
 
 
 class OpenSSLShim:
@@ -47,6 +70,9 @@ class OpenSSLShim:
                 f"the layout of _ssl objects in Python {sys.version_info[0]}."
                 f"{sys.version_info[1]} has not been verified"
             )
+        options_type = options_restype(ssl.OPENSSL_VERSION_NUMBER, ssl.OPENSSL_VERSION)
+        if isinstance(options_type, str):
+            raise OSError(options_type)
         import _ssl
 
         path = getattr(_ssl, "__file__", None)
@@ -68,11 +94,11 @@ class OpenSSLShim:
                 f"the libssl reached through ctypes ({seen:#x}) is not the one Python's ssl "
                 f"module reports ({ssl.OPENSSL_VERSION_NUMBER:#x})"
             )
-        vp, c_int, c_long, c_uint64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_uint64
+        vp, c_int, c_long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self._f = {
             name: self._bind(lib, name, restype, argtypes)
             for name, restype, argtypes in (
-                ("SSL_CTX_get_options", c_uint64, [vp]),
+                ("SSL_CTX_get_options", options_type, [vp]),
                 ("SSL_CTX_ctrl", c_long, [vp, c_int, c_long, vp]),
                 ("SSL_CTX_set_tlsext_max_fragment_length", c_int, [vp, ctypes.c_uint8]),
                 ("SSL_get_SSL_CTX", vp, [vp]),

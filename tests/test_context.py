@@ -8,6 +8,7 @@ asserted by its error type and message.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import datetime as dt
 import logging
 import socket
@@ -623,6 +624,65 @@ def test_chain_to_der_takes_bytes_and_certificate_objects(pki, tls_server):
         assert chain_to_der([bytearray(expected[0])]) == expected[:1]
         assert chain_to_der(None) is None
         assert chain_to_der([object()]) is None  # unknown shape: try the next source
+
+
+# No 32-bit or LibreSSL platform is at hand: the choice the shim makes for them is pure
+# logic on (OPENSSL_VERSION_NUMBER, OPENSSL_VERSION) and is tested as such.
+@pytest.mark.parametrize(
+    "number,text,expected",
+    [
+        (0x30000160, "OpenSSL 3.0.22 25 Aug 2026", ctypes.c_uint64),  # uint64_t
+        (0x30500010, "OpenSSL 3.5.1 1 Jul 2025", ctypes.c_uint64),
+        (0x1010117F, "OpenSSL 1.1.1w  11 Sep 2023", ctypes.c_ulong),  # unsigned long
+        (0x1010100F, "OpenSSL 1.1.1  11 Sep 2018", ctypes.c_ulong),
+    ],
+)
+def test_shim_reads_ssl_ctx_get_options_with_the_declared_width(number, text, expected):
+    from iothub_tls._openssl import options_restype
+
+    assert options_restype(number, text) is expected
+
+
+@pytest.mark.parametrize(
+    "number,text,words",
+    [
+        (0x20000000, "LibreSSL 3.8.2", ["LibreSSL is not supported", "ECC-only", "fragment"]),
+        (0x20000000, "LibreSSL 2.8.3", ["LibreSSL is not supported", "0x20000000"]),
+        (0x1010007F, "OpenSSL 1.1.0g  2 Nov 2017", ["too old", "1.1.1 or later"]),
+    ],
+)
+def test_shim_explains_the_libssl_it_cannot_use(number, text, words):
+    from iothub_tls._openssl import options_restype
+
+    reason = options_restype(number, text)
+    assert isinstance(reason, str)
+    for word in words:
+        assert word in reason
+    if text.startswith("LibreSSL"):
+        assert "1.1.1 or later is needed" not in reason  # the old, misleading message
+
+
+def test_shim_on_this_platform_uses_the_width_it_selects():
+    from iothub_tls._openssl import options_restype, shim
+
+    chosen = options_restype(ssl.OPENSSL_VERSION_NUMBER, ssl.OPENSSL_VERSION)
+    assert shim("test")._f["SSL_CTX_get_options"].restype is chosen
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    assert shim("test").ctx_pointer(ctx)  # validated through SSL_CTX_get_options
+
+
+def test_libressl_python_gets_a_refusal_naming_libressl(monkeypatch):
+    from iothub_tls import _openssl
+
+    monkeypatch.setattr(ssl, "OPENSSL_VERSION", "LibreSSL 3.8.2")
+    _openssl._reset()
+    try:
+        with pytest.raises(it.FeatureUnavailableError, match="LibreSSL is not supported"):
+            it.create_ssl_context(it.TlsPolicy(ciphers=it.CipherProfile.ECC_ONLY))
+    finally:
+        monkeypatch.undo()
+        _openssl._reset()
+    assert _openssl.shim_status()[0] is True
 
 
 # -- asyncio (wrap_bio / SSLObject) ----------------------------------------------------------
