@@ -110,6 +110,12 @@ class OpenSSLShim:
                     [vp, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)],
                 ),
                 ("SSL_get0_verified_chain", vp, [vp]),
+                ("SSL_SESSION_has_ticket", c_int, [vp]),
+                ("SSL_SESSION_is_resumable", c_int, [vp]),
+                ("i2d_SSL_SESSION", c_int, [vp, ctypes.POINTER(vp)]),
+                ("d2i_SSL_SESSION", vp, [vp, ctypes.POINTER(vp), c_long]),
+                ("SSL_set_session", c_int, [vp, vp]),
+                ("SSL_SESSION_free", None, [vp]),
                 ("OPENSSL_sk_num", c_int, [vp]),
                 ("OPENSSL_sk_value", vp, [vp, c_int]),
                 ("i2d_X509", c_int, [vp, ctypes.POINTER(vp)]),
@@ -187,6 +193,44 @@ class OpenSSLShim:
         if not tick.value or not length.value:
             return b""
         return ctypes.string_at(tick.value, length.value)
+
+    def session_der(self, sslobj: Any, *, need_ticket: bool) -> bytes | None:
+        """The connection's current session, serialised (``i2d_SSL_SESSION``), or None
+        when it has none to resume (``need_ticket``: only a session with a ticket counts,
+        as in TLS 1.3). Python's ``SSLSocket.session`` does the same serialisation but,
+        on CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0, also leaks one native
+        ``SSL_SESSION`` per read (CPython gh-116810); this allocates nothing that
+        outlives the call (the session is borrowed, the bytes are Python's)."""
+        session = self._f["SSL_get_session"](self.ssl_pointer(sslobj))
+        if not session:
+            return None
+        usable = self._f["SSL_SESSION_has_ticket" if need_ticket else "SSL_SESSION_is_resumable"]
+        if usable(session) != 1:
+            return None
+        size = self._f["i2d_SSL_SESSION"](session, None)
+        if size <= 0:
+            raise OSError("i2d_SSL_SESSION failed")
+        buf = ctypes.create_string_buffer(size)
+        cursor = ctypes.c_void_p(ctypes.addressof(buf))
+        if self._f["i2d_SSL_SESSION"](session, ctypes.byref(cursor)) != size:
+            raise OSError("i2d_SSL_SESSION wrote an unexpected length")
+        return buf.raw
+
+    def offer_session(self, sslobj: Any, der: bytes) -> None:
+        """Offer a session saved by :meth:`session_der` on a connection whose handshake
+        has not started (``d2i_SSL_SESSION``, ``SSL_set_session``, which takes its own
+        reference, then ``SSL_SESSION_free`` of ours)."""
+        ssl_ptr = self.ssl_pointer(sslobj)
+        buf = ctypes.create_string_buffer(der, len(der))
+        cursor = ctypes.c_void_p(ctypes.addressof(buf))
+        session = self._f["d2i_SSL_SESSION"](None, ctypes.byref(cursor), len(der))
+        if not session:
+            raise OSError("the remembered TLS session could not be decoded")
+        try:
+            if self._f["SSL_set_session"](ssl_ptr, session) != 1:
+                raise OSError("SSL_set_session refused the remembered TLS session")
+        finally:
+            self._f["SSL_SESSION_free"](session)
 
     def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
         """Fragment length the server agreed to, in bytes, or None."""

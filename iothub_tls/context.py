@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from ._openssl import shim
@@ -109,7 +109,9 @@ def create_ssl_context(
 
 @dataclass
 class _Remembered:
-    session: ssl.SSLSession
+    # The serialised session (through the shim), or Python's SSLSession without it.
+    # It holds the resumption secret: never in a repr.
+    session: bytes | ssl.SSLSession = field(repr=False)
     # What a resumed handshake cannot show again (no certificate is exchanged).
     chain: tuple[str, ...]
     anchor: str | None
@@ -210,12 +212,10 @@ class HardenedSSLContext(ssl.SSLContext):
                 "server_hostname is required: the hub's name is sent in SNI and checked "
                 "against its certificate"
             )
-        if session is None and self._policy.session_resumption:
-            remembered = self._recall((server_hostname, None))
-            session = remembered.session if remembered else None
         target: Any = self._system if self._system is not None else super()
         obj = target.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
-        obj.__dict__["_iothub_offered"] = session is not None
+        if session is not None:  # the caller's own; otherwise do_handshake offers ours
+            obj.__dict__["_iothub_offered"] = True
         return cast(ssl.SSLObject, obj)
 
     # -- session memory -----------------------------------------------------------------
@@ -306,14 +306,40 @@ class HardenedSSLContext(ssl.SSLContext):
         key: tuple[str | None, int | None],
         info: TlsInfo,
     ) -> bool:
-        """Remember the connection's session if it is resumable (reads
-        ``conn.session`` once: CPython serialises the whole session to hand it out)."""
-        session = conn.session
-        if session is None or not (
-            session.has_ticket or (info.version == "TLSv1.2" and session.id)
-        ):
+        """Remember the connection's session if it is resumable.
+
+        Through the shim the session is kept serialised. ``conn.session`` is read only
+        without the shim: on CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0 every read
+        of it leaks a native SSL_SESSION (about 5 KiB, CPython gh-116810), which in TLS
+        1.3, where each connection brings a new ticket, meant one leak per handshake."""
+        need_ticket = info.version != "TLSv1.2"
+        session: bytes | ssl.SSLSession | None
+        try:
+            session = shim("session resumption").session_der(conn, need_ticket=need_ticket)
+        except (FeatureUnavailableError, OSError):
+            session = conn.session
+            if session is not None and not (session.has_ticket or (not need_ticket and session.id)):
+                session = None
+        if session is None:
             return False
         self._remember(key, _Remembered(session, info.chain, info.anchor))
+        return True
+
+    def _offer_session(
+        self, conn: ssl.SSLSocket | ssl.SSLObject, key: tuple[str | None, int | None]
+    ) -> bool:
+        """Offer the session remembered for ``key`` on a connection that has not started
+        its handshake. True if one was offered."""
+        remembered = self._recall(key)
+        if remembered is None:
+            return False
+        try:
+            if isinstance(remembered.session, bytes):
+                shim("session resumption").offer_session(conn, remembered.session)
+            else:
+                conn.session = remembered.session
+        except (FeatureUnavailableError, OSError, ValueError):  # ValueError: already started
+            return False
         return True
 
     # -- refusals that explain themselves -----------------------------------------------
@@ -676,14 +702,11 @@ class _HandshakeChecks:
         state = conn.__dict__
         if "_iothub_offered" not in state:  # first call (non-blocking handshakes repeat)
             # SSLSocket keeps the session it was given in ``_session``; reading the
-            # ``session`` property instead would serialise it.
+            # ``session`` property instead would serialise it (and leak, see
+            # _capture_session). wrap_bio marks an SSLObject given a session.
             offered = getattr(conn, "_session", None) is not None
-            if isinstance(conn, ssl.SSLSocket) and owner.policy.session_resumption and not offered:
-                remembered = owner._recall(key)
-                if remembered is not None:
-                    with contextlib.suppress(ValueError):  # handshake already started
-                        conn.session = remembered.session
-                        offered = True
+            if owner.policy.session_resumption and not offered:
+                offered = owner._offer_session(conn, key)
             state["_iothub_offered"] = offered
         try:
             super().do_handshake(*args)  # type: ignore[misc]

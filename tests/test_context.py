@@ -8,11 +8,16 @@ asserted by its error type and message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import datetime as dt
+import json
 import logging
 import socket
 import ssl
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -305,6 +310,85 @@ def test_session_is_not_offered_to_another_host(pki, tls_server):
     connect(ctx, server.port, HOST).close()
     with connect(ctx, server.port, "localhost") as tls:
         assert it.tls_info(tls).session_reused is False
+
+
+def _session_property_reads(run):
+    """Calls of the ``session`` getters of SSLSocket / SSLObject made by ``run()`` in this
+    thread (both are Python properties in ssl.py, so the profiler sees them)."""
+    getters = {ssl.SSLSocket.session.fget.__code__, ssl.SSLObject.session.fget.__code__}
+    reads = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in getters:
+            reads.append(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return reads
+
+
+@pytest.mark.parametrize("version", [V12, V13])
+def test_resumption_never_reads_the_leaking_session_property(pki, tls_server, version):
+    """Each read of SSLSocket.session leaks a native SSL_SESSION (~6 KB) on CPython
+    3.10-3.11, 3.12 before 3.12.7 and 3.13.0 (CPython gh-116810). TLS 1.3 brings a new
+    ticket with every connection, so capturing it that way leaked once per handshake.
+    With the shim the session is kept serialised and offered through libssl directly."""
+    server = tls_server([pki.rsa_leaf], max_version=version)
+    ctx = it.create_ssl_context(pki.policy())
+    reused = []
+
+    def connections():
+        for _ in range(6):
+            with connect(ctx, server.port) as tls:
+                reused.append(it.tls_info(tls).session_reused)
+
+    assert _session_property_reads(connections) == []
+    assert reused == [False, True, True, True, True, True]  # resumption still works
+    assert all(a.session_reused for a in server.wait_accepted(6)[1:])
+
+
+def test_asyncio_resumption_never_reads_the_leaking_session_property(pki, tls_server):
+    server = tls_server([pki.rsa_leaf])
+    ctx = it.create_ssl_context(pki.policy())
+    reused = []
+
+    async def connections():
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", server.port, ssl=ctx, server_hostname=HOST
+            )
+            await reader.readline()
+            reused.append(it.tls_info(writer).session_reused)
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    assert _session_property_reads(lambda: asyncio.run(connections())) == []
+    assert reused == [False, True, True, True]
+
+
+def test_hardened_handshakes_do_not_grow_native_memory(pki, tls_server, tmp_path):
+    """RSS over 300 TLS 1.3 handshakes through one hardened context, measured in a fresh
+    process by bench/handshake_memory.py. The bound (2 KB per handshake) is generous:
+    the leak it guards against added about 6 KB per handshake, a plain context adds 0."""
+    server = tls_server([pki.rsa_leaf])
+    roots = tmp_path / "root.pem"
+    roots.write_bytes(pki.root.cert_pem)
+    script = Path(__file__).resolve().parent.parent / "bench" / "handshake_memory.py"
+    args = ["--port", str(server.port), "--roots", str(roots), "--warmup", "50"]
+    out = subprocess.run(
+        [sys.executable, str(script), "--child", "hardened-shared", *args, "--handshakes", "300"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["resumed"] == 300
+    assert result["bytes_per_handshake"] < 2048, result
 
 
 # -- a foreign peer: openssl s_server --------------------------------------------------------
