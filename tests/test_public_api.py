@@ -29,3 +29,44 @@ def test_core_imports_no_transport_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+_DESIRED_NOT_JSON = """
+import base64, logging, sys
+{setup}
+from iothub_tls.mqtt import MqttDeviceClient
+
+key = base64.b64encode(b"k" * 32).decode()
+client = MqttDeviceClient.from_connection_string(
+    f"HostName=hub.azure-devices.net;DeviceId=dev1;SharedAccessKey={{key}}"
+)
+client.on_desired_update = lambda patch: None
+client._deliver_desired(b"not json")  # the library logs a WARNING and ignores it
+assert logging.getLogger("iothub_tls.mqtt").isEnabledFor(logging.WARNING)
+print("done")
+"""
+
+
+def _run_desired_not_json(setup: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _DESIRED_NOT_JSON.format(setup=setup)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_library_warnings_stay_quiet_when_the_application_configures_no_logging():
+    """A library adds a NullHandler to its top logger, so Python's last-resort handler
+    never prints its records to stderr behind the application's back."""
+    out = _run_desired_not_json("")
+    assert out.stdout.strip() == "done"
+    assert out.stderr == ""
+
+
+def test_library_warnings_reach_a_configured_handler():
+    """The twin: the same warning is there for an application that configures logging."""
+    out = _run_desired_not_json("logging.basicConfig(level=logging.WARNING)")
+    assert out.stdout.strip() == "done"
+    assert "ignoring a desired-properties update that is not JSON" in out.stderr
