@@ -5,6 +5,8 @@ root-only pinning, optional max fragment length, mutual TLS, and a report of wha
 each connection negotiated. See the README for the policy and a quickstart.
 """
 
+import logging as _logging
+
 from ._io.backoff import RetryPolicy
 from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
 from .context import HardenedSSLContext, create_ssl_context
@@ -57,6 +59,10 @@ from .policy import CipherProfile, CipherSuite, TlsPolicy, Trust
 from .roots import AZURE_ECC, AZURE_GLOBAL, RootSet
 
 __version__ = "0.1.0"
+
+# A library stays quiet: without this, Python's last-resort handler prints the package's
+# warnings to stderr when the application configures no logging.
+_logging.getLogger("iothub_tls").addHandler(_logging.NullHandler())
 
 __all__ = [
     "AZURE_ECC",

@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import FeatureUnavailableError
 
-__all__ = ["OpenSSLShim", "shim", "shim_status"]
+__all__ = ["OpenSSLShim", "options_restype", "shim", "shim_status"]
 
 # SSL_ctrl / SSL_CTX_ctrl commands (openssl/ssl.h, stable across 1.1.1 and 3.x)
 _SSL_CTRL_SET_SIGALGS_LIST = 98
@@ -34,6 +34,29 @@ _SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102
 # Python versions whose PySSLContext / PySSLSocket start with the OpenSSL pointer right
 # after the object header (Modules/_ssl.c, 3.8 through 3.14).
 _KNOWN_PYTHON = ((3, 8), (3, 14))
+
+
+_LIBRESSL_REASON = (
+    "LibreSSL is not supported for ECC-only mode or max_fragment_length: it is a separate "
+    "implementation that reports the same OpenSSL version number (0x20000000) whatever its "
+    "release and does not provide the OpenSSL 1.1.1 interfaces these features go through "
+    "(RFC 6066 max_fragment_length, signature algorithm lists); use a CPython built with "
+    "OpenSSL 1.1.1 or 3.x"
+)
+
+
+def options_restype(version_number: int, version_text: str) -> Any:
+    """The ctypes type ``SSL_CTX_get_options`` returns in this libssl, or a string saying
+    why the shim cannot be used with it. OpenSSL 3.x declares ``uint64_t``; 1.1.1 declares
+    ``unsigned long``, which is 32 bits on ARMv7, i386 and 64-bit Windows: reading it as
+    64 bits there takes a garbage upper half and fails the pointer check."""
+    if version_text.startswith("LibreSSL"):
+        return _LIBRESSL_REASON
+    if version_number >= 0x30000000:
+        return ctypes.c_uint64
+    if version_number >= 0x10101000:
+        return ctypes.c_ulong
+    return f"{version_text} is too old: OpenSSL 1.1.1 or later is needed"
 
 
 class OpenSSLShim:
@@ -47,6 +70,9 @@ class OpenSSLShim:
                 f"the layout of _ssl objects in Python {sys.version_info[0]}."
                 f"{sys.version_info[1]} has not been verified"
             )
+        options_type = options_restype(ssl.OPENSSL_VERSION_NUMBER, ssl.OPENSSL_VERSION)
+        if isinstance(options_type, str):
+            raise OSError(options_type)
         import _ssl
 
         path = getattr(_ssl, "__file__", None)
@@ -68,11 +94,11 @@ class OpenSSLShim:
                 f"the libssl reached through ctypes ({seen:#x}) is not the one Python's ssl "
                 f"module reports ({ssl.OPENSSL_VERSION_NUMBER:#x})"
             )
-        vp, c_int, c_long, c_uint64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_uint64
+        vp, c_int, c_long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
         self._f = {
             name: self._bind(lib, name, restype, argtypes)
             for name, restype, argtypes in (
-                ("SSL_CTX_get_options", c_uint64, [vp]),
+                ("SSL_CTX_get_options", options_type, [vp]),
                 ("SSL_CTX_ctrl", c_long, [vp, c_int, c_long, vp]),
                 ("SSL_CTX_set_tlsext_max_fragment_length", c_int, [vp, ctypes.c_uint8]),
                 ("SSL_get_SSL_CTX", vp, [vp]),
@@ -84,6 +110,12 @@ class OpenSSLShim:
                     [vp, ctypes.POINTER(vp), ctypes.POINTER(ctypes.c_size_t)],
                 ),
                 ("SSL_get0_verified_chain", vp, [vp]),
+                ("SSL_SESSION_has_ticket", c_int, [vp]),
+                ("SSL_SESSION_is_resumable", c_int, [vp]),
+                ("i2d_SSL_SESSION", c_int, [vp, ctypes.POINTER(vp)]),
+                ("d2i_SSL_SESSION", vp, [vp, ctypes.POINTER(vp), c_long]),
+                ("SSL_set_session", c_int, [vp, vp]),
+                ("SSL_SESSION_free", None, [vp]),
                 ("OPENSSL_sk_num", c_int, [vp]),
                 ("OPENSSL_sk_value", vp, [vp, c_int]),
                 ("i2d_X509", c_int, [vp, ctypes.POINTER(vp)]),
@@ -161,6 +193,44 @@ class OpenSSLShim:
         if not tick.value or not length.value:
             return b""
         return ctypes.string_at(tick.value, length.value)
+
+    def session_der(self, sslobj: Any, *, need_ticket: bool) -> bytes | None:
+        """The connection's current session, serialised (``i2d_SSL_SESSION``), or None
+        when it has none to resume (``need_ticket``: only a session with a ticket counts,
+        as in TLS 1.3). Python's ``SSLSocket.session`` does the same serialisation but,
+        on CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0, also leaks one native
+        ``SSL_SESSION`` per read (CPython gh-116810); this allocates nothing that
+        outlives the call (the session is borrowed, the bytes are Python's)."""
+        session = self._f["SSL_get_session"](self.ssl_pointer(sslobj))
+        if not session:
+            return None
+        usable = self._f["SSL_SESSION_has_ticket" if need_ticket else "SSL_SESSION_is_resumable"]
+        if usable(session) != 1:
+            return None
+        size = self._f["i2d_SSL_SESSION"](session, None)
+        if size <= 0:
+            raise OSError("i2d_SSL_SESSION failed")
+        buf = ctypes.create_string_buffer(size)
+        cursor = ctypes.c_void_p(ctypes.addressof(buf))
+        if self._f["i2d_SSL_SESSION"](session, ctypes.byref(cursor)) != size:
+            raise OSError("i2d_SSL_SESSION wrote an unexpected length")
+        return buf.raw
+
+    def offer_session(self, sslobj: Any, der: bytes) -> None:
+        """Offer a session saved by :meth:`session_der` on a connection whose handshake
+        has not started (``d2i_SSL_SESSION``, ``SSL_set_session``, which takes its own
+        reference, then ``SSL_SESSION_free`` of ours)."""
+        ssl_ptr = self.ssl_pointer(sslobj)
+        buf = ctypes.create_string_buffer(der, len(der))
+        cursor = ctypes.c_void_p(ctypes.addressof(buf))
+        session = self._f["d2i_SSL_SESSION"](None, ctypes.byref(cursor), len(der))
+        if not session:
+            raise OSError("the remembered TLS session could not be decoded")
+        try:
+            if self._f["SSL_set_session"](ssl_ptr, session) != 1:
+                raise OSError("SSL_set_session refused the remembered TLS session")
+        finally:
+            self._f["SSL_SESSION_free"](session)
 
     def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
         """Fragment length the server agreed to, in bytes, or None."""

@@ -47,6 +47,7 @@ from typing import Any, TypeAlias
 from urllib.parse import quote, unquote
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.x509.oid import NameOID
@@ -835,10 +836,30 @@ def _not_pem_message(data: bytes, where: str, kind: str) -> str:
     return f"{where} is not PEM data (no '-----BEGIN ...-----' line): expected a PEM {kind}"
 
 
+# A device's chain and key take a few KiB: anything this large is not one (and /dev/zero
+# or a FIFO would otherwise be read until memory runs out).
+_MAX_IDENTITY_FILE = 1 << 20
+
+
+def _check_path(path: object, what: str) -> None:
+    # open() takes an int as a file descriptor (and closes it afterwards): never here.
+    if not isinstance(path, str | bytes | os.PathLike):
+        raise TypeError(
+            f"the {what} file must be a path (str or os.PathLike), not {type(path).__name__}"
+        )
+
+
 def _read_file(path: StrPath, what: str) -> bytes:
+    _check_path(path, what)
     try:
         with open(path, "rb") as fh:
-            return fh.read()
+            data = fh.read(_MAX_IDENTITY_FILE + 1)
+        if len(data) > _MAX_IDENTITY_FILE:
+            raise IdentityError(
+                f"the {what} file {os.fspath(path)!r} is larger than "
+                f"{_MAX_IDENTITY_FILE // 1024} KiB: it is not a PEM certificate or key"
+            )
+        return data
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise IdentityError(
@@ -861,13 +882,32 @@ def _load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
     certs = []
     for number, block in enumerate(cert_blocks, start=1):
         try:
-            certs.append(x509.load_pem_x509_certificate(block))
+            cert = x509.load_pem_x509_certificate(block)
         except ValueError as exc:
             raise IdentityError(
                 f"certificate {number} in {where} is corrupt and cannot be parsed ({exc}); "
                 "re-export the certificate"
             ) from exc
+        _check_readable(cert, f"certificate {number} in {where}")
+        certs.append(cert)
     return certs
+
+
+def _check_readable(cert: x509.Certificate, label: str) -> None:
+    """cryptography parses a certificate's parts only when asked: ask now, so a broken
+    key or name is an IdentityError here and not an UnsupportedAlgorithm later."""
+    try:
+        cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise IdentityError(
+            f"{label} has a public key that cannot be read ({exc}): the key algorithm is "
+            "unknown or the key is corrupt; IoT Hub device certificates use RSA (2048 bits "
+            "or more) or EC P-256/P-384/P-521 keys. Re-export or re-issue the certificate"
+        ) from None
+    try:
+        cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    except ValueError as exc:
+        raise IdentityError(f"{label} has a malformed subject name ({exc})") from None
 
 
 def _load_private_key(data: bytes, where: str, password: bytes | None, *, hint: str) -> Any:
@@ -959,7 +999,10 @@ def _password_bytes(password: bytes | str | None) -> bytes | None:
         return None
     if isinstance(password, str):
         return password.encode("utf-8")
-    return bytes(password)
+    if isinstance(password, bytes | bytearray | memoryview):
+        return bytes(password)
+    # bytes(7) would be seven zero bytes (and bytes(10**10) ten gigabytes)
+    raise TypeError(f"password must be bytes or str, not {type(password).__name__}")
 
 
 def thumbprints(certificate: x509.Certificate | bytes) -> tuple[str, str]:
@@ -997,6 +1040,13 @@ class ClientIdentity:
         chain = tuple(certificates)
         if not chain:
             raise IdentityError("no certificate given: the device certificate is required")
+        for number, cert in enumerate(chain, start=1):
+            if not isinstance(cert, x509.Certificate):
+                raise TypeError(
+                    f"certificate {number} must be a cryptography x509.Certificate, not "
+                    f"{type(cert).__name__} (use from_pem or from_files for PEM data)"
+                )
+            _check_readable(cert, f"certificate {number} of the chain")
         key = _check_key_type(private_key)
         key_der = _public_der(key.public_key())
         if _public_der(chain[0].public_key()) != key_der:

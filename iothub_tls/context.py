@@ -16,7 +16,7 @@ import socket
 import ssl
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 from ._openssl import shim
@@ -55,6 +55,37 @@ _CLIENT_SIGALGS = (
 # Options that must stay set whatever a caller does to the context later.
 # (Protocol versions are held by minimum_version, not by the deprecated OP_NO_TLS* bits.)
 _REQUIRED_OPTIONS = ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+# OpenSSL security level 2: RSA/DH keys of 2048 bits or more, ECC of 224 bits or more,
+# no SHA-1 signatures in the chain. Nothing may lower it once the context is built.
+_MIN_SECURITY_LEVEL = 2
+# verify_flags a caller may add. X509_STRICT must stay set; TRUSTED_FIRST only orders
+# chain building; PARTIAL_CHAIN lets a non-self-signed certificate in the trust store be
+# an anchor, and the store only ever holds self-signed roots (RootSet refuses anything
+# else, load_verify_locations is refused); the CRL checks only add refusals. Every other
+# bit (VERIFY_ALLOW_PROXY_CERTS, or raw X509_V_FLAG_* values such as NO_CHECK_TIME or
+# IGNORE_CRITICAL) loosens verification.
+_ALLOWED_VERIFY_FLAGS = (
+    ssl.VERIFY_X509_STRICT
+    | ssl.VERIFY_X509_TRUSTED_FIRST
+    | ssl.VERIFY_X509_PARTIAL_CHAIN
+    | ssl.VERIFY_CRL_CHECK_LEAF
+    | ssl.VERIFY_CRL_CHECK_CHAIN
+)
+# SSL_OP_* bits that loosen a client's TLS 1.2/1.3 when newly set (openssl/ssl.h; the
+# same values in 1.1.1 and 3.x where both have them). Python exports few of them.
+_WEAKENING_OPTIONS: dict[int, str] = {
+    1 << 2: "OP_LEGACY_SERVER_CONNECT (servers without RFC 5746 secure renegotiation)",
+    1 << 10: "OP_ALLOW_NO_DHE_KEX (TLS 1.3 resumption without (EC)DHE: no forward secrecy)",
+    1 << 18: "OP_ALLOW_UNSAFE_LEGACY_RENEGOTIATION (CVE-2009-3555)",
+    1 << 19: "OP_NO_ENCRYPT_THEN_MAC (MAC-then-encrypt for the CBC suites, RFC 7366)",
+}
+if ssl.OPENSSL_VERSION_INFO >= (3, 0):  # bits 0 and 7 mean nothing (or else) in 1.1.1
+    _WEAKENING_OPTIONS[1 << 0] = (
+        "OP_NO_EXTENDED_MASTER_SECRET (RFC 7627, the triple handshake attack)"
+    )
+    _WEAKENING_OPTIONS[1 << 7] = (
+        "OP_IGNORE_UNEXPECTED_EOF (a truncated connection would look like a clean close)"
+    )
 _SESSION_CACHE_SIZE = 64
 
 
@@ -78,7 +109,9 @@ def create_ssl_context(
 
 @dataclass
 class _Remembered:
-    session: ssl.SSLSession
+    # The serialised session (through the shim), or Python's SSLSession without it.
+    # It holds the resumption secret: never in a repr.
+    session: bytes | ssl.SSLSession = field(repr=False)
     # What a resumed handshake cannot show again (no certificate is exchanged).
     chain: tuple[str, ...]
     anchor: str | None
@@ -110,6 +143,8 @@ class HardenedSSLContext(ssl.SSLContext):
         self.sslsocket_class = HardenedSSLSocket
         self.sslobject_class = HardenedSSLObject
         _configure(self, policy, identity)
+        # What set_ciphers() restores if a later list turns out to weaken the context.
+        self._cipherlist = _cipher_string(policy)
         self._system: Any = None
         if policy.trust is Trust.SYSTEM:
             self._system = _system_trust_delegate(self, policy, identity)
@@ -177,12 +212,10 @@ class HardenedSSLContext(ssl.SSLContext):
                 "server_hostname is required: the hub's name is sent in SNI and checked "
                 "against its certificate"
             )
-        if session is None and self._policy.session_resumption:
-            remembered = self._recall((server_hostname, None))
-            session = remembered.session if remembered else None
         target: Any = self._system if self._system is not None else super()
         obj = target.wrap_bio(incoming, outgoing, server_hostname=server_hostname, session=session)
-        obj.__dict__["_iothub_offered"] = session is not None
+        if session is not None:  # the caller's own; otherwise do_handshake offers ours
+            obj.__dict__["_iothub_offered"] = True
         return cast(ssl.SSLObject, obj)
 
     # -- session memory -----------------------------------------------------------------
@@ -273,14 +306,40 @@ class HardenedSSLContext(ssl.SSLContext):
         key: tuple[str | None, int | None],
         info: TlsInfo,
     ) -> bool:
-        """Remember the connection's session if it is resumable (reads
-        ``conn.session`` once: CPython serialises the whole session to hand it out)."""
-        session = conn.session
-        if session is None or not (
-            session.has_ticket or (info.version == "TLSv1.2" and session.id)
-        ):
+        """Remember the connection's session if it is resumable.
+
+        Through the shim the session is kept serialised. ``conn.session`` is read only
+        without the shim: on CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0 every read
+        of it leaks a native SSL_SESSION (about 5 KiB, CPython gh-116810), which in TLS
+        1.3, where each connection brings a new ticket, meant one leak per handshake."""
+        need_ticket = info.version != "TLSv1.2"
+        session: bytes | ssl.SSLSession | None
+        try:
+            session = shim("session resumption").session_der(conn, need_ticket=need_ticket)
+        except (FeatureUnavailableError, OSError):
+            session = conn.session
+            if session is not None and not (session.has_ticket or (not need_ticket and session.id)):
+                session = None
+        if session is None:
             return False
         self._remember(key, _Remembered(session, info.chain, info.anchor))
+        return True
+
+    def _offer_session(
+        self, conn: ssl.SSLSocket | ssl.SSLObject, key: tuple[str | None, int | None]
+    ) -> bool:
+        """Offer the session remembered for ``key`` on a connection that has not started
+        its handshake. True if one was offered."""
+        remembered = self._recall(key)
+        if remembered is None:
+            return False
+        try:
+            if isinstance(remembered.session, bytes):
+                shim("session resumption").offer_session(conn, remembered.session)
+            else:
+                conn.session = remembered.session
+        except (FeatureUnavailableError, OSError, ValueError):  # ValueError: already started
+            return False
         return True
 
     # -- refusals that explain themselves -----------------------------------------------
@@ -371,6 +430,11 @@ class HardenedSSLContext(ssl.SSLContext):
                 "clearing OP_NO_COMPRESSION or OP_NO_RENEGOTIATION",
                 "they keep TLS compression (CRIME) and renegotiation off",
             )
+        if self._sealed:
+            added = int(value) & ~int(self.options)
+            loosening = [why for bit, why in _WEAKENING_OPTIONS.items() if added & bit]
+            if loosening:
+                self._refuse(f"setting {', '.join(loosening)}", "it loosens the TLS protocol")
         _base_set(self, "options", value)
 
     @property  # type: ignore[override]
@@ -384,17 +448,117 @@ class HardenedSSLContext(ssl.SSLContext):
         _base_set(self, "keylog_filename", value)
 
     def set_ciphers(self, cipherlist: str, /) -> None:
+        """Narrow the TLS 1.2 suites. The whole result is checked, not only the names:
+        the suites must stay within the policy and the security level may not drop
+        (``@SECLEVEL=0`` would accept RSA-1024 keys and SHA-1 signatures)."""
+        if not self._sealed:
+            super().set_ciphers(cipherlist)
+            return
+        # First on a scratch context in the same state: this one never holds a weaker
+        # setting, not even for a moment (another thread may be handshaking with it).
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ssl.SSLContext.set_ciphers(probe, f"DEFAULT:@SECLEVEL={self.security_level}")
+        ssl.SSLContext.set_ciphers(probe, cipherlist)
+        problem = self._cipher_problem(probe)
+        if problem is None:
+            level = self.security_level
+            super().set_ciphers(cipherlist)
+            problem = self._cipher_problem(self)  # the effective result, once more
+            if problem is not None:
+                ssl.SSLContext.set_ciphers(self, f"{self._cipherlist}:@SECLEVEL={level}")
+        if problem is not None:
+            self._refuse(f"set_ciphers({cipherlist!r})", problem)
+        self._cipherlist = f"{cipherlist}:@SECLEVEL={self.security_level}"
+
+    def _cipher_problem(self, ctx: ssl.SSLContext) -> str | None:
+        """Why ``ctx``'s cipher settings are weaker than the policy allows, or None."""
+        if ctx.security_level < _MIN_SECURITY_LEVEL:
+            return (
+                f"it lowers the OpenSSL security level to {ctx.security_level} (the policy "
+                f"needs {_MIN_SECURITY_LEVEL} or more: RSA keys of 2048 bits or more, no SHA-1 "
+                "signatures)"
+            )
+        allowed = {s.openssl for s in self._policy.cipher_suites}
+        offered = {c["name"] for c in ctx.get_ciphers() if c["protocol"] != "TLSv1.3"}
+        if not offered <= allowed:
+            return f"it offers suites outside the policy: {', '.join(sorted(offered - allowed))}"
+        return None
+
+    @property  # type: ignore[override]
+    def verify_flags(self) -> ssl.VerifyFlags:
+        return ssl.VerifyFlags(_base_get(self, "verify_flags"))
+
+    @verify_flags.setter
+    def verify_flags(self, value: ssl.VerifyFlags) -> None:
         if self._sealed:
-            allowed = {s.openssl for s in self._policy.cipher_suites}
-            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            probe.set_ciphers(cipherlist)
-            asked = {c["name"] for c in probe.get_ciphers() if c["protocol"] != "TLSv1.3"}
-            if not asked <= allowed:
+            if not int(value) & ssl.VERIFY_X509_STRICT:
                 self._refuse(
-                    f"set_ciphers({cipherlist!r})",
-                    f"it offers suites outside the policy: {', '.join(sorted(asked - allowed))}",
+                    "clearing VERIFY_X509_STRICT",
+                    "RFC 5280 strict chain checks stay on (they refuse malformed "
+                    "certificates that lax parsing would accept)",
                 )
-        super().set_ciphers(cipherlist)
+            loosening = int(value) & ~int(_ALLOWED_VERIFY_FLAGS) & ~int(self.verify_flags)
+            if loosening:
+                self._refuse(
+                    f"verify_flags bits {loosening:#x}",
+                    "they loosen certificate verification (only VERIFY_X509_STRICT, "
+                    "VERIFY_X509_TRUSTED_FIRST, VERIFY_X509_PARTIAL_CHAIN and the CRL "
+                    "checks may be set)",
+                )
+        _base_set(self, "verify_flags", value)
+
+    @property
+    def hostname_checks_common_name(self) -> bool:
+        return bool(_base_get(self, "hostname_checks_common_name"))
+
+    @hostname_checks_common_name.setter
+    def hostname_checks_common_name(self, value: bool) -> None:
+        if self._sealed and value:
+            self._refuse(
+                "hostname_checks_common_name=True",
+                "the hub's name is matched against its subjectAltName only, never the "
+                "subject CN (RFC 6125 6.4.4)",
+            )
+        _base_set(self, "hostname_checks_common_name", value)
+
+    @property
+    def sslsocket_class(self) -> type[ssl.SSLSocket]:
+        return cast("type[ssl.SSLSocket]", self.__dict__["_sslsocket_class"])
+
+    @sslsocket_class.setter
+    def sslsocket_class(self, value: type[ssl.SSLSocket]) -> None:
+        self._check_connection_class("sslsocket_class", value)
+        self.__dict__["_sslsocket_class"] = value
+
+    @property
+    def sslobject_class(self) -> type[ssl.SSLObject]:
+        return cast("type[ssl.SSLObject]", self.__dict__["_sslobject_class"])
+
+    @sslobject_class.setter
+    def sslobject_class(self, value: type[ssl.SSLObject]) -> None:
+        self._check_connection_class("sslobject_class", value)
+        self.__dict__["_sslobject_class"] = value
+
+    def _check_connection_class(self, name: str, value: type) -> None:
+        if not (isinstance(value, type) and issubclass(value, _HandshakeChecks)):
+            self._refuse(
+                f"{name}={getattr(value, '__name__', value)!r}",
+                "the policy checks (ECC-only leaf, required fragment length, the anchor in "
+                "SYSTEM trust) run in the hardened socket classes; subclass "
+                "HardenedSSLSocket / HardenedSSLObject instead",
+            )
+
+    # Not guarded, each for a reason:
+    # * set_ecdh_curve / set groups: only narrows the groups offered; security level 2
+    #   (which cannot drop) still refuses groups under 112-bit security.
+    # * set_alpn_protocols / set_npn_protocols: choose the application protocol only.
+    # * post_handshake_auth: lets the server ask for the device's own certificate
+    #   later; the server's verification is unchanged.
+    # * sni_callback / set_servername_callback, load_dh_params, num_tickets: server side
+    #   only; a HardenedSSLContext refuses to be a server.
+    # * load_cert_chain: the device's own identity; security level 2 refuses weak keys.
+    # Calling ssl.SSLContext's own methods on the object bypasses every guard: the
+    # guards stop weakening through the public API, as libraries and users reach it.
 
     def load_default_certs(self, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
         if self._policy.trust is Trust.PINNED:
@@ -420,6 +584,10 @@ class HardenedSSLContext(ssl.SSLContext):
         super().load_verify_locations(cafile, capath, cadata)
 
 
+def _cipher_string(policy: TlsPolicy) -> str:
+    return f"{policy.ciphers.openssl_cipher_string}:@SECLEVEL={_MIN_SECURITY_LEVEL}"
+
+
 def _configure(ctx: ssl.SSLContext, policy: TlsPolicy, identity: ClientIdentity | None) -> None:
     """Apply the policy to a fresh client context. Every line cites its reason."""
     # Verify the server certificate and its name, always (IoT Hub guidance: the device
@@ -439,7 +607,7 @@ def _configure(ctx: ssl.SSLContext, policy: TlsPolicy, identity: ClientIdentity 
     # Only IoT Hub's recommended suites for TLS 1.2 (all ECDHE, all AEAD or SHA-2 CBC);
     # SECLEVEL=2 refuses RSA keys under 2048 bits and SHA-1 signatures in the chain.
     # TLS 1.3 suites are OpenSSL's defaults, all AEAD.
-    ssl.SSLContext.set_ciphers(ctx, policy.ciphers.openssl_cipher_string + ":@SECLEVEL=2")
+    ssl.SSLContext.set_ciphers(ctx, _cipher_string(policy))
     # RFC 5280 strict chain checks, as Python 3.13's default context does.
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     # Never log session keys, whatever SSLKEYLOGFILE says.
@@ -534,14 +702,11 @@ class _HandshakeChecks:
         state = conn.__dict__
         if "_iothub_offered" not in state:  # first call (non-blocking handshakes repeat)
             # SSLSocket keeps the session it was given in ``_session``; reading the
-            # ``session`` property instead would serialise it.
+            # ``session`` property instead would serialise it (and leak, see
+            # _capture_session). wrap_bio marks an SSLObject given a session.
             offered = getattr(conn, "_session", None) is not None
-            if isinstance(conn, ssl.SSLSocket) and owner.policy.session_resumption and not offered:
-                remembered = owner._recall(key)
-                if remembered is not None:
-                    with contextlib.suppress(ValueError):  # handshake already started
-                        conn.session = remembered.session
-                        offered = True
+            if owner.policy.session_resumption and not offered:
+                offered = owner._offer_session(conn, key)
             state["_iothub_offered"] = offered
         try:
             super().do_handshake(*args)  # type: ignore[misc]

@@ -8,7 +8,6 @@ the root that anchored the verified chain, the fragment length and resumption.
 from __future__ import annotations
 
 import ssl
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +20,9 @@ from .policy import iana_name
 from .roots import common_name
 
 __all__ = ["TlsInfo", "tls_info"]
+
+# _ssl.ENCODING_DER (the argument of _ssl.Certificate.public_bytes); ssl exports no name
+_ENCODING_DER: int = getattr(ssl, "_ssl").ENCODING_DER  # noqa: B009
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,45 @@ def key_description(cert: x509.Certificate) -> tuple[str, int]:
     return type(key).__name__.replace("PublicKey", "").replace("_", ""), 0
 
 
-def verified_chain_der(sslobj: ssl.SSLSocket | ssl.SSLObject) -> list[bytes] | None:
-    """DER of the verified chain (leaf first), or None where it cannot be read."""
-    getter = getattr(sslobj, "get_verified_chain", None)  # Python 3.13+
-    if getter is not None and sys.version_info >= (3, 13):
-        try:
-            return [c.public_bytes(ssl.Encoding.DER) for c in getter()]  # type: ignore[attr-defined]
-        except (ValueError, AttributeError):
+def chain_to_der(items: Any) -> list[bytes] | None:
+    """DER of each certificate of a chain as Python hands it out: DER ``bytes`` (what
+    ``SSLSocket.get_verified_chain()`` returns from Python 3.13 on) or certificate
+    objects with ``public_bytes`` (``_ssl.Certificate``, what the C-level method returns
+    since 3.10). None when an item is neither, so the caller can try another source."""
+    if items is None:
+        return None
+    out: list[bytes] = []
+    for item in items:
+        if isinstance(item, bytes | bytearray | memoryview):
+            out.append(bytes(item))
+            continue
+        public_bytes = getattr(item, "public_bytes", None)
+        if not callable(public_bytes):
             return None
+        der = public_bytes(_ENCODING_DER)
+        if not isinstance(der, bytes):
+            return None
+        out.append(der)
+    return out
+
+
+def verified_chain_der(sslobj: ssl.SSLSocket | ssl.SSLObject) -> list[bytes] | None:
+    """DER of the verified chain (leaf first, anchor last), or None where it cannot be
+    read. Tried in turn: the public ``get_verified_chain()`` (Python 3.13+), the
+    ``_ssl`` object's own ``get_verified_chain()`` (Python 3.10+), the OpenSSL shim."""
+    getters = (
+        getattr(sslobj, "get_verified_chain", None),
+        getattr(getattr(sslobj, "_sslobj", None), "get_verified_chain", None),
+    )
+    for getter in getters:
+        if not callable(getter):
+            continue
+        try:
+            chain = chain_to_der(getter())
+        except (OSError, ValueError, TypeError, AttributeError):  # ssl.SSLError is OSError
+            chain = None
+        if chain:
+            return chain
     try:
         return shim("reading the verified chain").verified_chain(sslobj)
     except (FeatureUnavailableError, OSError):

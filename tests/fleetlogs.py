@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from iothub_tls.endpoint.log import ConnectionEvent
+from iothub_tls.hub.log import ConnectionEvent
 
 #: The guidance's query, verbatim (what the CSV/JSON export formats stand for).
 GUIDANCE_QUERY = (

@@ -328,7 +328,7 @@ def test_local_hub_log_variants_learned_on_the_way(tmp_path):
 
 
 def it_event(device, tls, cipher, i, reason=None):
-    from iothub_tls.endpoint.log import ConnectionEvent
+    from iothub_tls.hub.log import ConnectionEvent
 
     return ConnectionEvent(
         "deviceConnect",

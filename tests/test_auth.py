@@ -1076,6 +1076,87 @@ class TestClientIdentityErrors:
         with pytest.raises(ValueError):
             ClientIdentity.from_pem(b"", b"")
 
+    @pytest.mark.parametrize(
+        "kind,oid,corrupted",
+        [
+            # id-ecPublicKey 1.2.840.10045.2.1 -> 1.2.840.10045.2.127
+            ("p256", "06072A8648CE3D0201", "06072A8648CE3D027F"),
+            # rsaEncryption 1.2.840.113549.1.1.1 -> 1.2.840.113549.1.1.127
+            ("rsa2048", "06092A864886F70D010101", "06092A864886F70D01017F"),
+        ],
+    )
+    def test_corrupted_key_algorithm_oid(
+        self, pki: PKI, write: Callable[[str, bytes], Path], kind: str, oid: str, corrupted: str
+    ) -> None:
+        der = pki.leaf(kind).public_bytes(serialization.Encoding.DER)
+        assert der.count(bytes.fromhex(oid)) == 1  # only in the SubjectPublicKeyInfo
+        broken = x509.load_der_x509_certificate(
+            der.replace(bytes.fromhex(oid), bytes.fromhex(corrupted))
+        )
+        key = _key_pem(pki.keys[kind])
+        with pytest.raises(IdentityError, match="has a public key that cannot be read") as info:
+            ClientIdentity.from_pem(_pem(broken) + _pem(pki.inter), key)
+        assert "certificate 1 in cert_pem" in str(info.value)
+        assert "Unknown key type" in str(info.value)
+        with pytest.raises(IdentityError, match=r"certificate 1 in '.*dev\.pem'"):
+            ClientIdentity.from_files(write("dev.pem", _pem(broken)), write("dev.key", key))
+        with pytest.raises(IdentityError, match="certificate 1 of the chain"):
+            ClientIdentity([broken, pki.inter], pki.keys[kind])
+
+    @pytest.mark.parametrize("password", [7, 7329322839, 1.5, ["x"]])
+    def test_password_of_another_type_is_a_type_error(self, pki: PKI, password: object) -> None:
+        # bytes(7) was seven zero bytes, bytes(7329322839) seven gigabytes
+        key = _key_pem(pki.keys["p256"], b"x")
+        with pytest.raises(TypeError, match="password must be bytes or str, not"):
+            ClientIdentity.from_pem(pki.chain_pem("p256"), key, password=password)  # type: ignore[arg-type]
+
+    def test_password_as_bytearray_or_memoryview(self, pki: PKI) -> None:
+        key = _key_pem(pki.keys["p256"], b"secret")
+        for password in (bytearray(b"secret"), memoryview(b"secret")):
+            identity = ClientIdentity.from_pem(pki.chain_pem("p256"), key, password=password)  # type: ignore[arg-type]
+            assert identity.device_id == "dev1"
+
+    @pytest.mark.parametrize("path", [None, 3, True, 1.5])
+    def test_file_paths_of_another_type_are_type_errors(
+        self, pki: PKI, write: Callable[[str, bytes], Path], path: object
+    ) -> None:
+        # an int would be opened as a file descriptor, and closed afterwards
+        certfile = write("dev.pem", pki.chain_pem("p256"))
+        with pytest.raises(TypeError, match="the certificate file must be a path"):
+            ClientIdentity.from_files(path)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="the private key file must be a path"):
+            ClientIdentity.from_files(certfile, path if path is not None else 0)  # type: ignore[arg-type]
+
+    def test_int_path_does_not_touch_that_file_descriptor(
+        self, pki: PKI, write: Callable[[str, bytes], Path]
+    ) -> None:
+        fd = os.open(write("other.txt", b"someone else's file"), os.O_RDONLY)
+        try:
+            with pytest.raises(TypeError):
+                ClientIdentity.from_files(fd)  # type: ignore[arg-type]
+            os.fstat(fd)  # still open: nothing read it or closed it
+        finally:
+            os.close(fd)
+
+    def test_bytes_path_and_pathlike_are_paths(
+        self, pki: PKI, write: Callable[[str, bytes], Path]
+    ) -> None:
+        key = _key_pem(pki.keys["p256"])
+        certfile, keyfile = write("c.pem", pki.chain_pem("p256")), write("k.pem", key)
+        by_bytes = ClientIdentity.from_files(os.fsencode(certfile), os.fsencode(keyfile))  # type: ignore[arg-type]
+        assert by_bytes == ClientIdentity.from_files(certfile, keyfile)
+
+    def test_oversized_file_is_refused_without_reading_it_all(self, tmp_path: Path) -> None:
+        big = tmp_path / "huge.pem"
+        with big.open("wb") as fh:
+            fh.truncate(64 << 20)  # sparse: 64 MiB of zeros
+        with pytest.raises(IdentityError, match="larger than 1024 KiB"):
+            ClientIdentity.from_files(big)
+
+    def test_non_certificates_in_the_chain_are_type_errors(self, pki: PKI) -> None:
+        with pytest.raises(TypeError, match="certificate 1 must be a cryptography"):
+            ClientIdentity([pki.chain_pem("p256")], pki.keys["p256"])  # type: ignore[list-item]
+
 
 # --------------------------------------------------------------------------------------
 # Loading into ssl.SSLContext

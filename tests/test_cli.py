@@ -182,8 +182,9 @@ def test_doctor_with_a_broken_shim(capsys, no_shim):
         "openssl-shim",
         "max-fragment-length",
         "ecdsa-signature-algorithms",
-        "verified-chain",
     ]
+    # the verified chain is read through Python (3.10+), not the shim
+    assert checks["verified-chain"]["status"] == "ok"
     assert checks["openssl-shim"]["detail"] == "unusable: simulated: _ssl is statically linked"
     assert "dynamically linked OpenSSL" in checks["openssl-shim"]["remedy"]
     assert (

@@ -8,14 +8,22 @@ asserted by its error type and message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import datetime as dt
+import json
 import logging
 import socket
 import ssl
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 import iothub_tls as it
+import iothub_tls.context
 from iothub_tls.policy import WEAK_SUITES
 from tests.conftest import HOST, connect
 from tests.pki import CA, NOW, self_signed
@@ -304,6 +312,85 @@ def test_session_is_not_offered_to_another_host(pki, tls_server):
         assert it.tls_info(tls).session_reused is False
 
 
+def _session_property_reads(run):
+    """Calls of the ``session`` getters of SSLSocket / SSLObject made by ``run()`` in this
+    thread (both are Python properties in ssl.py, so the profiler sees them)."""
+    getters = {ssl.SSLSocket.session.fget.__code__, ssl.SSLObject.session.fget.__code__}
+    reads = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in getters:
+            reads.append(frame.f_code.co_filename)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return reads
+
+
+@pytest.mark.parametrize("version", [V12, V13])
+def test_resumption_never_reads_the_leaking_session_property(pki, tls_server, version):
+    """Each read of SSLSocket.session leaks a native SSL_SESSION (~6 KB) on CPython
+    3.10-3.11, 3.12 before 3.12.7 and 3.13.0 (CPython gh-116810). TLS 1.3 brings a new
+    ticket with every connection, so capturing it that way leaked once per handshake.
+    With the shim the session is kept serialised and offered through libssl directly."""
+    server = tls_server([pki.rsa_leaf], max_version=version)
+    ctx = it.create_ssl_context(pki.policy())
+    reused = []
+
+    def connections():
+        for _ in range(6):
+            with connect(ctx, server.port) as tls:
+                reused.append(it.tls_info(tls).session_reused)
+
+    assert _session_property_reads(connections) == []
+    assert reused == [False, True, True, True, True, True]  # resumption still works
+    assert all(a.session_reused for a in server.wait_accepted(6)[1:])
+
+
+def test_asyncio_resumption_never_reads_the_leaking_session_property(pki, tls_server):
+    server = tls_server([pki.rsa_leaf])
+    ctx = it.create_ssl_context(pki.policy())
+    reused = []
+
+    async def connections():
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", server.port, ssl=ctx, server_hostname=HOST
+            )
+            await reader.readline()
+            reused.append(it.tls_info(writer).session_reused)
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+
+    assert _session_property_reads(lambda: asyncio.run(connections())) == []
+    assert reused == [False, True, True, True]
+
+
+def test_hardened_handshakes_do_not_grow_native_memory(pki, tls_server, tmp_path):
+    """RSS over 300 TLS 1.3 handshakes through one hardened context, measured in a fresh
+    process by bench/handshake_memory.py. The bound (2 KB per handshake) is generous:
+    the leak it guards against added about 6 KB per handshake, a plain context adds 0."""
+    server = tls_server([pki.rsa_leaf])
+    roots = tmp_path / "root.pem"
+    roots.write_bytes(pki.root.cert_pem)
+    script = Path(__file__).resolve().parent.parent / "bench" / "handshake_memory.py"
+    args = ["--port", str(server.port), "--roots", str(roots), "--warmup", "50"]
+    out = subprocess.run(
+        [sys.executable, str(script), "--child", "hardened-shared", *args, "--handshakes", "300"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    result = json.loads(out.stdout)
+    assert result["resumed"] == 300
+    assert result["bytes_per_handshake"] < 2048, result
+
+
 # -- a foreign peer: openssl s_server --------------------------------------------------------
 
 
@@ -445,6 +532,118 @@ def test_tightening_the_context_is_allowed():
     assert ctx.minimum_version == V13
 
 
+def _full_state(ctx):
+    return (
+        ctx.security_level,
+        sorted(c["name"] for c in ctx.get_ciphers()),
+        int(ctx.verify_flags),
+        ctx.hostname_checks_common_name,
+        int(ctx.options),
+        ctx.sslsocket_class,
+        ctx.sslobject_class,
+    )
+
+
+def test_set_ciphers_cannot_lower_the_security_level(pki, tls_server):
+    weakening = "ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=0"  # allowed names, level 0
+    leaf = pki.intermediate.issue(HOST, key_size=1024)
+    server = tls_server([leaf], ciphers="ALL")  # the server drops to SECLEVEL 0 to load it
+    ctx = it.create_ssl_context(pki.policy())
+    before = _full_state(ctx)
+    with pytest.raises(it.PolicyError, match="lowers the OpenSSL security level to 0") as err:
+        ctx.set_ciphers(weakening)
+    assert "not allowed on a HardenedSSLContext" in str(err.value)
+    assert _full_state(ctx) == before and ctx.security_level == 2
+    with pytest.raises(it.CertificateVerificationError) as refused:
+        connect(ctx, server.port)
+    assert refused.value.verify_code == 66  # EE_KEY_TOO_SMALL
+    # the failing twin: a plain context given the same string accepts the RSA-1024 leaf
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain.load_verify_locations(cadata=pki.root.cert_pem.decode())
+    plain.set_ciphers(weakening)
+    with connect(plain, server.port) as tls:
+        assert tls.getpeercert(binary_form=True) == leaf.cert.public_bytes(Encoding.DER)
+
+
+def test_common_name_matching_cannot_be_turned_on(pki, tls_server):
+    cn_only = pki.intermediate.issue(cn=HOST)  # no subjectAltName: only a CN could match
+    server = tls_server([cn_only])
+    ctx = it.create_ssl_context(pki.policy())
+    with pytest.raises(it.PolicyError, match="never the subject CN"):
+        ctx.hostname_checks_common_name = True
+    assert ctx.hostname_checks_common_name is False
+    with pytest.raises(it.CertificateVerificationError) as refused:
+        connect(ctx, server.port)
+    assert refused.value.verify_code == 62  # hostname mismatch
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    plain.load_verify_locations(cadata=pki.root.cert_pem.decode())
+    plain.hostname_checks_common_name = True
+    with connect(plain, server.port) as tls:
+        assert tls.version() is not None
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=1"), "security level to 1"),
+        (lambda c: c.set_ciphers("ALL:@SECLEVEL=3"), "suites outside the policy"),
+        (lambda c: setattr(c, "verify_flags", ssl.VERIFY_X509_TRUSTED_FIRST), "X509_STRICT"),
+        (lambda c: setattr(c, "verify_flags", ssl.VERIFY_DEFAULT), "X509_STRICT"),
+        (
+            lambda c: setattr(c, "verify_flags", c.verify_flags | ssl.VERIFY_ALLOW_PROXY_CERTS),
+            "loosen",
+        ),
+        (
+            lambda c: setattr(c, "verify_flags", c.verify_flags | 0x200000),
+            "loosen",
+        ),  # NO_CHECK_TIME
+        (lambda c: setattr(c, "hostname_checks_common_name", True), "subject CN"),
+        (lambda c: setattr(c, "options", c.options | (1 << 10)), "ALLOW_NO_DHE_KEX"),
+        (lambda c: setattr(c, "options", c.options | (1 << 19)), "ENCRYPT_THEN_MAC"),
+        (lambda c: setattr(c, "options", c.options | (1 << 18)), "UNSAFE_LEGACY"),
+        (lambda c: setattr(c, "sslsocket_class", ssl.SSLSocket), "policy checks"),
+        (lambda c: setattr(c, "sslobject_class", ssl.SSLObject), "policy checks"),
+    ],
+    ids=[
+        "seclevel1",
+        "all_ciphers_seclevel3",
+        "no_strict",
+        "verify_default",
+        "proxy_certs",
+        "no_check_time",
+        "cn_matching",
+        "no_dhe_kex",
+        "no_etm",
+        "unsafe_renegotiation",
+        "socket_class",
+        "object_class",
+    ],
+)
+def test_weakening_security_level_flags_and_classes_is_refused(change, message):
+    ctx = it.create_ssl_context()
+    before = _full_state(ctx)
+    with pytest.raises(it.PolicyError, match="not allowed on a HardenedSSLContext") as err:
+        change(ctx)
+    assert message in str(err.value)
+    assert _full_state(ctx) == before
+
+
+def test_tightening_security_level_and_flags_is_allowed(pki, tls_server):
+    ctx = it.create_ssl_context(pki.policy())
+    ctx.set_ciphers("ECDHE-RSA-AES256-GCM-SHA384:@SECLEVEL=3")
+    assert ctx.security_level == 3
+    ctx.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")  # keeps level 3
+    assert ctx.security_level == 3
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.hostname_checks_common_name = False
+    ctx.sslsocket_class = type("Mine", (it.context.HardenedSSLSocket,), {})
+    # level 3 wants RSA 3072+: the 2048-bit test leaf is now refused, as asked
+    server = tls_server([pki.rsa_leaf])
+    with pytest.raises(it.CertificateVerificationError) as refused:
+        connect(ctx, server.port)
+    assert refused.value.verify_code == 66
+
+
 def test_server_side_and_missing_hostname_are_refused():
     ctx = it.create_ssl_context()
     with socket.socket() as raw:
@@ -470,7 +669,104 @@ def test_without_shim_the_default_policy_still_connects(pki, tls_server, no_shim
     with connect(it.create_ssl_context(pki.policy()), server.port) as tls:
         info = it.tls_info(tls)
     assert info.version == "TLSv1.3"
-    assert info.chain == (HOST,) and info.anchor is None  # cannot be read without the shim
+    # the verified chain comes from Python's get_verified_chain(), not the shim
+    assert info.chain == (HOST, "iothub-tls Test Issuing CA", "iothub-tls Test Root G2")
+    assert info.anchor == "iothub-tls Test Root G2"
+
+
+def test_verified_chain_without_the_shim_anchors_system_trust(
+    pki, tls_server, tmp_path, monkeypatch, no_shim
+):
+    """Trust.SYSTEM checks the anchor of the verified chain: it must work without the
+    shim (Python 3.13 hands the chain out as DER bytes, 3.10-3.12 as certificate
+    objects), and still refuse an anchor outside the policy's roots."""
+    bundle = tmp_path / "system-store.pem"
+    bundle.write_bytes(pki.root.cert_pem)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # the "OS store" for this test
+    server = tls_server([pki.rsa_leaf])
+    allowed = it.create_ssl_context(pki.policy(trust=it.Trust.SYSTEM))
+    with connect(allowed, server.port) as tls:
+        info = it.tls_info(tls)
+    assert info.anchor == "iothub-tls Test Root G2"
+    assert info.chain == (HOST, "iothub-tls Test Issuing CA", "iothub-tls Test Root G2")
+    trusted_elsewhere = it.create_ssl_context(it.TlsPolicy(trust=it.Trust.SYSTEM))
+    with pytest.raises(it.PolicyViolation, match="system store trusts but the policy does not"):
+        connect(trusted_elsewhere, server.port)
+
+
+def test_chain_to_der_takes_bytes_and_certificate_objects(pki, tls_server):
+    from iothub_tls.info import chain_to_der
+
+    server = tls_server([pki.rsa_leaf])
+    with connect(it.create_ssl_context(pki.policy()), server.port) as tls:
+        objects = tls._sslobj.get_verified_chain()  # _ssl.Certificate objects (3.10+)
+        expected = [
+            c.public_bytes(Encoding.DER) for c in (pki.rsa_leaf.cert, *pki.rsa_leaf.chain)
+        ] + [pki.root.cert.public_bytes(Encoding.DER)]
+        assert chain_to_der(objects) == expected
+        assert chain_to_der(expected) == expected  # Python 3.13's shape: DER bytes
+        assert chain_to_der([bytearray(expected[0])]) == expected[:1]
+        assert chain_to_der(None) is None
+        assert chain_to_der([object()]) is None  # unknown shape: try the next source
+
+
+# No 32-bit or LibreSSL platform is at hand: the choice the shim makes for them is pure
+# logic on (OPENSSL_VERSION_NUMBER, OPENSSL_VERSION) and is tested as such.
+@pytest.mark.parametrize(
+    "number,text,expected",
+    [
+        (0x30000160, "OpenSSL 3.0.22 25 Aug 2026", ctypes.c_uint64),  # uint64_t
+        (0x30500010, "OpenSSL 3.5.1 1 Jul 2025", ctypes.c_uint64),
+        (0x1010117F, "OpenSSL 1.1.1w  11 Sep 2023", ctypes.c_ulong),  # unsigned long
+        (0x1010100F, "OpenSSL 1.1.1  11 Sep 2018", ctypes.c_ulong),
+    ],
+)
+def test_shim_reads_ssl_ctx_get_options_with_the_declared_width(number, text, expected):
+    from iothub_tls._openssl import options_restype
+
+    assert options_restype(number, text) is expected
+
+
+@pytest.mark.parametrize(
+    "number,text,words",
+    [
+        (0x20000000, "LibreSSL 3.8.2", ["LibreSSL is not supported", "ECC-only", "fragment"]),
+        (0x20000000, "LibreSSL 2.8.3", ["LibreSSL is not supported", "0x20000000"]),
+        (0x1010007F, "OpenSSL 1.1.0g  2 Nov 2017", ["too old", "1.1.1 or later"]),
+    ],
+)
+def test_shim_explains_the_libssl_it_cannot_use(number, text, words):
+    from iothub_tls._openssl import options_restype
+
+    reason = options_restype(number, text)
+    assert isinstance(reason, str)
+    for word in words:
+        assert word in reason
+    if text.startswith("LibreSSL"):
+        assert "1.1.1 or later is needed" not in reason  # the old, misleading message
+
+
+def test_shim_on_this_platform_uses_the_width_it_selects():
+    from iothub_tls._openssl import options_restype, shim
+
+    chosen = options_restype(ssl.OPENSSL_VERSION_NUMBER, ssl.OPENSSL_VERSION)
+    assert shim("test")._f["SSL_CTX_get_options"].restype is chosen
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    assert shim("test").ctx_pointer(ctx)  # validated through SSL_CTX_get_options
+
+
+def test_libressl_python_gets_a_refusal_naming_libressl(monkeypatch):
+    from iothub_tls import _openssl
+
+    monkeypatch.setattr(ssl, "OPENSSL_VERSION", "LibreSSL 3.8.2")
+    _openssl._reset()
+    try:
+        with pytest.raises(it.FeatureUnavailableError, match="LibreSSL is not supported"):
+            it.create_ssl_context(it.TlsPolicy(ciphers=it.CipherProfile.ECC_ONLY))
+    finally:
+        monkeypatch.undo()
+        _openssl._reset()
+    assert _openssl.shim_status()[0] is True
 
 
 # -- asyncio (wrap_bio / SSLObject) ----------------------------------------------------------

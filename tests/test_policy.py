@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import ssl
 from pathlib import Path
 
 import certifi
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 import iothub_tls as it
@@ -222,3 +224,63 @@ def test_root_file_errors(tmp_path):
 def test_empty_root_set_is_refused():
     with pytest.raises(it.RootStoreError, match="at least one"):
         it.RootSet([])
+
+
+@pytest.mark.parametrize("data", [7329322839, 7, None, 1.5, [1, 2], object()])
+def test_root_pem_of_another_type_is_a_type_error(data):
+    # bytes(7329322839) allocated 7 GB before it failed; bytes([1, 2]) was parsed as PEM
+    with pytest.raises(TypeError, match="PEM data must be str or bytes, not"):
+        it.RootSet.from_pem(data)
+
+
+def test_root_pem_as_bytearray_or_memoryview():
+    pem = CA("Buffer Root").cert_pem
+    for data in (bytearray(pem), memoryview(pem)):
+        assert it.RootSet.from_pem(data).common_names == ("Buffer Root",)
+
+
+def test_root_with_a_corrupted_key_algorithm_is_refused_at_load():
+    root = CA("Odd Root")
+    der = root.cert.public_bytes(serialization.Encoding.DER)
+    rsa_oid = bytes.fromhex("06092A864886F70D010101")  # rsaEncryption, only in the SPKI
+    assert der.count(rsa_oid) == 1
+    broken = der.replace(rsa_oid, bytes.fromhex("06092A864886F70D01017F"))
+    pem = x509.load_der_x509_certificate(broken).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(it.RootStoreError, match="public key that cannot be read") as err:
+        it.RootSet.from_pem(pem)
+    assert "Unknown key type" in str(err.value)
+    with pytest.raises(it.RootStoreError, match="public key that cannot be read"):
+        it.RootSet([x509.load_der_x509_certificate(broken)])
+
+
+@pytest.mark.parametrize("path", [None, 3, 1.5])
+def test_root_file_path_of_another_type_is_a_type_error(path):
+    with pytest.raises(TypeError, match="the root file must be a path"):
+        it.RootSet.from_pem_file(path)
+
+
+def test_root_file_int_path_does_not_touch_that_file_descriptor(tmp_path):
+    other = tmp_path / "other.pem"
+    other.write_bytes(CA("Someone Else's Root").cert_pem)
+    fd = os.open(other, os.O_RDONLY)
+    try:
+        with pytest.raises(TypeError):
+            it.RootSet.from_pem_file(fd)
+        os.fstat(fd)  # not read, not closed
+    finally:
+        os.close(fd)
+
+
+def test_root_file_directory_and_oversized_file(tmp_path):
+    with pytest.raises(it.RootStoreError, match=r"cannot read root file .*Is a directory"):
+        it.RootSet.from_pem_file(tmp_path)
+    big = tmp_path / "huge.pem"
+    with big.open("wb") as fh:
+        fh.truncate(64 << 20)  # sparse: 64 MiB of zeros
+    with pytest.raises(it.RootStoreError, match="larger than 16 MiB"):
+        it.RootSet.from_pem_file(big)
+
+
+def test_root_set_of_non_certificates_is_a_type_error():
+    with pytest.raises(TypeError, match=r"holds cryptography x509\.Certificate objects, not bytes"):
+        it.RootSet([CA("Root").cert_pem])
