@@ -94,7 +94,7 @@ from .service import ServiceRefusal, enqueue_c2d
 from .service_conventions import C2D_PATH, parse_c2d_target
 from .state import HubState, ReceivedMessage, Telemetry
 
-from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
+from proton import Condition, Delivery, Endpoint, Event, Message, int32  # isort: skip
 
 __all__ = ["AmqpEndpoint"]
 
@@ -130,6 +130,9 @@ class _Conn:
     #: sender links of devicebound, with their device id
     c2d_links: list[tuple[Any, str]] = field(default_factory=list)
     cbs_reply_link: Any = None
+    #: $cbs answers waiting for the reply link (a client may send its put-token before
+    #: its reply receiver is attached or has given credit)
+    cbs_backlog: deque[bytes] = field(default_factory=deque)
     closing: str | None = None
     #: hub -> device twin links (the device's twin receivers): link -> (client id, channel)
     twin_links: dict[Any, tuple[str, str | None]] = field(default_factory=dict)
@@ -804,6 +807,17 @@ class AmqpEndpoint(HubFrontDoor):
 
     @staticmethod
     def _flush(conn: _Conn) -> None:
+        link = conn.cbs_reply_link
+        while (
+            conn.cbs_backlog
+            and link is not None
+            and link.state & Endpoint.LOCAL_ACTIVE
+            and link.credit > 0
+        ):
+            delivery = link.delivery(uuid.uuid4().hex)
+            link.send(conn.cbs_backlog.popleft())
+            link.advance()
+            delivery.settle()
         for link, queue in list(conn.backlog.items()):
             if not link.state & Endpoint.LOCAL_ACTIVE:
                 continue
@@ -880,18 +894,18 @@ class AmqpEndpoint(HubFrontDoor):
         self._reply_cbs(conn, request, status, description)
 
     def _reply_cbs(self, conn: _Conn, request: Any, status: int, description: str) -> None:
-        link = conn.cbs_reply_link
-        if link is None or link.credit <= 0:
-            logger.info("no $cbs reply link with credit for %s; reply dropped", conn.meta.caller)
-            return
+        """Answer a put-token on the $cbs reply link (as soon as it can take it)."""
         reply: Any = Message()
         reply.correlation_id = request.id
         reply.address = request.reply_to
-        reply.properties = {"status-code": status, "status-description": description}
-        delivery = link.delivery(uuid.uuid4().hex)
-        link.send(amqp.encode_message(reply))
-        link.advance()
-        delivery.settle()
+        # status-code is an AMQP int (32 bits) as IoT Hub sends it: uamqp-c's management
+        # client refuses any other integer type.
+        reply.properties = {"status-code": int32(status), "status-description": description}
+        if len(conn.cbs_backlog) >= 100:
+            logger.info("$cbs replies to %s are not taken; reply dropped", conn.meta.caller)
+            return
+        conn.cbs_backlog.append(amqp.encode_message(reply))
+        self._flush(conn)
 
     def _expire_tokens(self, conn: _Conn, engine: amqp.Engine) -> None:
         if conn.closing is not None:
