@@ -687,6 +687,8 @@ class ClientProtocol:
             return  # not an answer to one of ours
         props: dict[str, Any] = dict(reply.properties or {})
         status = props.get("status-code")
+        if isinstance(status, int):
+            status = int(status)  # IoT Hub sends an AMQP int (proton: int32)
         description = props.get("status-description") or ""
         if status == 200:
             self._events.append(TokenAccepted(renewal))

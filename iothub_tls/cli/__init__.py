@@ -29,7 +29,16 @@ from ._output import EXIT_UNABLE, error
 __all__ = ["COMMANDS", "Command", "Subparsers", "build_parser", "main"]
 
 #: The command modules, in the order ``--help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "serve", "doctor", "probe", "audit", "certs", "thumbprint")
+COMMANDS: tuple[str, ...] = (
+    "demo",
+    "serve",
+    "hub",
+    "doctor",
+    "probe",
+    "audit",
+    "certs",
+    "thumbprint",
+)
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -44,10 +53,11 @@ class Command(Protocol):
 
 _DESCRIPTION = """\
 Check and prepare TLS for Azure IoT Hub devices: see the whole stack work against a
-local hub (demo), run that hub for your own devices (serve), is this platform able to
-comply (doctor), does an endpoint comply (probe), which devices of a fleet will be
-refused, from the hub's connection logs (audit), make a test PKI (certs), and show
-what IoT Hub registers for a certificate (thumbprint).
+local hub (demo), run that hub for your own devices (serve) and act as its service side
+(hub: C2D, twins, direct methods), is this platform able to comply (doctor), does an
+endpoint comply (probe), which devices of a fleet will be refused, from the hub's
+connection logs (audit), make a test PKI (certs), and show what IoT Hub registers for a
+certificate (thumbprint).
 
 Every command has --help and --json. Exit codes: 0 OK / compliant, 1 checked and
 not compliant, 2 could not check (usage error, unreachable, timeout).

@@ -30,7 +30,13 @@ Simulate a hub from before 2025-08-31 with --min-tls 1.0 and --legacy-ciphers.
 
 Devices pin the hub's root: it is printed at start (and lives in STATE/pki/root.pem).
 Stop with Ctrl-C; the connection statistics are printed then (and every
---stats-interval seconds with --stats).
+--stats-interval seconds with --stats). Handshakes made by 'iothub-tls probe' are
+marked "probe": true in the log and counted apart, not as device failures.
+
+The service side of IoT Hub is served too: its REST API (devices, twins, direct
+methods, cloud-to-device) on the HTTPS door, and the cloud-to-device sender of the
+service SDKs on the AMQP door, for the shared access policy iothubowner whose
+connection string is printed at start. 'iothub-tls hub --state STATE ...' uses it.
 
 Exit codes: 0 stopped cleanly, 2 could not start (port taken, unusable state directory).
 """
@@ -50,6 +56,12 @@ def _port(text: str) -> int | None:
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("a port is 0..65535 (0 = any free port, off = disabled)")
     return value
+
+
+def _size(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -149,6 +161,21 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="append the connection log (JSON lines) to FILE instead of stdout",
     )
     parser.add_argument(
+        "--log-max-bytes",
+        type=_size,
+        default=10 * 1024 * 1024,
+        metavar="N",
+        help="with --log: start a new file when FILE would grow past N bytes, keeping "
+        "--log-backups older ones as FILE.1, FILE.2 ... (default: %(default)s; 0 = never)",
+    )
+    parser.add_argument(
+        "--log-backups",
+        type=_size,
+        default=5,
+        metavar="N",
+        help="with --log: rotated files kept (default: %(default)s)",
+    )
+    parser.add_argument(
         "--stats",
         action="store_true",
         help="print successful connections by TLS version and cipher suite "
@@ -213,6 +240,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out.write(table(("PROTOCOL", "LISTENING"), rows) + "\n")
     out.write(f"each door holds at most {summary['maxConnections']} connections at once\n")
     out.write(f"devices pin this root: {summary['root']}\n")
+    if "https" in summary["ports"]:
+        out.write(f"service (iothubowner): {summary['service']['connectionString']}\n")
     for device in summary["devices"]:
         out.write(f"device {device['deviceId']}: {device['connectionString']}\n")
         if device.get("certificate"):
@@ -229,6 +258,7 @@ def _print_stats(hub: LocalHub, as_json: bool) -> None:
     rows = [("TLS version", k, v) for k, v in sorted(stats["byTlsVersion"].items())]
     rows += [("cipher suite", k, v) for k, v in sorted(stats["byCipherSuite"].items())]
     rows += [("failed", k, v) for k, v in sorted(stats["failedConnections"].items())]
+    rows += [("probe", "handshakes", stats["probeHandshakes"])] if stats["probeHandshakes"] else []
     sys.stderr.write(
         f"successful connections: {stats['successfulConnections']}\n"
         + (table(("BY", "VALUE", "COUNT"), rows) + "\n" if rows else "")
@@ -239,10 +269,19 @@ def _print_stats(hub: LocalHub, as_json: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..hub.frontdoor import PortInUseError, PrivilegedPortError
     from ..hub.hub import StateDirectoryError
+    from ..hub.log import RotatingLogFile
 
     log_file = None
     try:
-        log_file = args.log.open("a", encoding="utf-8") if args.log else None
+        if args.log and args.log_max_bytes and not args.log_backups:
+            return error(
+                "serve", "--log-max-bytes needs --log-backups 1 or more", as_json=args.json
+            )
+        log_file = (
+            RotatingLogFile(args.log, max_bytes=args.log_max_bytes, backups=args.log_backups)
+            if args.log
+            else None
+        )
         hub = build_hub(args, log_file or sys.stdout)
         devices = []
         for spec in args.device:

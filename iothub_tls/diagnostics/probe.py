@@ -13,6 +13,12 @@ connections are made only by :func:`iothub_tls.create_ssl_context`.
 
 A compliant endpoint accepts no TLS below 1.2, none of the weak suites, at least one of
 the 8 recommended suites, and presents a chain that verifies against the roots.
+
+Every handshake names itself with the ALPN protocol id :data:`PROBE_ALPN`
+(``iothub-tls-probe``), so a server's logs can tell a compliance check from a device
+(the local hub counts probes apart); SNI stays the real host name. The connection that
+checks the endpoint is reachable carries the first handshake, so a probe opens no
+connection without a ClientHello.
 """
 
 from __future__ import annotations
@@ -41,10 +47,12 @@ from ..errors import (
 from ..info import key_description, negotiated_fragment_length, verified_chain_der
 from ..policy import CIPHER_SUITES, ECC_SUITES, MAX_FRAGMENT_LENGTHS, STRONG_SUITES, WEAK_SUITES
 from ..roots import AZURE_GLOBAL, RootSet, common_name
+from .clienthello import PROBE_ALPN
 
 __all__ = [
     "DEFAULT_PORT",
     "FRAGMENT_LENGTHS",
+    "PROBE_ALPN",
     "PROTOCOLS",
     "CertificateReport",
     "Finding",
@@ -396,6 +404,7 @@ def _scan_context(
         ctx.minimum_version = minimum
         ctx.maximum_version = maximum
     ctx.set_ciphers(f"{ciphers}:@SECLEVEL=0")
+    ctx.set_alpn_protocols([PROBE_ALPN])
     return ctx
 
 
@@ -409,12 +418,16 @@ def _verifying_context(roots: RootSet) -> ssl.SSLContext:
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     ctx.set_ciphers("ALL:@SECLEVEL=2")
     ctx.load_verify_locations(cadata=roots.to_pem())
+    ctx.set_alpn_protocols([PROBE_ALPN])
     return ctx
 
 
-def _connect(host: str, port: int, timeout: float) -> tuple[socket.AddressFamily, Any]:
+def _connect(
+    host: str, port: int, timeout: float
+) -> tuple[socket.AddressFamily, Any, socket.socket]:
     """Resolve and connect once; every handshake then goes to the same address (a DNS
-    name may point at several front ends)."""
+    name may point at several front ends). Returns the connected socket too: the first
+    handshake uses it."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -427,11 +440,11 @@ def _connect(host: str, port: int, timeout: float) -> tuple[socket.AddressFamily
         sock.settimeout(timeout)
         try:
             sock.connect(sockaddr)
-            return family, sockaddr
         except OSError as exc:
             last = exc
-        finally:
             sock.close()
+            continue
+        return family, sockaddr, sock
     if isinstance(last, TimeoutError):
         raise OperationTimeoutError(
             f"{host}:{port} did not accept a TCP connection within {timeout:g} s: check "
@@ -444,12 +457,20 @@ def _connect(host: str, port: int, timeout: float) -> tuple[socket.AddressFamily
     ) from last
 
 
-def _handshake(family: socket.AddressFamily, address: Any, job: _Job, timeout: float) -> _Outcome:
+def _handshake(
+    family: socket.AddressFamily,
+    address: Any,
+    job: _Job,
+    timeout: float,
+    connected: socket.socket | None = None,
+) -> _Outcome:
+    """One handshake on a new connection (or on ``connected``, already connected)."""
     outcome = _Outcome()
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = connected or socket.socket(family, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(address)
+        if connected is None:
+            sock.connect(address)
         with job.context.wrap_socket(sock, server_hostname=job.server_hostname) as tls:
             outcome.ok = True
             outcome.version = tls.version()
@@ -517,7 +538,6 @@ def probe(
         raise ValueError(f"workers must be 1 to {_MAX_WORKERS}, got {workers!r}")
     name = sni or host
     sent_sni = None if (sni is None and _is_ip(host)) else name
-    family, address = _connect(host, port, timeout)
 
     jobs: list[_Job] = []
     for version in PROTOCOLS:
@@ -545,8 +565,16 @@ def probe(
         if mfl_ok:
             jobs.append(_Job(f"fragment {length}", ctx, name))
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="iothub-tls-probe") as pool:
-        results = list(pool.map(lambda j: _handshake(family, address, j, timeout), jobs))
+    family, address, first = _connect(host, port, timeout)
+
+    def run(index: int, job: _Job) -> _Outcome:
+        return _handshake(family, address, job, timeout, first if index == 0 else None)
+
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="iothub-tls-probe") as pool:
+            results = list(pool.map(run, range(len(jobs)), jobs))
+    finally:
+        first.close()
     out = {job.name: result for job, result in zip(jobs, results, strict=True)}
 
     timed_out = [job.name for job, r in zip(jobs, results, strict=True) if r.timed_out]

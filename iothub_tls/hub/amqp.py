@@ -36,6 +36,17 @@ IoT Hub serves devices:
   (``IoThub-methodname``, a uuid correlation-id), and its answers (``IoThub-status``)
   complete the call.
 
+* **The service's cloud-to-device sender** — as on IoT Hub, a service puts a token of a
+  shared access policy with ServiceConnect (``skn``, signed for the hub's host name) on
+  ``$cbs`` for the audience of the hub itself (``{hub}``, optionally with a scheme),
+  attaches a sender to ``/messages/devicebound`` and sends messages whose ``to`` is
+  ``/devices/{id}/messages/devicebound``: each is queued with the hub's shared state
+  (*accepted*), or *rejected* with ``amqp:not-found`` (unknown device),
+  ``amqp:resource-limit-exceeded`` (50 queued) or ``amqp:link:message-size-exceeded``
+  (over 64 KB). Service connections are not device connections: they do not appear in
+  the connection log. Delivery feedback (``/messages/servicebound/feedback``) is not
+  served.
+
 Twin, method and telemetry messages are read and written with the functions of
 :mod:`iothub_tls.amqp.conventions`, the module the device client uses.
 
@@ -74,14 +85,16 @@ from .._io.poller import readable
 from ..amqp import conventions as amqpc
 from ..amqp import engine as amqp  # first: MissingDependencyError without proton
 from ..amqp.message import AmqpMessage, encode
-from ..errors import AuthenticationError
+from ..errors import AuthenticationError, NotAuthorizedError
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
-from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
+from .registry import SERVICE_CONNECT, DeviceNotRegisteredError, DeviceRegistry, TokenSource
+from .service import ServiceRefusal, enqueue_c2d
+from .service_conventions import C2D_PATH, parse_c2d_target
 from .state import HubState, ReceivedMessage, Telemetry
 
-from proton import Condition, Delivery, Endpoint, Event, Message  # isort: skip
+from proton import Condition, Delivery, Endpoint, Event, Message, int32  # isort: skip
 
 __all__ = ["AmqpEndpoint"]
 
@@ -91,6 +104,13 @@ _MAX_MESSAGE = 256 * 1024  # IoT Hub's device-to-cloud message size limit
 _AUDIENCE = re.compile(r"^(?P<host>[^/]+)/devices/(?P<device>[^/]+)(?:/modules/[^/]+)?/?$")
 _UNAUTHORIZED = "amqp:unauthorized-access"
 _NOT_FOUND = "amqp:not-found"
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+#: how a refused service message is rejected, by IoT Hub's error code
+_C2D_CONDITIONS = {
+    "DeviceNotFound": _NOT_FOUND,
+    "DeviceMaximumQueueDepthExceeded": "amqp:resource-limit-exceeded",
+    "MessageTooLarge": "amqp:link:message-size-exceeded",
+}
 
 
 @dataclass
@@ -110,6 +130,9 @@ class _Conn:
     #: sender links of devicebound, with their device id
     c2d_links: list[tuple[Any, str]] = field(default_factory=list)
     cbs_reply_link: Any = None
+    #: $cbs answers waiting for the reply link (a client may send its put-token before
+    #: its reply receiver is attached or has given credit)
+    cbs_backlog: deque[bytes] = field(default_factory=deque)
     closing: str | None = None
     #: hub -> device twin links (the device's twin receivers): link -> (client id, channel)
     twin_links: dict[Any, tuple[str, str | None]] = field(default_factory=dict)
@@ -122,6 +145,14 @@ class _Conn:
     method_calls: dict[str, str] = field(default_factory=dict)
     #: messages waiting for link credit, by hub -> device link (sent pre-settled)
     backlog: dict[Any, deque[AmqpMessage]] = field(default_factory=dict)
+    #: a service (shared access policy) authenticated on $cbs: its policy name and
+    #: until when its token is valid
+    service_policy: str | None = None
+    service_until: float | None = None
+    #: a service, not a device, is on this connection (it put a hub-wide token)
+    service_attempt: bool = False
+    #: links on which a service sends cloud-to-device messages
+    service_links: set[Any] = field(default_factory=set)
     #: work handed over by other threads, run on the connection's thread
     inbox: deque[Callable[[], None]] = field(default_factory=deque)
     wake: tuple[socket.socket, socket.socket] | None = None
@@ -231,6 +262,8 @@ class AmqpEndpoint(HubFrontDoor):
             self._abandon_unsettled(conn)
             if conn.accepted_device is not None:
                 self.disconnected(meta, conn.accepted_device, conn.closing)
+            elif conn.service_attempt:
+                logger.debug("service connection from %s ended: %s", meta.caller, conn.closing)
             else:
                 self._outcome(conn, None, False, conn.closing or "closed before authenticating")
 
@@ -423,6 +456,9 @@ class AmqpEndpoint(HubFrontDoor):
             else:
                 conn.cbs_reply_link = link
             return
+        if self._is_service_c2d(address):
+            self._attach_service_sender(conn, link, address)
+            return
         parsed = amqpc.parse_address(address)
         if parsed is None:
             self._refuse_link(link, _NOT_FOUND, f"no such node: {address!r}")
@@ -453,6 +489,74 @@ class AmqpEndpoint(HubFrontDoor):
             conn.twin_links[link] = (parsed.client_id, channel)
         else:
             self._route_methods(conn, parsed.client_id, link)
+
+    def _is_service_c2d(self, address: str) -> bool:
+        """``/messages/devicebound``, optionally as ``amqps://{hub}/messages/devicebound``."""
+        if _SCHEME.match(address):
+            rest = _SCHEME.sub("", address)
+            host, _, path = rest.partition("/")
+            if host.split(":")[0].lower() != self.registry.hub_host:
+                return False
+            address = "/" + path
+        return address.rstrip("/").lower() == C2D_PATH
+
+    def _attach_service_sender(self, conn: _Conn, link: Any, address: str) -> None:
+        if not link.is_receiver:
+            self._refuse_link(
+                link, "amqp:not-allowed", f"{address!r} takes messages from the service only"
+            )
+            return
+        if conn.service_policy is None:
+            self._refuse_link(
+                link,
+                _UNAUTHORIZED,
+                "put a token of a shared access policy with ServiceConnect on $cbs first "
+                f"(audience {self.registry.hub_host})",
+            )
+            return
+        link.source.copy(link.remote_source)
+        link.target.copy(link.remote_target)
+        link.open()
+        link.flow(50)
+        conn.service_links.add(link)
+
+    def _on_service_c2d(self, conn: _Conn, delivery: Any, message: AmqpMessage) -> None:
+        """A cloud-to-device message from the service: queue it for its device."""
+        device_id = parse_c2d_target(message.to)
+        condition: Condition | None = None
+        if device_id is None:
+            condition = Condition(
+                "amqp:invalid-field",
+                f"'to' must be /devices/{{id}}/messages/devicebound, not {message.to!r}",
+            )
+        elif self.registry.get(device_id) is None:
+            condition = Condition(_NOT_FOUND, f"Device {device_id} not registered")
+        else:
+            body = message.body
+            if isinstance(body, str):
+                body = body.encode("utf-8")
+            elif isinstance(body, (list, tuple)):  # several data sections
+                body = b"".join(bytes(part) for part in body)
+            payload = bytes(body) if body is not None else b""
+            properties = {str(k): str(v) for k, v in (message.properties or {}).items()}
+            try:
+                enqueue_c2d(
+                    self.state,
+                    device_id,
+                    payload,
+                    properties,
+                    message_id=None if message.message_id is None else str(message.message_id),
+                    correlation_id=(
+                        None if message.correlation_id is None else str(message.correlation_id)
+                    ),
+                )
+            except ServiceRefusal as refusal:
+                name = _C2D_CONDITIONS.get(refusal.code, "amqp:internal-error")
+                condition = Condition(name, refusal.message)
+        if condition is not None:
+            delivery.local.condition = condition
+        delivery.update(Delivery.REJECTED if condition else Delivery.ACCEPTED)
+        delivery.settle()
 
     def _authorize(self, conn: _Conn, link: Any, device_id: str) -> bool:
         """May this connection use ``device_id``'s links? Refuses the link (or, for an
@@ -493,6 +597,7 @@ class AmqpEndpoint(HubFrontDoor):
         conn.c2d_links = [(lnk, dev) for lnk, dev in conn.c2d_links if lnk != link]
         conn.twin_links.pop(link, None)
         conn.desired_links.discard(link)
+        conn.service_links.discard(link)
         conn.backlog.pop(link, None)
         for client_id, method_link in list(conn.method_links.items()):
             if method_link == link:
@@ -530,6 +635,10 @@ class AmqpEndpoint(HubFrontDoor):
             delivery.local.condition = Condition("amqp:decode-error", str(exc))
             delivery.update(Delivery.REJECTED)
             delivery.settle()
+            return
+        if link in conn.service_links:
+            self._on_service_c2d(conn, delivery, AmqpMessage._from_proton(message))
+            link.flow(1)
             return
         address = link.remote_target.address or ""
         parsed = amqpc.parse_address(address)
@@ -698,6 +807,17 @@ class AmqpEndpoint(HubFrontDoor):
 
     @staticmethod
     def _flush(conn: _Conn) -> None:
+        link = conn.cbs_reply_link
+        while (
+            conn.cbs_backlog
+            and link is not None
+            and link.state & Endpoint.LOCAL_ACTIVE
+            and link.credit > 0
+        ):
+            delivery = link.delivery(uuid.uuid4().hex)
+            link.send(conn.cbs_backlog.popleft())
+            link.advance()
+            delivery.settle()
         for link, queue in list(conn.backlog.items()):
             if not link.state & Endpoint.LOCAL_ACTIVE:
                 continue
@@ -719,6 +839,9 @@ class AmqpEndpoint(HubFrontDoor):
             token = token.decode("utf-8", "replace")
         status, description = 200, "OK"
         device_id: str | None = None
+        if operation == "put-token" and self._is_hub_audience(audience):
+            self._on_service_token(conn, request, token_type, token)
+            return
         match = _AUDIENCE.match(audience)
         if operation != "put-token":
             status, description = 400, f"unsupported $cbs operation {operation!r}"
@@ -746,24 +869,56 @@ class AmqpEndpoint(HubFrontDoor):
             self._outcome(conn, device_id, False, f"$cbs put-token refused: {description}")
         self._reply_cbs(conn, request, status, description)
 
+    def _is_hub_audience(self, audience: str) -> bool:
+        """A token for the whole hub (a service): ``{hub}``, ``https://{hub}`` ..."""
+        host = _SCHEME.sub("", audience).rstrip("/")
+        return bool(host) and host.lower() == self.registry.hub_host
+
+    def _on_service_token(self, conn: _Conn, request: Any, token_type: Any, token: Any) -> None:
+        """A service's put-token: a shared access policy with ServiceConnect."""
+        conn.service_attempt = True
+        status, description = 200, "OK"
+        if token_type not in amqp.CBS_TOKEN_TYPES:
+            status, description = 400, f"unsupported token type {token_type!r}"
+        elif not isinstance(token, str):
+            status, description = 400, "the token must be an AMQP string"
+        else:
+            try:
+                conn.service_policy = self.registry.verify_service_sas(token, SERVICE_CONNECT)
+            except (AuthenticationError, NotAuthorizedError) as exc:
+                status, description = 401, str(exc)
+            else:
+                conn.service_until = amqp_token_expiry(token)
+        if status != 200:
+            logger.info("service $cbs put-token from %s refused: %s", conn.meta.caller, description)
+        self._reply_cbs(conn, request, status, description)
+
     def _reply_cbs(self, conn: _Conn, request: Any, status: int, description: str) -> None:
-        link = conn.cbs_reply_link
-        if link is None or link.credit <= 0:
-            logger.info("no $cbs reply link with credit for %s; reply dropped", conn.meta.caller)
-            return
+        """Answer a put-token on the $cbs reply link (as soon as it can take it)."""
         reply: Any = Message()
         reply.correlation_id = request.id
         reply.address = request.reply_to
-        reply.properties = {"status-code": status, "status-description": description}
-        delivery = link.delivery(uuid.uuid4().hex)
-        link.send(amqp.encode_message(reply))
-        link.advance()
-        delivery.settle()
+        # status-code is an AMQP int (32 bits) as IoT Hub sends it: uamqp-c's management
+        # client refuses any other integer type.
+        reply.properties = {"status-code": int32(status), "status-description": description}
+        if len(conn.cbs_backlog) >= 100:
+            logger.info("$cbs replies to %s are not taken; reply dropped", conn.meta.caller)
+            return
+        conn.cbs_backlog.append(amqp.encode_message(reply))
+        self._flush(conn)
 
     def _expire_tokens(self, conn: _Conn, engine: amqp.Engine) -> None:
         if conn.closing is not None:
             return
         now = time.time()
+        if conn.service_until is not None and conn.service_until <= now:
+            self._close(
+                conn,
+                engine.connection,
+                _UNAUTHORIZED,
+                "the service's SAS token expired and was not renewed on $cbs",
+            )
+            return
         for device_id, (_, until) in list(conn.authorized.items()):
             if until is not None and until <= now:
                 self._close(

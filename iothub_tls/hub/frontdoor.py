@@ -19,6 +19,7 @@ from typing import Any
 
 from cryptography import x509
 
+from ..diagnostics.clienthello import parse_client_hello
 from ..errors import AuthenticationError
 from ..info import verified_chain_der
 from ..roots import common_name
@@ -69,6 +70,8 @@ class TlsMeta:
     #: The client's certificate chain as TLS verified it (DER, leaf first, ending at the
     #: anchor); just the leaf where the verified chain cannot be read; empty without one.
     client_chain: tuple[bytes, ...] = field(default=(), repr=False)
+    #: the client named itself ``iothub-tls probe`` in its ClientHello
+    probe: bool = False
 
     @property
     def thumbprint(self) -> str | None:
@@ -121,6 +124,9 @@ class _Handshake:
     caller: str
     deadline: float
     events: int = selectors.EVENT_READ
+    #: the ClientHello was looked at (once, before OpenSSL reads it)
+    hello_read: bool = False
+    probe: bool = False
 
 
 class TlsFrontDoor:
@@ -326,7 +332,27 @@ class TlsFrontDoor:
             selector.register(tls, hs.events, hs)
         return True
 
+    @staticmethod
+    def _read_hello(hs: _Handshake) -> None:
+        """Peek at the ClientHello before OpenSSL consumes it: a handshake that
+        ``iothub-tls probe`` makes says so there (and may fail before OpenSSL would look
+        at it). Read once, on the first bytes; a ClientHello that arrives in pieces is
+        taken as a device's."""
+        try:
+            # The plain socket's recv: SSLSocket.recv takes no flags. MSG_PEEK leaves the
+            # bytes for OpenSSL.
+            data = socket.socket.recv(hs.tls, 16384, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        hs.hello_read = True
+        hello = parse_client_hello(data) if data else None
+        hs.probe = hello is not None and hello.from_probe
+
     def _handshake(self, selector: selectors.BaseSelector, hs: _Handshake) -> None:
+        if not hs.hello_read:
+            self._read_hello(hs)
         try:
             hs.tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -353,6 +379,7 @@ class TlsFrontDoor:
                 client_cert=leaf,
                 caller=hs.caller,
                 client_chain=tuple(verified_chain_der(tls) or [leaf]) if leaf else (),
+                probe=hs.probe,
             )
             with self._lock:
                 self._connections.add(tls)
@@ -389,12 +416,20 @@ class TlsFrontDoor:
         hs.tls.close()
         self._closed()
         if reason is not None:
-            self._handshake_failed(sni, hs.caller, reason)
+            self._handshake_failed(sni, hs.caller, reason, probe=hs.probe)
 
-    def _handshake_failed(self, sni: str | None, caller: str, reason: str) -> None:
+    def _handshake_failed(
+        self, sni: str | None, caller: str, reason: str, *, probe: bool = False
+    ) -> None:
         self.log.emit(
             ConnectionEvent(
-                "deviceConnect", self.protocol, "Failure", sni=sni, reason=reason, caller=caller
+                "deviceConnect",
+                self.protocol,
+                "Failure",
+                sni=sni,
+                reason=reason,
+                caller=caller,
+                probe=probe,
             )
         )
 
@@ -435,6 +470,7 @@ class TlsFrontDoor:
                 client_cert_thumbprint=meta.thumbprint,
                 reason=reason,
                 caller=meta.caller,
+                probe=meta.probe,
             )
         )
 
@@ -451,6 +487,7 @@ class TlsFrontDoor:
                 client_cert_thumbprint=meta.thumbprint,
                 reason=reason,
                 caller=meta.caller,
+                probe=meta.probe,
             )
         )
 

@@ -1,4 +1,6 @@
-"""The HTTPS front door of the local compliance endpoint: IoT Hub's device REST API.
+"""The HTTPS front door of the local compliance endpoint: IoT Hub's device REST API, and
+its service REST API (every path that is not ``/devices/{id}/messages/...``), answered
+by :class:`~.service.ServiceApi`.
 
 :class:`HttpsEndpoint` serves, over the TLS of a :class:`~.profile.HubTlsProfile`, the
 routes a device uses over HTTPS (telemetry, batches, cloud-to-device receive, complete,
@@ -44,6 +46,7 @@ from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
+from .service import ServiceApi
 from .state import HubState, ReceivedMessage, Telemetry
 
 __all__ = ["HttpsEndpoint", "ReceivedMessage"]
@@ -170,6 +173,8 @@ class HttpsEndpoint(HubFrontDoor):
         answered 408 and its connection closed.
     :param max_connections: connections open at once (TLS handshakes in progress and
         connections served); the next is closed before TLS and logged as refused.
+    :param service: answers the service API's requests (default: one over this door's
+        registry, state and log).
     """
 
     protocol = "Https"
@@ -190,6 +195,7 @@ class HttpsEndpoint(HubFrontDoor):
         idle_timeout: float = 60.0,
         request_timeout: float = 30.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        service: ServiceApi | None = None,
     ) -> None:
         if not request_timeout > 0:
             raise ValueError(
@@ -212,6 +218,7 @@ class HttpsEndpoint(HubFrontDoor):
         self._state_lock = threading.Condition()
         self._faults: deque[_Fault] = deque()
         self._active = 0
+        self.service = service or ServiceApi(registry, self.state, log=self.log, clock=clock)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -390,6 +397,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         self._dispatch()
 
+    def do_PATCH(self) -> None:
+        self._dispatch()
+
     def _dispatch(self) -> None:
         try:
             body = self._read_body()
@@ -468,9 +478,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _route(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
         url = urlsplit(self.path)
-        query = parse_qs(url.query, keep_blank_values=True)
         parts = url.path.split("/")
-        if len(parts) < 5 or parts[0] != "" or parts[1] != "devices" or parts[3] != "messages":
+        device_path = len(parts) >= 4 and parts[:2] == ["", "devices"] and parts[3] == "messages"
+        if not device_path:
+            # Not a device path: IoT Hub's service API, on the same port as on IoT Hub.
+            return self.endpoint.service.handle(
+                self.command, url.path, url.query, dict(self.headers.items()), body
+            )
+        query = parse_qs(url.query, keep_blank_values=True)
+        if len(parts) < 5:
             raise _HttpError(404, f"no such resource: {url.path}", "NotFound")
         device_id = unquote(parts[2])
         rest = [p.lower() for p in parts[4:]]

@@ -1,11 +1,21 @@
 """The local IoT Hub: one TLS profile, one device registry, one test PKI and one
 connection log behind MQTT, AMQP and HTTPS front doors. ``iothub-tls serve`` runs it;
-``iothub-tls demo`` and the tests start it in-process."""
+``iothub-tls demo`` and the tests start it in-process.
+
+The hub also serves IoT Hub's service side (:mod:`.service`: registry, twins, direct
+methods, cloud-to-device) on its HTTPS door, and the service's cloud-to-device sender
+on its AMQP door, for the shared access policy ``iothubowner`` it creates in its state
+directory. While it runs, ``STATE/hub.json`` says where it listens and holds that
+policy's connection string, which is how ``iothub-tls hub --state STATE`` finds it."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import ssl
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -17,10 +27,22 @@ from .frontdoor import DEFAULT_MAX_CONNECTIONS, TlsFrontDoor
 from .log import ConnectionLog
 from .mqtt import MqttEndpoint
 from .profile import HubTlsProfile, ServerCredential
-from .registry import DeviceRegistry
+from .registry import ALL_PERMISSIONS, DeviceRegistry
+from .service_conventions import SERVICE_POLICY, ServiceConnectionString
 from .state import HubState
 
-__all__ = ["DeviceCredentials", "HubOptions", "LocalHub", "StateDirectoryError"]
+__all__ = [
+    "ENDPOINT_FILE",
+    "DeviceCredentials",
+    "HubOptions",
+    "LocalHub",
+    "StateDirectoryError",
+    "read_endpoint",
+]
+
+#: Where a running hub says where it listens (in its state directory).
+ENDPOINT_FILE = "hub.json"
+_ENDPOINT_FORMAT = 1
 
 PROTOCOLS = ("mqtt", "amqp", "https")
 CERTIFICATE_CHOICES = ("rsa", "ecdsa", "dual")
@@ -95,6 +117,10 @@ class LocalHub:
         try:
             self._ensure_pki()
             self.registry = DeviceRegistry.open(self.state_dir, options.hostname)
+            if self.registry.policy_key(SERVICE_POLICY) is None:
+                # IoT Hub's owner policy: every permission, the service API's credential.
+                self.registry.add_policy(SERVICE_POLICY, permissions=ALL_PERMISSIONS)
+                self.registry.save()
         except (OSError, ValueError) as exc:
             raise StateDirectoryError(
                 None, f"state directory {self.state_dir} holds unusable files: {exc}"
@@ -112,6 +138,7 @@ class LocalHub:
         self.log = ConnectionLog(log_stream)
         self.doors: dict[str, TlsFrontDoor] = {}
         self.unavailable: dict[str, str] = {}
+        self._endpoint_id: str | None = None
 
     # -- PKI ----------------------------------------------------------------------------
 
@@ -142,6 +169,16 @@ class LocalHub:
                 issuer.server(*names, key_type=key_type).write(folder, stem, force=True)
             creds.append(ServerCredential.from_files(cert, key))
         return tuple(creds)
+
+    # -- the service side -----------------------------------------------------------------
+
+    @property
+    def service_connection_string(self) -> ServiceConnectionString:
+        """The ``iothubowner`` policy's connection string (a credential: every
+        permission on this hub)."""
+        key = self.registry.policy_key(SERVICE_POLICY)
+        assert key is not None  # made in __init__
+        return ServiceConnectionString(self.registry.hub_host, SERVICE_POLICY, key)
 
     # -- devices ------------------------------------------------------------------------
 
@@ -207,6 +244,7 @@ class LocalHub:
                     continue
                 door.start()
                 self.doors[protocol] = door
+            self._write_endpoint()
         except BaseException:
             self.stop()
             raise
@@ -216,6 +254,49 @@ class LocalHub:
             with contextlib.suppress(Exception):
                 door.stop()
         self.doors.clear()
+        self._remove_endpoint()
+
+    def _dial_address(self) -> str:
+        """Where a client on this machine reaches the doors."""
+        bind = self.options.bind
+        wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104 - a lookup
+        return wildcard.get(bind, bind)
+
+    def _write_endpoint(self) -> None:
+        """``STATE/hub.json``: where this hub listens, its root and its service
+        connection string (mode 0600: a credential), written atomically."""
+        self._endpoint_id = uuid.uuid4().hex
+        data = {
+            "format": _ENDPOINT_FORMAT,
+            "id": self._endpoint_id,
+            "pid": os.getpid(),
+            "hostname": self.options.hostname,
+            "address": self._dial_address(),
+            "ports": self.ports,
+            "root": str(self.root_pem_path.resolve()),
+            "service": {"connectionString": self.service_connection_string.format()},
+        }
+        fd, tmp = tempfile.mkstemp(prefix=".hub-", dir=self.state_dir)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2)
+            os.replace(tmp, self.state_dir / ENDPOINT_FILE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _remove_endpoint(self) -> None:
+        """Remove ``hub.json`` if it is still this hub's (another may have started on
+        the same state directory since)."""
+        if self._endpoint_id is None:
+            return
+        path = self.state_dir / ENDPOINT_FILE
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text("utf-8")).get("id") == self._endpoint_id:
+                path.unlink()
+        self._endpoint_id = None
 
     def __enter__(self) -> LocalHub:
         self.start()
@@ -239,4 +320,27 @@ class LocalHub:
             "profileSummary": self.profile.describe(),
             "root": str(self.root_pem_path),
             "stateDir": str(self.state_dir),
+            "service": {"connectionString": self.service_connection_string.format()},
         }
+
+
+def read_endpoint(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``STATE/hub.json`` says about the hub running on ``state_dir``.
+
+    :raises StateDirectoryError: when no hub runs there (no file) or the file is not one
+        a hub wrote.
+    """
+    path = Path(state_dir) / ENDPOINT_FILE
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise StateDirectoryError(
+            None,
+            f"no local hub is running on {state_dir} ({path} does not exist): start one "
+            f"with 'iothub-tls serve --state {state_dir}'",
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise StateDirectoryError(None, f"{path} is not readable: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != _ENDPOINT_FORMAT:
+        raise StateDirectoryError(None, f"{path} was not written by this version of the hub")
+    return data

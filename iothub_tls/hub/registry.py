@@ -9,9 +9,12 @@ Like IoT Hub's identity registry, a device authenticates with one of:
 * **X.509 CA** — any certificate whose verified chain contains one of the registry's
   certificate authorities and whose subject CN is the device id.
 
-Shared access *policies* (name -> key, e.g. ``device`` with DeviceConnect permission)
-can sign tokens for any device, as on a hub: a valid policy token for a device that is
-not registered is the case IoT Hub answers with 404 DeviceNotFound.
+Shared access *policies* (name -> key and permissions, e.g. ``device`` with
+DeviceConnect, ``iothubowner`` with every permission) sign tokens, as on a hub: a
+DeviceConnect policy's token can connect any device (a valid one for a device that is not
+registered is the case IoT Hub answers with 404 DeviceNotFound), and a ServiceConnect /
+RegistryRead / RegistryWrite policy's token, for the hub's host name, calls the service
+API (:meth:`DeviceRegistry.verify_service_sas`).
 
 The registry can persist itself as ``devices.json`` in a state directory (written
 atomically, mode 0600: it holds keys).
@@ -41,10 +44,15 @@ from cryptography.hazmat.primitives import serialization
 from .._io.fs import private_directory
 from ..auth import SasToken
 from ..auth import thumbprints as _thumbprints
-from ..errors import AuthenticationError, IoTHubTLSError, SasTokenError
+from ..errors import AuthenticationError, IoTHubTLSError, NotAuthorizedError, SasTokenError
 from ..roots import common_name
 
 __all__ = [
+    "ALL_PERMISSIONS",
+    "DEVICE_CONNECT",
+    "REGISTRY_READ",
+    "REGISTRY_WRITE",
+    "SERVICE_CONNECT",
     "Device",
     "DeviceNotRegisteredError",
     "DeviceRegistry",
@@ -54,6 +62,13 @@ __all__ = [
 ]
 
 STATE_FILE = "devices.json"
+
+#: IoT Hub's shared access policy permissions.
+REGISTRY_READ = "RegistryRead"
+REGISTRY_WRITE = "RegistryWrite"
+SERVICE_CONNECT = "ServiceConnect"
+DEVICE_CONNECT = "DeviceConnect"
+ALL_PERMISSIONS = (REGISTRY_READ, REGISTRY_WRITE, SERVICE_CONNECT, DEVICE_CONNECT)
 _FORMAT = 1
 _ID = re.compile(r"[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}")
 _HEX = re.compile(r"[0-9A-F]+")
@@ -135,6 +150,11 @@ def certificate_thumbprints(der: bytes) -> tuple[str, str]:
     return _thumbprints(der)
 
 
+def _new_generation_id() -> str:
+    """18 digits, as IoT Hub's generation ids look (a timestamp-like number)."""
+    return str(638_000_000_000_000_000 + secrets.randbelow(10**15))
+
+
 @dataclass(frozen=True)
 class Device:
     """One registered device. Keys are base64 text; thumbprints are normalized hex."""
@@ -146,9 +166,14 @@ class Device:
     #: Authenticates with a certificate chaining to one of the registry's CAs.
     x509_ca: bool = False
     enabled: bool = True
+    #: IoT Hub's ``generationId``: tells a re-created device from the one deleted before
+    #: it under the same id (made at registration when not given).
+    generation_id: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         _check_device_id(self.device_id)
+        if not self.generation_id:
+            object.__setattr__(self, "generation_id", _new_generation_id())
         for name in ("primary_key", "secondary_key"):
             value = getattr(self, name)
             if value is not None:
@@ -177,6 +202,7 @@ class Device:
             "secondaryKey": self.secondary_key,
             "thumbprints": list(self.thumbprints),
             "x509CA": self.x509_ca,
+            "generationId": self.generation_id,
         }
 
     @classmethod
@@ -190,6 +216,7 @@ class Device:
             thumbprints=tuple(data.get("thumbprints") or ()),
             x509_ca=bool(data.get("x509CA", False)),
             enabled=data.get("status", "enabled") != "disabled",
+            generation_id=str(data.get("generationId") or ""),
         )
 
 
@@ -212,6 +239,7 @@ class DeviceRegistry:
         self._lock = threading.Lock()
         self._devices: dict[str, Device] = {}
         self._policies: dict[str, str] = {}
+        self._permissions: dict[str, tuple[str, ...]] = {}
         self._cas: list[x509.Certificate] = []
 
     # -- contents -----------------------------------------------------------------------
@@ -273,14 +301,40 @@ class DeviceRegistry:
         with self._lock:
             return tuple(self._devices.values())
 
-    def add_policy(self, name: str, key: str | None = None) -> str:
-        """Add a shared access policy with DeviceConnect permission; returns its key."""
+    def add_policy(
+        self,
+        name: str,
+        key: str | None = None,
+        permissions: Sequence[str] = (DEVICE_CONNECT,),
+    ) -> str:
+        """Add (or replace) a shared access policy; returns its key.
+
+        :param permissions: IoT Hub's permission names (:data:`ALL_PERMISSIONS`); the
+            default, DeviceConnect, lets its tokens connect devices only.
+        """
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
             raise RegistryError(f"policy name {name!r} must be 1-64 letters, digits, . _ -")
+        unknown = [p for p in permissions if p not in ALL_PERMISSIONS]
+        if unknown or not permissions:
+            raise RegistryError(
+                f"policy {name!r}: permissions must be some of {', '.join(ALL_PERMISSIONS)}, "
+                f"not {list(permissions)!r}"
+            )
         key = _check_key(key or self.new_key(), f"key of policy {name!r}")
         with self._lock:
             self._policies[name] = key
+            self._permissions[name] = tuple(p for p in ALL_PERMISSIONS if p in permissions)
         return key
+
+    def policy_key(self, name: str) -> str | None:
+        """The key of policy ``name`` (None when there is no such policy)."""
+        with self._lock:
+            return self._policies.get(name)
+
+    def policy_permissions(self, name: str) -> tuple[str, ...]:
+        """The permissions of policy ``name`` (empty when there is no such policy)."""
+        with self._lock:
+            return self._permissions.get(name, ())
 
     def add_certificate_authority(self, pem: bytes | str) -> x509.Certificate:
         """Add a verified CA (portal: Certificates) for CA-signed devices."""
@@ -341,11 +395,17 @@ class DeviceRegistry:
         if token.key_name is not None:
             with self._lock:
                 policy_key = self._policies.get(token.key_name)
+                permissions = self._permissions.get(token.key_name, ())
             if policy_key is None:
                 raise AuthenticationError(
                     f"the SAS token names policy {token.key_name!r}, which this hub does not have"
                 )
             self._check_token(token, [policy_key], resource, current, f"policy {token.key_name!r}")
+            if DEVICE_CONNECT not in permissions:
+                raise AuthenticationError(
+                    f"policy {token.key_name!r} has no DeviceConnect permission: it cannot "
+                    "connect devices"
+                )
             device = self.get(device_id)
             if device is None:
                 raise DeviceNotRegisteredError(f"device {device_id!r} is not registered")
@@ -380,6 +440,47 @@ class DeviceRegistry:
         # Expiry and resource messages are more useful than the signature one.
         best = next((p for p in problems if "signature" not in p), problems[0])
         raise AuthenticationError(f"SAS token refused for {whose}: {best}")
+
+    def verify_service_sas(
+        self, authorization: str, permission: str, *, now: float | None = None
+    ) -> str:
+        """Check a token on the service API as IoT Hub does: signed with the key of the
+        shared access policy it names (``skn``), for a resource covering the hub's host
+        name, not expired, and the policy has ``permission``. Returns the policy name.
+
+        :raises AuthenticationError: saying which check failed (a device-key token, an
+            unknown policy, a bad signature, expiry, the resource).
+        :raises NotAuthorizedError: the policy lacks ``permission``.
+        """
+        current = time.time() if now is None else now
+        try:
+            token = SasToken.parse(authorization)
+        except SasTokenError as exc:
+            detail = str(exc).removeprefix("not a SAS token: ")
+            raise AuthenticationError(
+                f"the Authorization header is not a SAS token ({detail})"
+            ) from None
+        if token.key_name is None:
+            raise AuthenticationError(
+                "the SAS token is signed with a device key (it has no skn): the service API "
+                "takes a token of a shared access policy such as iothubowner"
+            )
+        with self._lock:
+            policy_key = self._policies.get(token.key_name)
+            permissions = self._permissions.get(token.key_name, ())
+        if policy_key is None:
+            raise AuthenticationError(
+                f"the SAS token names policy {token.key_name!r}, which this hub does not have"
+            )
+        self._check_token(
+            token, [policy_key], self.hub_host, current, f"policy {token.key_name!r}"
+        )
+        if permission not in permissions:
+            raise NotAuthorizedError(
+                f"policy {token.key_name!r} has no {permission} permission "
+                f"(it has {', '.join(permissions)})"
+            )
+        return token.key_name
 
     def verify_certificate(
         self,
@@ -454,7 +555,10 @@ class DeviceRegistry:
                 "format": _FORMAT,
                 "hubHost": self.hub_host,
                 "devices": [d.as_json() for d in self._devices.values()],
-                "policies": [{"name": n, "key": k} for n, k in self._policies.items()],
+                "policies": [
+                    {"name": n, "key": k, "permissions": list(self._permissions[n])}
+                    for n, k in self._policies.items()
+                ],
                 "certificateAuthorities": [
                     c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in self._cas
                 ],
@@ -503,7 +607,12 @@ class DeviceRegistry:
         for entry in _list(data, "policies", path):
             if not isinstance(entry, dict):
                 raise RegistryError(f"{path}: a policy entry must be an object")
-            registry.add_policy(str(entry.get("name")), str(entry.get("key")))
+            permissions = entry.get("permissions", [DEVICE_CONNECT])
+            if not isinstance(permissions, list):
+                raise RegistryError(f"{path}: a policy's permissions must be a list")
+            registry.add_policy(
+                str(entry.get("name")), str(entry.get("key")), [str(p) for p in permissions]
+            )
         for pem in _list(data, "certificateAuthorities", path):
             registry.add_certificate_authority(str(pem))
         return registry

@@ -4,6 +4,7 @@ a device reaches it over whichever protocol it connects with."""
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import itertools
 import threading
@@ -68,16 +69,42 @@ class C2DMessage:
 
 @dataclass
 class Twin:
+    """A device twin: desired and reported properties with their versions, and the tags
+    only the service side sees. ``version`` counts every change (tags, desired,
+    reported), as the twin's own ``version`` and ``etag`` on IoT Hub's service API."""
+
     desired: dict[str, Any] = field(default_factory=dict)
     reported: dict[str, Any] = field(default_factory=dict)
     desired_version: int = 1
     reported_version: int = 1
+    tags: dict[str, Any] = field(default_factory=dict)
+    version: int = 1
+    desired_updated: float = field(default_factory=time.time)
+    reported_updated: float = field(default_factory=time.time)
 
     def document(self) -> dict[str, Any]:
+        """What the device reads (twin GET over MQTT and AMQP)."""
         return {
             "desired": {**self.desired, "$version": self.desired_version},
             "reported": {**self.reported, "$version": self.reported_version},
         }
+
+    def copy(self) -> Twin:
+        return copy.deepcopy(self)
+
+
+def diff_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The JSON merge patch that turns ``old`` into ``new`` (null removes a key)."""
+    patch: dict[str, Any] = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            inner = diff_patch(before, value)
+            if inner:
+                patch[key] = inner
+        elif key not in old or before != value:
+            patch[key] = copy.deepcopy(value)
+    return patch
 
 
 def merge_patch(target: dict[str, Any], patch: dict[str, Any]) -> None:
@@ -212,6 +239,12 @@ class HubState:
         with self._lock:
             return len(self._queues.get(device_id, ()))
 
+    def purge_c2d(self, device_id: str) -> int:
+        """Drop the device's queued cloud-to-device messages; returns how many."""
+        with self._lock:
+            queue = self._queues.pop(device_id, None)
+            return len(queue) if queue else 0
+
     # -- twins --------------------------------------------------------------------------
 
     def twin(self, device_id: str) -> Twin:
@@ -223,18 +256,78 @@ class HubState:
             twin = self._twins.setdefault(device_id, Twin())
             merge_patch(twin.reported, patch)
             twin.reported_version += 1
+            twin.version += 1
+            twin.reported_updated = time.time()
             return twin.reported_version
 
     def patch_desired(self, device_id: str, patch: dict[str, Any]) -> int:
+        """Merge ``patch`` into the desired properties and tell the devices' front doors
+        (each connected device gets the patch with the new ``$version``)."""
+        twin = self.update_twin(device_id, desired=patch)
+        return twin.desired_version
+
+    def update_twin(
+        self,
+        device_id: str,
+        *,
+        tags: dict[str, Any] | None = None,
+        desired: dict[str, Any] | None = None,
+        replace: bool = False,
+    ) -> Twin:
+        """Change a twin from the service side and return a copy of it.
+
+        ``replace=False`` merges ``tags`` and ``desired`` (JSON merge patch: null
+        removes); ``replace=True`` makes them the new tags and desired properties (None
+        leaves that part as it is). A change of the desired properties reaches the
+        connected device as a patch with the new ``$version``."""
         with self._lock:
             twin = self._twins.setdefault(device_id, Twin())
-            merge_patch(twin.desired, patch)
-            twin.desired_version += 1
+            changed = False
+            if tags is not None:
+                before = copy.deepcopy(twin.tags)
+                if replace:
+                    twin.tags = copy.deepcopy(tags)
+                else:
+                    merge_patch(twin.tags, tags)
+                changed = twin.tags != before
+            patch: dict[str, Any] = {}
+            if desired is not None:
+                before = copy.deepcopy(twin.desired)
+                if replace:
+                    twin.desired = {
+                        k: copy.deepcopy(v) for k, v in desired.items() if k[:1] != "$"
+                    }
+                    patch = diff_patch(before, twin.desired)
+                else:
+                    merge_patch(twin.desired, copy.deepcopy(desired))
+                    # the device gets the patch as the service sent it
+                    patch = {k: copy.deepcopy(v) for k, v in desired.items() if k[:1] != "$"}
+                if patch or not replace:
+                    # IoT Hub counts every desired update, even one that changes nothing
+                    twin.desired_version += 1
+                    twin.desired_updated = time.time()
+                    changed = True
+            if changed:
+                twin.version += 1
             version = twin.desired_version
-            listeners = list(self._desired_listeners)
-        for listener in listeners:
-            listener(device_id, patch, version)
-        return version
+            snapshot = twin.copy()
+            listeners = list(self._desired_listeners) if desired is not None else []
+        if desired is not None and (patch or not replace):
+            for listener in listeners:
+                listener(device_id, patch, version)
+        return snapshot
+
+    def twin_snapshot(self, device_id: str) -> Twin:
+        """A copy of the device's twin (an empty one when it has none yet)."""
+        with self._lock:
+            return self._twins.setdefault(device_id, Twin()).copy()
+
+    def forget_device(self, device_id: str) -> None:
+        """A device was deleted: drop its twin, queue and method route."""
+        with self._lock:
+            self._twins.pop(device_id, None)
+            self._queues.pop(device_id, None)
+            self._method_routes.pop(device_id, None)
 
     def on_desired_patch(self, listener: Callable[[str, dict[str, Any], int], None]) -> None:
         with self._lock:
@@ -251,6 +344,7 @@ class HubState:
                 self._method_routes.pop(device_id, None)
             else:
                 self._method_routes[device_id] = route
+                self._lock.notify_all()  # a call may be waiting for the device to connect
 
     def unroute_methods(self, device_id: str, route: Callable[[str, bytes, str], None]) -> None:
         """Forget ``route`` if it is still how ``device_id`` is reached (the device may
@@ -260,14 +354,31 @@ class HubState:
                 del self._method_routes[device_id]
 
     def invoke_method(
-        self, device_id: str, name: str, payload: bytes = b"null", timeout: float = 10.0
+        self,
+        device_id: str,
+        name: str,
+        payload: bytes = b"null",
+        timeout: float = 10.0,
+        *,
+        connect_timeout: float = 0.0,
     ) -> tuple[int, bytes]:
         """Call a direct method on a connected device; returns (status, payload).
+
+        :param timeout: seconds the device has to answer.
+        :param connect_timeout: seconds to wait for the device to connect (subscribed to
+            direct methods) when it is not yet.
         Raises LookupError when the device is not connected, TimeoutError on no answer."""
+        connect_deadline = time.monotonic() + connect_timeout
         with self._lock:
             route = self._method_routes.get(device_id)
-            if route is None:
-                raise LookupError(f"device {device_id!r} is not connected for direct methods")
+            while route is None:
+                remaining = connect_deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LookupError(
+                        f"device {device_id!r} is not connected for direct methods"
+                    )
+                self._lock.wait(remaining)
+                route = self._method_routes.get(device_id)
             rid = format(next(self._rids), "x")
             self._method_results[rid] = None
         route(name, payload, rid)
