@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from iothub_tls._openssl import shim
 from iothub_tls.policy import STRONG_SUITES
+from iothub_tls.tls._openssl import shim
 from tests.pki import Issued
 
 # RSA first: the hub's default certificate is RSA; ECDSA only for ECC-only devices.

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import iothub_tls as it
-from iothub_tls.context import _configure
+from iothub_tls.tls.context import _configure
 from tests.tlsserver import RecordRelay
 
 from ._pki import HOST, BenchPKI, bench_pki

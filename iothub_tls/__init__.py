@@ -9,7 +9,6 @@ import logging as _logging
 
 from ._io.backoff import RetryPolicy
 from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
-from .context import HardenedSSLContext, create_ssl_context
 from .device import (
     C2DMessage,
     ConnectionState,
@@ -54,9 +53,10 @@ from .errors import (
     UnexpectedResponseError,
     UnsupportedOperationError,
 )
-from .info import TlsInfo, tls_info
 from .policy import CipherProfile, CipherSuite, TlsPolicy, Trust
 from .roots import AZURE_ECC, AZURE_GLOBAL, RootSet
+from .tls.context import HardenedSSLContext, create_ssl_context
+from .tls.info import TlsInfo, tls_info
 
 __version__ = "0.1.0"
 

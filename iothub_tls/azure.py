@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .auth import ClientIdentity
-from .context import HardenedSSLContext, create_ssl_context
 from .errors import (
     ClientError,
     IdentityError,
@@ -45,10 +44,11 @@ from .errors import (
     PolicyError,
     RootStoreError,
 )
-from .info import TlsInfo
-from .info import tls_info as _tls_info
 from .policy import CipherProfile, TlsPolicy, Trust
 from .roots import RootSet
+from .tls.context import HardenedSSLContext, create_ssl_context
+from .tls.info import TlsInfo
+from .tls.info import tls_info as _tls_info
 
 __all__ = [
     "TESTED_SDK_VERSIONS",

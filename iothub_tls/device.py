@@ -36,7 +36,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .auth import ClientIdentity, ConnectionString
-    from .info import TlsInfo
+    from .tls.info import TlsInfo
 
 __all__ = [
     "C2DMessage",
@@ -347,25 +347,23 @@ class MethodRouter:
     def __bool__(self) -> bool:
         return bool(self._handlers)
 
-    def invoke(self, name: str, request_id: str, raw: bytes) -> tuple[int, bytes]:
-        """Run the handler of ``name``; the (status, JSON body) to answer with."""
-
-        def error(status: int, message: str) -> tuple[int, bytes]:
-            return status, json.dumps({"error": message}).encode("utf-8")
-
+    def prepare(
+        self, name: str, request_id: str, raw: bytes
+    ) -> tuple[MethodHandler, MethodRequest] | tuple[int, bytes]:
+        """The handler of ``name`` and its request, or the (status, body) answer when
+        there is nothing to call (no handler: 404; a payload that is not JSON: 400)."""
         with self._lock:
             handler = self._handlers.get(name) or self._handlers.get(None)
         if handler is None:
-            return error(404, f"this device has no handler for method {name!r}")
+            return _method_error(404, f"this device has no handler for method {name!r}")
         try:
             payload = json.loads(raw.decode("utf-8")) if raw.strip() else None
         except (UnicodeDecodeError, json.JSONDecodeError):
-            return error(400, "the method payload is not valid JSON")
-        try:
-            result = handler(MethodRequest(name, payload, request_id))
-        except Exception as exc:
-            self._report(exc)
-            return error(500, f"the handler of method {name!r} failed")
+            return _method_error(400, "the method payload is not valid JSON")
+        return handler, MethodRequest(name, payload, request_id)
+
+    def finish(self, name: str, result: object) -> tuple[int, bytes]:
+        """The (status, JSON body) answer for what a handler returned."""
         if (
             not isinstance(result, tuple)
             or len(result) != 2
@@ -379,7 +377,7 @@ class MethodRouter:
                     "(status, payload) with an int status 0-999"
                 )
             )
-            return error(500, f"the handler of method {name!r} returned no valid status")
+            return _method_error(500, f"the handler of method {name!r} returned no valid status")
         status, value = result
         if value is None:
             return status, b""
@@ -387,7 +385,28 @@ class MethodRouter:
             return status, json.dumps(value).encode("utf-8")
         except (TypeError, ValueError) as exc:
             self._report(exc)
-            return error(500, f"the handler of method {name!r} returned non-JSON data")
+            return _method_error(500, f"the handler of method {name!r} returned non-JSON data")
+
+    def failed(self, name: str, exc: BaseException) -> tuple[int, bytes]:
+        """The answer when the handler raised ``exc`` (which goes to ``report``)."""
+        self._report(exc)
+        return _method_error(500, f"the handler of method {name!r} failed")
+
+    def invoke(self, name: str, request_id: str, raw: bytes) -> tuple[int, bytes]:
+        """Run the handler of ``name``; the (status, JSON body) to answer with."""
+        prepared = self.prepare(name, request_id, raw)
+        if isinstance(prepared[0], int):
+            return prepared
+        handler, request = prepared
+        try:
+            result = handler(request)
+        except Exception as exc:
+            return self.failed(name, exc)
+        return self.finish(name, result)
+
+
+def _method_error(status: int, message: str) -> tuple[int, bytes]:
+    return status, json.dumps({"error": message}).encode("utf-8")
 
 
 def check_model_id(model_id: object) -> str:

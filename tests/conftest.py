@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 import iothub_tls as it
-from iothub_tls import _openssl
+from iothub_tls.tls import _openssl
 from tests.pki import CA, Issued
 from tests.tlsserver import TLSServer
 

@@ -1150,7 +1150,7 @@ class TestClientIdentityErrors:
         big = tmp_path / "huge.pem"
         with big.open("wb") as fh:
             fh.truncate(64 << 20)  # sparse: 64 MiB of zeros
-        with pytest.raises(IdentityError, match="larger than 1024 KiB"):
+        with pytest.raises(IdentityError, match="larger than 1 MiB"):
             ClientIdentity.from_files(big)
 
     def test_non_certificates_in_the_chain_are_type_errors(self, pki: PKI) -> None:

@@ -350,9 +350,9 @@ def test_probe_bad_roots_file_exits_2(capsys, tmp_path):
     bad.write_text("not a certificate")
     code, _, err = run(capsys, "probe", "127.0.0.1:1", "--roots", str(bad))
     assert code == 2
-    assert "no PEM certificate found" in err
+    assert "is not PEM data" in err
     code, _, err = run(capsys, "probe", "127.0.0.1:1", "--roots", str(tmp_path / "missing.pem"))
-    assert code == 2 and "cannot read root file" in err
+    assert code == 2 and "cannot read the root certificate file" in err
 
 
 # -- certs ----------------------------------------------------------------------------------
@@ -625,10 +625,10 @@ def test_thumbprint_bad_input(capsys, lab, tmp_path):
     junk = tmp_path / "junk.pem"
     junk.write_bytes(os.urandom(64).replace(b"\x30", b"\x31"))
     code, _, err = run(capsys, "thumbprint", str(junk))
-    assert code == 2 and "holds no PEM certificate" in err
+    assert code == 2 and "is not PEM data" in err
 
     code, _, err = run(capsys, "thumbprint", str(lab / "devices/thermostat-42.key"))
-    assert code == 2 and "(it holds a PRIVATE KEY)" in err
+    assert code == 2 and "(found only: PRIVATE KEY)" in err
 
     der = tmp_path / "root.der"
     der.write_bytes(_load(lab / "root.pem")[0].public_bytes(serialization.Encoding.DER))

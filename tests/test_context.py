@@ -23,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 import iothub_tls as it
-import iothub_tls.context
+import iothub_tls.tls.context
 from iothub_tls.policy import WEAK_SUITES
 from tests.conftest import HOST, connect
 from tests.pki import CA, NOW, self_signed
@@ -636,7 +636,7 @@ def test_tightening_security_level_and_flags_is_allowed(pki, tls_server):
     assert ctx.security_level == 3
     ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     ctx.hostname_checks_common_name = False
-    ctx.sslsocket_class = type("Mine", (it.context.HardenedSSLSocket,), {})
+    ctx.sslsocket_class = type("Mine", (it.tls.context.HardenedSSLSocket,), {})
     # level 3 wants RSA 3072+: the 2048-bit test leaf is now refused, as asked
     server = tls_server([pki.rsa_leaf])
     with pytest.raises(it.CertificateVerificationError) as refused:
@@ -695,7 +695,7 @@ def test_verified_chain_without_the_shim_anchors_system_trust(
 
 
 def test_chain_to_der_takes_bytes_and_certificate_objects(pki, tls_server):
-    from iothub_tls.info import chain_to_der
+    from iothub_tls.tls.info import chain_to_der
 
     server = tls_server([pki.rsa_leaf])
     with connect(it.create_ssl_context(pki.policy()), server.port) as tls:
@@ -722,7 +722,7 @@ def test_chain_to_der_takes_bytes_and_certificate_objects(pki, tls_server):
     ],
 )
 def test_shim_reads_ssl_ctx_get_options_with_the_declared_width(number, text, expected):
-    from iothub_tls._openssl import options_restype
+    from iothub_tls.tls._openssl import options_restype
 
     assert options_restype(number, text) is expected
 
@@ -736,7 +736,7 @@ def test_shim_reads_ssl_ctx_get_options_with_the_declared_width(number, text, ex
     ],
 )
 def test_shim_explains_the_libssl_it_cannot_use(number, text, words):
-    from iothub_tls._openssl import options_restype
+    from iothub_tls.tls._openssl import options_restype
 
     reason = options_restype(number, text)
     assert isinstance(reason, str)
@@ -747,7 +747,7 @@ def test_shim_explains_the_libssl_it_cannot_use(number, text, words):
 
 
 def test_shim_on_this_platform_uses_the_width_it_selects():
-    from iothub_tls._openssl import options_restype, shim
+    from iothub_tls.tls._openssl import options_restype, shim
 
     chosen = options_restype(ssl.OPENSSL_VERSION_NUMBER, ssl.OPENSSL_VERSION)
     assert shim("test")._f["SSL_CTX_get_options"].restype is chosen
@@ -756,7 +756,7 @@ def test_shim_on_this_platform_uses_the_width_it_selects():
 
 
 def test_libressl_python_gets_a_refusal_naming_libressl(monkeypatch):
-    from iothub_tls import _openssl
+    from iothub_tls.tls import _openssl
 
     monkeypatch.setattr(ssl, "OPENSSL_VERSION", "LibreSSL 3.8.2")
     _openssl._reset()

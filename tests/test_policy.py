@@ -190,11 +190,11 @@ def test_truncated_shipped_root_is_an_error(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "data,message",
     [
-        (b"", "no PEM certificate found"),
-        (b"hello", "no PEM certificate found"),
+        (b"", "is not PEM data"),
+        (b"hello", "is not PEM data"),
         (
             b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
-            "certificate 1 of 1 is not valid",
+            "certificate 1 in the root certificate data is corrupt",
         ),
     ],
 )
@@ -210,7 +210,7 @@ def test_leaf_is_not_a_root():
 
 
 def test_root_file_errors(tmp_path):
-    with pytest.raises(it.RootStoreError, match="cannot read root file"):
+    with pytest.raises(it.RootStoreError, match="cannot read the root certificate file"):
         it.RootSet.from_pem_file(tmp_path / "missing.pem")
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
@@ -255,7 +255,7 @@ def test_root_with_a_corrupted_key_algorithm_is_refused_at_load():
 
 @pytest.mark.parametrize("path", [None, 3, 1.5])
 def test_root_file_path_of_another_type_is_a_type_error(path):
-    with pytest.raises(TypeError, match="the root file must be a path"):
+    with pytest.raises(TypeError, match="the root certificate file must be a path"):
         it.RootSet.from_pem_file(path)
 
 
@@ -272,7 +272,9 @@ def test_root_file_int_path_does_not_touch_that_file_descriptor(tmp_path):
 
 
 def test_root_file_directory_and_oversized_file(tmp_path):
-    with pytest.raises(it.RootStoreError, match=r"cannot read root file .*Is a directory"):
+    with pytest.raises(
+        it.RootStoreError, match=r"cannot read the root certificate file .*Is a directory"
+    ):
         it.RootSet.from_pem_file(tmp_path)
     big = tmp_path / "huge.pem"
     with big.open("wb") as fh:

@@ -24,18 +24,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("iothub_tls")
 
-_Self = TypeVar("_Self", bound="ClientBase")
+_Self = TypeVar("_Self", bound="Factories")
 
 StateCallback = Callable[[ConnectionState, "BaseException | None"], None]
 
 
-class ClientBase(Connectable):
-    """Callbacks and routing common to every device client."""
-
-    #: "mqtt", "amqp" or "https"
-    transport: ClassVar[str] = ""
-
-    # -- the three factories (keywords: see each client's constructor) --------------------
+class Factories:
+    """The three factories every device client has (sync and asyncio); each client's
+    constructor takes ``(connection_string, **its keywords)``."""
 
     @classmethod
     def from_connection_string(
@@ -90,6 +86,13 @@ class ClientBase(Connectable):
             host_name=host_name, device_id=device_id, module_id=module_id, x509=True
         )
         return _build(cls, cs, {**kwargs, "identity": identity})
+
+
+class ClientBase(Factories, Connectable):
+    """Callbacks and routing common to every device client."""
+
+    #: "mqtt", "amqp" or "https"
+    transport: ClassVar[str] = ""
 
     def __init__(self, name: str, operation_timeout: float) -> None:
         self._on_c2d: Callable[[C2DMessage], None] | None = None

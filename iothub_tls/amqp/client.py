@@ -45,7 +45,6 @@ from .._io.base import ClientBase, check_host, check_port
 from .._io.lifecycle import Connectable
 from .._io.poller import readable
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
-from ..context import HardenedSSLContext, create_ssl_context
 from ..device import (
     C2DMessage,
     ConnectionState,
@@ -69,8 +68,9 @@ from ..errors import (
     PolicyViolation,
     ProtocolVersionError,
 )
-from ..info import TlsInfo
 from ..policy import TlsPolicy
+from ..tls.context import HardenedSSLContext, create_ssl_context
+from ..tls.info import TlsInfo
 from . import conventions as amqpc
 from .message import AmqpMessage
 from .methods import MethodChannel

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from ..info import key_description
 from ..testing.pki import (
     DEFAULT_CA_DAYS,
     DEFAULT_LEAF_DAYS,
@@ -15,6 +14,7 @@ from ..testing.pki import (
     PKIDirectory,
     WrittenFiles,
 )
+from ..tls.info import key_description
 from ._output import EXIT_OK, error, print_json, table
 
 if TYPE_CHECKING:

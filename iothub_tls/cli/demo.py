@@ -22,7 +22,7 @@ from ._output import EXIT_NOT_COMPLIANT, EXIT_OK, print_json, table
 if TYPE_CHECKING:
     from ..device import DeviceClient
     from ..hub.hub import LocalHub
-    from ..info import TlsInfo
+    from ..tls.info import TlsInfo
     from . import Subparsers
 
 _HELP = """\

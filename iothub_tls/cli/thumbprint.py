@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import re
 from typing import TYPE_CHECKING
 
 from cryptography import x509
 
-from ..roots import common_name
+from ..roots import common_name, pem
 from ..testing.pki import thumbprints
 from ._output import EXIT_OK, error, print_json, table
 
@@ -27,9 +26,6 @@ registers; the others are listed too.
 Exit codes: 0 printed, 2 the file is missing or not a PEM certificate.
 """
 
-_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?-----END CERTIFICATE-----", re.DOTALL)
-_PEM_ANY = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
-
 
 def register(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
@@ -47,28 +43,7 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
 def load_certificates(data: bytes, where: str) -> list[x509.Certificate]:
     """Every certificate in PEM ``data``; ValueError with a remedy when there is none or
     one is damaged."""
-    blocks = _PEM_CERT.findall(data)
-    if not blocks:
-        if data[:1] == b"\x30":
-            raise ValueError(
-                f"{where} looks like DER (binary), not PEM: convert it with "
-                f"'openssl x509 -inform der -in {where} -out cert.pem'"
-            )
-        other = _PEM_ANY.search(data)
-        found = f" (it holds a {other.group(1).decode()})" if other else ""
-        raise ValueError(
-            f"{where} holds no PEM certificate{found}: expected a "
-            "'-----BEGIN CERTIFICATE-----' block"
-        )
-    certs = []
-    for number, block in enumerate(blocks, 1):
-        try:
-            certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError as exc:
-            raise ValueError(
-                f"certificate {number} in {where} is damaged and cannot be parsed ({exc})"
-            ) from exc
-    return certs
+    return pem.load_certificates(data, where, ValueError)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,13 +25,13 @@ from typing import Any
 
 from cryptography import x509
 
-from .. import _openssl
-from ..context import create_ssl_context
 from ..errors import FeatureUnavailableError, IoTHubTLSError
-from ..info import TlsInfo, tls_info
 from ..policy import STRONG_SUITES, CipherProfile, TlsPolicy
-from ..roots import AZURE_ECC, AZURE_GLOBAL, RootSet, load_shipped, spki_sha256
+from ..roots import AZURE_ECC, AZURE_GLOBAL, RootSet, load_shipped, pem, spki_sha256
 from ..testing.pki import CertificateAuthority, KeyType
+from ..tls import _openssl
+from ..tls.context import create_ssl_context
+from ..tls.info import TlsInfo, tls_info
 
 __all__ = ["Check", "Status", "run_checks"]
 
@@ -337,12 +337,10 @@ def _system_store_certificates() -> tuple[list[x509.Certificate], str]:
     for candidate in candidates:
         path = Path(candidate)
         if path.is_file():
-            blocks = _PEM_BLOCK.findall(path.read_bytes())
+            blocks = [block for label, block in pem.pem_blocks(path.read_bytes())
+                      if label in pem.CERTIFICATE_LABELS]  # fmt: skip
             return _parse_all(blocks, x509.load_pem_x509_certificate), str(path)
     return [], ""
-
-
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def _parse_all(

@@ -36,17 +36,17 @@ from typing import Any
 
 from cryptography import x509
 
-from .._openssl import shim as _shim
-from .._openssl import shim_status
 from ..errors import (
     ConnectionFailedError,
     FeatureUnavailableError,
     HandshakeTimeoutError,
     OperationTimeoutError,
 )
-from ..info import key_description, negotiated_fragment_length, verified_chain_der
 from ..policy import CIPHER_SUITES, ECC_SUITES, MAX_FRAGMENT_LENGTHS, STRONG_SUITES, WEAK_SUITES
 from ..roots import AZURE_GLOBAL, RootSet, common_name
+from ..tls._openssl import shim as _shim
+from ..tls._openssl import shim_status
+from ..tls.info import key_description, negotiated_fragment_length, verified_chain_der
 from .clienthello import PROBE_ALPN
 
 __all__ = [

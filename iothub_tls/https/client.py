@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING, Any, cast
 from .._io.backoff import RetryPolicy
 from .._io.base import ClientBase, check_host, check_port, unsupported
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
-from ..context import HardenedSSLContext, create_ssl_context
 from ..device import C2DMessage, ConnectionState, Message, MethodHandler, Settlement
 from ..errors import (
     AuthenticationError,
@@ -70,8 +69,9 @@ from ..errors import (
     ThrottledError,
     UnexpectedResponseError,
 )
-from ..info import TlsInfo, tls_info
 from ..policy import TlsPolicy
+from ..tls.context import HardenedSSLContext, create_ssl_context
+from ..tls.info import TlsInfo, tls_info
 from . import conventions as proto
 from .conventions import API_VERSION
 

@@ -21,8 +21,8 @@ from cryptography import x509
 
 from ..diagnostics.clienthello import parse_client_hello
 from ..errors import AuthenticationError
-from ..info import verified_chain_der
 from ..roots import common_name
+from ..tls.info import verified_chain_der
 from .log import ConnectionEvent, ConnectionLog, tls_failure_reason
 from .profile import HubTlsProfile
 from .registry import (

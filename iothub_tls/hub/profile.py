@@ -26,12 +26,12 @@ from typing import Any
 
 from cryptography import x509
 
-from .._openssl import shim
 from ..auth import ClientIdentity, StrPath
 from ..errors import FeatureUnavailableError, IdentityError, PolicyError
-from ..info import key_description, verified_chain_der
 from ..policy import STRONG_SUITES, WEAK_SUITES, CipherSuite, iana_name
 from ..roots import common_name
+from ..tls._openssl import shim
+from ..tls.info import key_description, verified_chain_der
 from .registry import certificate_thumbprints
 
 logger = logging.getLogger("iothub_tls.hub")

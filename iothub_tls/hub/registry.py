@@ -472,9 +472,7 @@ class DeviceRegistry:
             raise AuthenticationError(
                 f"the SAS token names policy {token.key_name!r}, which this hub does not have"
             )
-        self._check_token(
-            token, [policy_key], self.hub_host, current, f"policy {token.key_name!r}"
-        )
+        self._check_token(token, [policy_key], self.hub_host, current, f"policy {token.key_name!r}")
         if permission not in permissions:
             raise NotAuthorizedError(
                 f"policy {token.key_name!r} has no {permission} permission "

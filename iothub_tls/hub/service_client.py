@@ -22,11 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..context import create_ssl_context
 from ..errors import ConnectionFailedError, IoTHubTLSError, MissingDependencyError
 from ..https.conventions import H_MESSAGE_ID, HttpRequest
 from ..policy import TlsPolicy
 from ..roots import RootSet
+from ..tls.context import create_ssl_context
 from . import service_conventions as svc
 
 if TYPE_CHECKING:

@@ -531,4 +531,3 @@ def parse_service_error(headers: Mapping[str, str], body: bytes) -> HubErrorInfo
                 tracking_id=str(tracking).split("-")[0] if tracking else info.tracking_id,
             )
     return info
-

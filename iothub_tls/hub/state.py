@@ -294,9 +294,7 @@ class HubState:
             if desired is not None:
                 before = copy.deepcopy(twin.desired)
                 if replace:
-                    twin.desired = {
-                        k: copy.deepcopy(v) for k, v in desired.items() if k[:1] != "$"
-                    }
+                    twin.desired = {k: copy.deepcopy(v) for k, v in desired.items() if k[:1] != "$"}
                     patch = diff_patch(before, twin.desired)
                 else:
                     merge_patch(twin.desired, copy.deepcopy(desired))
@@ -374,9 +372,7 @@ class HubState:
             while route is None:
                 remaining = connect_deadline - time.monotonic()
                 if remaining <= 0:
-                    raise LookupError(
-                        f"device {device_id!r} is not connected for direct methods"
-                    )
+                    raise LookupError(f"device {device_id!r} is not connected for direct methods")
                 self._lock.wait(remaining)
                 route = self._method_routes.get(device_id)
             rid = format(next(self._rids), "x")

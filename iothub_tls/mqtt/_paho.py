@@ -22,8 +22,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from ..context import HardenedSSLContext
 from ..errors import ConnectionFailedError, IncompatibleDependencyError, MissingDependencyError
+from ..tls.context import HardenedSSLContext
 from .conventions import WEBSOCKET_PATH, MqttOptions, connack_code
 
 #: paho-mqtt versions the client is tested with (CI runs both).

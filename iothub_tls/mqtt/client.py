@@ -37,7 +37,6 @@ from .. import __version__
 from .._io.backoff import RetryPolicy
 from .._io.base import ClientBase, check_host, check_port, unsupported
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
-from ..context import HardenedSSLContext, create_ssl_context
 from ..device import (
     C2DMessage,
     Message,
@@ -46,8 +45,9 @@ from ..device import (
     encode_reported_patch,
 )
 from ..errors import ClientError, OperationTimeoutError
-from ..info import TlsInfo
 from ..policy import TlsPolicy
+from ..tls.context import HardenedSSLContext, create_ssl_context
+from ..tls.info import TlsInfo
 from ._paho import TESTED_PAHO_VERSIONS as TESTED_PAHO_VERSIONS
 from .commands import ClientConfig, MethodResponse, TwinRequest, completed_within
 from .conventions import (

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..auth import ConnectionString, SasTokenProvider
-from ..context import HardenedSSLContext
+from ..tls.context import HardenedSSLContext
 from .conventions import MqttOptions
 
 

@@ -44,7 +44,7 @@ from ..errors import (
     NotAuthorizedError,
     OperationTimeoutError,
 )
-from ..info import TlsInfo, tls_info
+from ..tls.info import TlsInfo, tls_info
 from ._paho import Paho
 from .commands import ClientConfig, Message, MethodResponse, TwinRequest, settle
 from .conventions import (

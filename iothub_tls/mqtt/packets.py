@@ -1,8 +1,13 @@
-"""MQTT 3.1.1 packets, sans I/O: what the local endpoint needs to speak to devices.
+"""MQTT 3.1.1 packets, sans I/O, both directions: the device client and the local hub
+encode and decode with this one module, so they agree on the wire by construction.
 
 Only the subset IoT Hub implements: CONNECT/CONNACK, PUBLISH (QoS 0 and 1), PUBACK,
 SUBSCRIBE/SUBACK, UNSUBSCRIBE/UNSUBACK, PINGREQ/PINGRESP, DISCONNECT. QoS 2 is a
 protocol error, as on IoT Hub. References are to the OASIS MQTT 3.1.1 standard.
+
+:class:`Decoder` takes the packets a *server* receives (``Decoder()``) or those a
+*client* receives (``Decoder(from_server=True)``); a packet the other side may not send
+is a :class:`MqttProtocolError`.
 """
 
 from __future__ import annotations
@@ -11,21 +16,29 @@ import struct
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ConnAck",
     "Connect",
     "Decoder",
     "Disconnect",
     "MqttProtocolError",
     "Packet",
     "PingReq",
+    "PingResp",
     "PubAck",
     "Publish",
+    "SubAck",
     "Subscribe",
+    "UnsubAck",
     "Unsubscribe",
     "connack",
+    "connect",
+    "disconnect",
+    "pingreq",
     "pingresp",
     "puback",
     "publish",
     "suback",
+    "subscribe",
     "unsuback",
 ]
 
@@ -89,7 +102,45 @@ class Disconnect:
     pass
 
 
-Packet = Connect | Publish | PubAck | Subscribe | Unsubscribe | PingReq | Disconnect
+@dataclass(frozen=True)
+class ConnAck:
+    return_code: int
+    session_present: bool
+
+
+@dataclass(frozen=True)
+class SubAck:
+    packet_id: int
+    granted: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UnsubAck:
+    packet_id: int
+
+
+@dataclass(frozen=True)
+class PingResp:
+    pass
+
+
+Packet = (
+    Connect
+    | ConnAck
+    | Publish
+    | PubAck
+    | Subscribe
+    | SubAck
+    | Unsubscribe
+    | UnsubAck
+    | PingReq
+    | PingResp
+    | Disconnect
+)
+
+# what each side may receive (MQTT 3.1.1 section 2.2.1, "direction of flow")
+_FROM_CLIENT = frozenset({1, 3, 4, 8, 10, 12, 14})
+_FROM_SERVER = frozenset({2, 3, 4, 9, 11, 13})
 
 
 class _Reader:
@@ -178,14 +229,26 @@ def _parse(kind: int, flags: int, body: bytes) -> Packet:
         return PingReq()
     if kind == DISCONNECT:
         return Disconnect()
-    raise MqttProtocolError(f"unexpected packet type {kind} from a client")
+    if kind == CONNACK:
+        ack_flags, code = r.u8(), r.u8()
+        return ConnAck(code, bool(ack_flags & 0x01))
+    if kind == SUBACK:
+        packet_id = r.u16()
+        return SubAck(packet_id, tuple(r.rest()))
+    if kind == UNSUBACK:
+        return UnsubAck(r.u16())
+    if kind == PINGRESP:
+        return PingResp()
+    raise MqttProtocolError(f"unknown packet type {kind}")
 
 
 @dataclass
 class Decoder:
-    """Incremental decoder: ``feed`` bytes, get whole packets back."""
+    """Incremental decoder: ``feed`` bytes, get whole packets back. By default it reads
+    what a server receives; ``from_server=True`` reads what a client receives."""
 
     max_packet: int = MAX_PACKET
+    from_server: bool = False
     _buf: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> list[Packet]:
@@ -200,6 +263,10 @@ class Decoder:
                 return packets
             body = bytes(self._buf[offset : offset + length])
             del self._buf[: offset + length]
+            allowed = _FROM_SERVER if self.from_server else _FROM_CLIENT
+            if kind not in allowed:
+                sender = "a server" if self.from_server else "a client"
+                raise MqttProtocolError(f"unexpected packet type {kind} from {sender}")
             packets.append(_parse(kind, flags, body))
 
     def _header(self) -> tuple[int, int, int, int] | None:
@@ -261,3 +328,42 @@ def unsuback(packet_id: int) -> bytes:
 
 def pingresp() -> bytes:
     return _frame(PINGRESP << 4, b"")
+
+
+def connect(
+    client_id: str,
+    *,
+    username: str | None = None,
+    password: bytes | None = None,
+    keepalive: int = 60,
+    clean_session: bool = False,
+) -> bytes:
+    """CONNECT for MQTT 3.1.1 (protocol level 4). IoT Hub keeps a device's session (its
+    QoS 1 cloud-to-device messages) when ``clean_session`` is False."""
+    flags = 0x02 if clean_session else 0
+    payload = _text(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _text(username)
+    if password is not None:
+        flags |= 0x40
+        payload += struct.pack("!H", len(password)) + password
+    header = _text("MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive)
+    return _frame(CONNECT << 4, header + payload)
+
+
+def subscribe(packet_id: int, topics: list[tuple[str, int]]) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(_text(t) + bytes([q]) for t, q in topics)
+    return _frame((SUBSCRIBE << 4) | 0x02, body)
+
+
+def pingreq() -> bytes:
+    return _PINGREQ
+
+
+def disconnect() -> bytes:
+    return _DISCONNECT
+
+
+_PINGREQ = _frame(PINGREQ << 4, b"")
+_DISCONNECT = _frame(DISCONNECT << 4, b"")

@@ -9,24 +9,22 @@ pinned SHA-256 fingerprints every time they are loaded.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from os import PathLike
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from ..errors import RootIntegrityError, RootStoreError
+from . import pem
 
 __all__ = ["AZURE_ECC", "AZURE_GLOBAL", "RootSet", "common_name", "load_shipped", "spki_sha256"]
 
 # The largest system CA bundles are well under 1 MiB; a bigger file is not a root file (and
 # /dev/zero or a FIFO would otherwise be read until memory runs out).
 _MAX_ROOT_FILE = 16 << 20
-_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s.+?-----END CERTIFICATE-----", re.DOTALL)
 
 
 def common_name(cert: x509.Certificate) -> str:
@@ -67,7 +65,7 @@ class RootSet:
             der = cert.public_bytes(serialization.Encoding.DER)
             if der in seen:
                 continue
-            _check_readable(cert)
+            pem.check_readable(cert, f"root {len(certs) + 1}", RootStoreError)
             _check_is_root(cert)
             seen.add(der)
             certs.append(cert)
@@ -83,45 +81,13 @@ class RootSet:
     @classmethod
     def from_pem(cls, data: bytes | str, *, name: str = "custom") -> RootSet:
         """Roots from PEM text holding one or more ``CERTIFICATE`` blocks."""
-        if isinstance(data, str):
-            raw = data.encode("ascii", "replace")
-        elif isinstance(data, bytes | bytearray | memoryview):
-            raw = bytes(data)
-        else:  # bytes(7329322839) would allocate 7 GB; bytes([1, 2]) is not PEM either
-            raise TypeError(f"PEM data must be str or bytes, not {type(data).__name__}")
-        blocks = _PEM_BLOCK.findall(raw)
-        if not blocks:
-            raise RootStoreError(
-                "no PEM certificate found (expected '-----BEGIN CERTIFICATE-----' blocks)"
-            )
-        certs = []
-        for index, block in enumerate(blocks, 1):
-            try:
-                certs.append(x509.load_pem_x509_certificate(block))
-            except ValueError as exc:
-                raise RootStoreError(
-                    f"certificate {index} of {len(blocks)} is not valid PEM/DER: {exc}"
-                ) from exc
-        return cls(certs, name=name)
+        raw = pem.as_bytes(data, "PEM data")
+        return cls(pem.load_certificates(raw, "the root certificate data", RootStoreError), name=name)
 
     @classmethod
     def from_pem_file(cls, path: str | PathLike[str]) -> RootSet:
         """Roots from a PEM file (for an emergency root migration: no code change)."""
-        # open() takes an int as a file descriptor (and closes it afterwards): never here.
-        if not isinstance(path, str | bytes | PathLike):
-            raise TypeError(
-                f"the root file must be a path (str or os.PathLike), not {type(path).__name__}"
-            )
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read(_MAX_ROOT_FILE + 1)
-        except OSError as exc:
-            raise RootStoreError(f"cannot read root file {str(path)!r}: {exc.strerror}") from exc
-        if len(data) > _MAX_ROOT_FILE:
-            raise RootStoreError(
-                f"root file {str(path)!r} is larger than {_MAX_ROOT_FILE >> 20} MiB: it is not "
-                "a PEM file of root certificates"
-            )
+        data = pem.read_limited(path, "root certificate", _MAX_ROOT_FILE, RootStoreError)
         try:
             return cls.from_pem(data, name=str(path))
         except RootStoreError as exc:
@@ -178,25 +144,6 @@ class RootSet:
 
     def __repr__(self) -> str:
         return f"RootSet({self._name!r}: {', '.join(self.common_names)})"
-
-
-def _check_readable(cert: x509.Certificate) -> None:
-    """cryptography parses a certificate's parts only when asked: ask now, so a broken
-    key, name or extension is a RootStoreError here and not an UnsupportedAlgorithm
-    when a context is built from the policy."""
-    try:
-        what = "subject or issuer name"
-        common_name(cert)
-        cert.issuer.rfc4514_string()
-        what = "extensions"
-        _ = cert.extensions
-        what = "public key"
-        spki_sha256(cert)
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise RootStoreError(
-            f"a root certificate has a {what} that cannot be read ({exc}): the algorithm is "
-            "unknown or the certificate is corrupt; check the PEM data"
-        ) from None
 
 
 def _check_is_root(cert: x509.Certificate) -> None:

@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Any
 
-from .errors import FeatureUnavailableError
+from ..errors import FeatureUnavailableError
 
 __all__ = ["OpenSSLShim", "options_restype", "shim", "shim_status"]
 

@@ -14,29 +14,28 @@ import contextlib
 import logging
 import socket
 import ssl
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
+from ..errors import FeatureUnavailableError, HandshakeClosedError, PolicyError, PolicyViolation
+from ..policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust
+from ..roots import spki_sha256
 from ._openssl import shim
-from .errors import (
-    CertificateVerificationError,
-    CipherSuiteError,
-    FeatureUnavailableError,
-    HandshakeClosedError,
-    HandshakeTimeoutError,
-    PolicyError,
-    PolicyViolation,
-    ProtocolVersionError,
-    TLSHandshakeError,
-)
 from .info import TlsInfo, inspect_connection, verified_chain_der
-from .policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust, iana_name
-from .roots import spki_sha256
+from .refusals import explain_handshake_error
+from .sessions import (
+    TICKET_READS,
+    Key,
+    Remembered,
+    SessionCache,
+    capture,
+    offer,
+    session_key,
+    session_ticket,
+)
 
 if TYPE_CHECKING:
-    from .auth import ClientIdentity
+    from ..auth import ClientIdentity
 
 __all__ = ["HardenedSSLContext", "HardenedSSLObject", "HardenedSSLSocket", "create_ssl_context"]
 
@@ -86,7 +85,6 @@ if ssl.OPENSSL_VERSION_INFO >= (3, 0):  # bits 0 and 7 mean nothing (or else) in
     _WEAKENING_OPTIONS[1 << 7] = (
         "OP_IGNORE_UNEXPECTED_EOF (a truncated connection would look like a clean close)"
     )
-_SESSION_CACHE_SIZE = 64
 
 
 def _base_get(ctx: ssl.SSLContext, name: str) -> Any:
@@ -105,16 +103,6 @@ def create_ssl_context(
     """A client context enforcing ``policy`` (default: IoT Hub's guidance), presenting
     ``identity`` (an X.509 device certificate) when given."""
     return HardenedSSLContext(policy, identity=identity)
-
-
-@dataclass
-class _Remembered:
-    # The serialised session (through the shim), or Python's SSLSession without it.
-    # It holds the resumption secret: never in a repr.
-    session: bytes | ssl.SSLSession = field(repr=False)
-    # What a resumed handshake cannot show again (no certificate is exchanged).
-    chain: tuple[str, ...]
-    anchor: str | None
 
 
 class HardenedSSLContext(ssl.SSLContext):
@@ -137,8 +125,7 @@ class HardenedSSLContext(ssl.SSLContext):
             raise PolicyError(f"policy must be a TlsPolicy, got {type(policy).__name__}")
         self._policy = policy
         self._identity = identity
-        self._sessions: OrderedDict[tuple[str | None, int | None], _Remembered] = OrderedDict()
-        self._sessions_lock = threading.Lock()
+        self._sessions = SessionCache()
         self._pinned_spki = policy.roots.spki_fingerprints
         self.sslsocket_class = HardenedSSLSocket
         self.sslobject_class = HardenedSSLObject
@@ -220,34 +207,32 @@ class HardenedSSLContext(ssl.SSLContext):
 
     # -- session memory -----------------------------------------------------------------
 
-    def _recall(self, key: tuple[str | None, int | None]) -> _Remembered | None:
-        with self._sessions_lock:
-            found = self._sessions.get(key)
-            if found is not None:
-                self._sessions.move_to_end(key)
-            return found
+    def _recall(self, key: Key) -> Remembered | None:
+        return self._sessions.recall(key)
 
-    def _remember(self, key: tuple[str | None, int | None], entry: _Remembered) -> None:
-        with self._sessions_lock:
-            self._sessions[key] = entry
-            self._sessions.move_to_end(key)
-            while len(self._sessions) > _SESSION_CACHE_SIZE:
-                self._sessions.popitem(last=False)
-
-    def _forget(self, key: tuple[str | None, int | None]) -> None:
-        with self._sessions_lock:
-            self._sessions.pop(key, None)
+    def _forget(self, key: Key) -> None:
+        self._sessions.forget(key)
 
     def forget_sessions(self) -> None:
         """Drop every remembered TLS session (the next connections do full handshakes)."""
-        with self._sessions_lock:
-            self._sessions.clear()
+        self._sessions.clear()
+
+    def _capture_session(
+        self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key, info: TlsInfo
+    ) -> bool:
+        entry = capture(conn, info)
+        if entry is not None:
+            self._sessions.remember(key, entry)
+        return entry is not None
+
+    def _offer_session(self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key) -> bool:
+        """Offer the session remembered for ``key``; True if one was offered."""
+        remembered = self._sessions.recall(key)
+        return remembered is not None and offer(conn, remembered)
 
     # -- the checks ---------------------------------------------------------------------
 
-    def _after_handshake(
-        self, conn: ssl.SSLSocket | ssl.SSLObject, key: tuple[str | None, int | None]
-    ) -> TlsInfo:
+    def _after_handshake(self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key) -> TlsInfo:
         """Inspect a completed handshake, enforce what OpenSSL cannot, remember the
         session. Raises PolicyViolation (the caller closes the connection)."""
         info = inspect_connection(conn)
@@ -299,48 +284,6 @@ class HardenedSSLContext(ssl.SSLContext):
                 f"{', '.join(self._policy.roots.common_names)}). Add that root to "
                 "TlsPolicy(roots=...) if the hub migrated to it"
             )
-
-    def _capture_session(
-        self,
-        conn: ssl.SSLSocket | ssl.SSLObject,
-        key: tuple[str | None, int | None],
-        info: TlsInfo,
-    ) -> bool:
-        """Remember the connection's session if it is resumable.
-
-        Through the shim the session is kept serialised. ``conn.session`` is read only
-        without the shim: on CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0 every read
-        of it leaks a native SSL_SESSION (about 5 KiB, CPython gh-116810), which in TLS
-        1.3, where each connection brings a new ticket, meant one leak per handshake."""
-        need_ticket = info.version != "TLSv1.2"
-        session: bytes | ssl.SSLSession | None
-        try:
-            session = shim("session resumption").session_der(conn, need_ticket=need_ticket)
-        except (FeatureUnavailableError, OSError):
-            session = conn.session
-            if session is not None and not (session.has_ticket or (not need_ticket and session.id)):
-                session = None
-        if session is None:
-            return False
-        self._remember(key, _Remembered(session, info.chain, info.anchor))
-        return True
-
-    def _offer_session(
-        self, conn: ssl.SSLSocket | ssl.SSLObject, key: tuple[str | None, int | None]
-    ) -> bool:
-        """Offer the session remembered for ``key`` on a connection that has not started
-        its handshake. True if one was offered."""
-        remembered = self._recall(key)
-        if remembered is None:
-            return False
-        try:
-            if isinstance(remembered.session, bytes):
-                shim("session resumption").offer_session(conn, remembered.session)
-            else:
-                conn.session = remembered.session
-        except (FeatureUnavailableError, OSError, ValueError):  # ValueError: already started
-            return False
-        return True
 
     # -- refusals that explain themselves -----------------------------------------------
 
@@ -667,28 +610,6 @@ def _owner(conn: Any) -> HardenedSSLContext:
     return cast(HardenedSSLContext, getattr(ctx, "_iothub_owner", ctx))
 
 
-def _session_key(conn: Any) -> tuple[str | None, int | None]:
-    port: int | None = None
-    if isinstance(conn, ssl.SSLSocket):
-        try:
-            port = int(conn.getpeername()[1])
-        except (OSError, IndexError, TypeError, ValueError):
-            port = None
-    return (conn.server_hostname, port)
-
-
-def _session_ticket(conn: Any) -> bytes | None:
-    """The connection's current session ticket, cheaply (None without the shim)."""
-    try:
-        return shim("session tracking").session_ticket(conn)
-    except (FeatureUnavailableError, OSError):
-        return None
-
-
-# Tickets follow the handshake at once; a server that sends none is not asked forever.
-_TICKET_READS = 16
-
-
 class _HandshakeChecks:
     """Shared by the socket and object classes: translate refusals, run the policy
     checks after the handshake, capture TLS 1.3 tickets after reads."""
@@ -698,7 +619,7 @@ class _HandshakeChecks:
     def do_handshake(self, *args: Any) -> None:
         conn = cast(Any, self)
         owner = _owner(conn)
-        key = _session_key(conn)
+        key = session_key(conn)
         state = conn.__dict__
         if "_iothub_offered" not in state:  # first call (non-blocking handshakes repeat)
             # SSLSocket keeps the session it was given in ``_session``; reading the
@@ -730,7 +651,7 @@ class _HandshakeChecks:
         conn.__dict__["_iothub_session_key"] = key
         if owner.policy.session_resumption and info.version == "TLSv1.3":
             # The ticket (a new session) comes with a later record: catch it in read().
-            state["_iothub_handshake_ticket"] = _session_ticket(conn)
+            state["_iothub_handshake_ticket"] = session_ticket(conn)
             state["_iothub_ticket_reads"] = 0
             conn._iothub_ticket_pending = True
 
@@ -739,7 +660,7 @@ class _HandshakeChecks:
         if self._iothub_ticket_pending:
             conn = cast(Any, self)
             state = conn.__dict__
-            ticket = _session_ticket(conn)
+            ticket = session_ticket(conn)
             # a new ticket arrived (without the shim: look at the session itself)
             if (ticket is None or (ticket and ticket != state["_iothub_handshake_ticket"])) and (
                 _owner(conn)._capture_session(
@@ -748,7 +669,7 @@ class _HandshakeChecks:
             ):
                 self._iothub_ticket_pending = False
             state["_iothub_ticket_reads"] += 1
-            if state["_iothub_ticket_reads"] >= _TICKET_READS:
+            if state["_iothub_ticket_reads"] >= TICKET_READS:
                 self._iothub_ticket_pending = False
         return data
 
@@ -765,166 +686,3 @@ class HardenedSSLSocket(_HandshakeChecks, ssl.SSLSocket):
 
 class HardenedSSLObject(_HandshakeChecks, ssl.SSLObject):
     """``ssl.SSLObject`` (asyncio, anyio/httpx, ``wrap_bio``) with the same checks."""
-
-
-# -- refusals -------------------------------------------------------------------------------
-
-_VERSION_REASONS = {
-    "UNSUPPORTED_PROTOCOL",
-    "TLSV1_ALERT_PROTOCOL_VERSION",
-    "WRONG_SSL_VERSION",
-    "NO_PROTOCOLS_AVAILABLE",
-    "VERSION_TOO_LOW",
-}
-_CIPHER_REASONS = {
-    "SSLV3_ALERT_HANDSHAKE_FAILURE",
-    "NO_SHARED_CIPHER",
-    "NO_CIPHERS_AVAILABLE",
-    "NO_SUITABLE_SIGNATURE_ALGORITHM",
-    "NO_SHARED_SIGNATURE_ALGORITHMS",
-    "TLSV1_ALERT_INSUFFICIENT_SECURITY",
-    "WRONG_CIPHER_RETURNED",
-}
-_CLOSED_REASONS = {"UNEXPECTED_EOF_WHILE_READING", "EOF"}
-_NOT_TLS_REASONS = {
-    "WRONG_VERSION_NUMBER",
-    "HTTP_REQUEST",
-    "RECORD_LAYER_FAILURE",
-    "PACKET_LENGTH_TOO_LONG",
-}
-# Alerts a server sends when it refuses the device's own certificate (mutual TLS).
-_CLIENT_CERT_REASONS = {
-    "TLSV1_ALERT_UNKNOWN_CA",
-    "SSLV3_ALERT_BAD_CERTIFICATE",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED",
-    "SSLV3_ALERT_CERTIFICATE_REVOKED",
-    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
-    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
-    "TLSV1_ALERT_ACCESS_DENIED",
-}
-
-# OpenSSL X509_V_ERR_* codes -> what to do about them
-_VERIFY_REMEDIES = {
-    9: "the certificate is not valid yet: check the device clock (NTP) before anything else",
-    10: "the certificate has expired: check the device clock (NTP); if the clock is right "
-    "the server's certificate must be renewed",
-    18: "the server presented a self-signed certificate that is not one of the pinned roots",
-    19: "the chain ends at a root that is not pinned: if the hub migrated roots, add the new "
-    "root with TlsPolicy(roots=...), no code change needed",
-    20: "the chain does not lead to a pinned root (or the server did not send its "
-    "intermediate certificates): if the hub migrated roots, add the new root with "
-    "TlsPolicy(roots=...)",
-    21: "the server sent an incomplete chain (a missing intermediate certificate): the "
-    "server must send its intermediates",
-    62: "the certificate does not match the host name: connect to the name the hub's "
-    "certificate is issued for (e.g. <hub>.azure-devices.net), never an IP address",
-    66: "the server's key is too weak (IoT Hub uses RSA 2048+ or ECDSA P-256+)",
-    67: "the server's CA key is too weak",
-    68: "the chain uses a weak signature digest (SHA-1 or MD5)",
-}
-
-
-def explain_handshake_error(
-    exc: BaseException, policy: TlsPolicy, host: str | None, *, agreed: str | None = None
-) -> BaseException:
-    """Translate an ssl handshake failure into the matching :mod:`iothub_tls.errors`
-    class, keeping OpenSSL's reason and adding the rule and the remedy. ``agreed`` is the
-    suite the server chose before failing, if it got that far."""
-    where = f"TLS handshake with {host}" if host else "TLS handshake"
-    reason = getattr(exc, "reason", None) or ""
-    original = getattr(exc, "verify_message", None) or str(exc)
-    errno = getattr(exc, "errno", None)
-    new: OSError
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        code = exc.verify_code
-        remedy = _VERIFY_REMEDIES.get(code, "the server certificate chain could not be verified")
-        new = CertificateVerificationError(
-            errno,
-            # keeps OpenSSL's reason code: tools that sort failures by it still can
-            f"{where} failed: certificate verify failed (CERTIFICATE_VERIFY_FAILED): "
-            f"{exc.verify_message} "
-            f"(OpenSSL verify code {code}); {remedy}. Pinned roots: "
-            f"{', '.join(policy.roots.common_names)}",
-        )
-        new.verify_code = code
-        new.verify_message = exc.verify_message
-    elif isinstance(exc, TimeoutError):
-        new = HandshakeTimeoutError(
-            errno,
-            f"{where} did not complete in time ({original}): the server accepted the TCP "
-            "connection but did not finish the handshake. Check that the port speaks TLS "
-            "and that no proxy or firewall holds the connection",
-        )
-    elif reason in _VERSION_REASONS:
-        new = ProtocolVersionError(
-            errno,
-            f"{where} failed: the server does not accept TLS 1.2 or later ({reason}). IoT Hub "
-            "policy requires TLS 1.2 or later (TLS 1.0 and 1.1 were retired on "
-            "2025-08-31); this device never offers older versions. Upgrade the server "
-            "or gateway to TLS 1.2+",
-        )
-    elif reason in _CIPHER_REASONS and agreed:
-        # The server chose a suite, then ended the handshake: not a cipher problem.
-        new = TLSHandshakeError(
-            errno,
-            f"{where} failed: the server agreed on {iana_name(agreed)} and then ended the "
-            f"handshake ({reason}): it most likely requires a device certificate that was not "
-            "presented or that it does not accept. Pass the registered certificate as "
-            "identity=ClientIdentity.from_files(...)",
-        )
-    elif reason in _CIPHER_REASONS:
-        if policy.ciphers is CipherProfile.ECC_ONLY:
-            rule = (
-                "ECC-only mode needs an ECDSA certificate from the server: this device "
-                "offers only the ECDHE-ECDSA suites "
-                f"({', '.join(s.iana for s in policy.cipher_suites)}) and ECDSA signatures "
-                "in TLS 1.3. Use CipherProfile.STRONG if the server has only an RSA "
-                "certificate"
-            )
-        else:
-            rule = (
-                "this device offers only IoT Hub's recommended cipher suites "
-                f"({', '.join(s.iana for s in policy.cipher_suites)}) and the server "
-                "accepts none of them. The server must enable ECDHE with AES-GCM or "
-                "AES-CBC-SHA2 suites"
-            )
-        new = CipherSuiteError(
-            errno, f"{where} failed: no cipher suite in common ({reason}); {rule}"
-        )
-    elif isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError) or reason in _CLOSED_REASONS:
-        new = HandshakeClosedError(
-            errno,
-            f"{where} failed: the server closed the connection during the handshake "
-            f"({original}). A server that only speaks TLS 1.0/1.1, accepts none of IoT Hub's "
-            "recommended suites, or requires a client certificate may do this",
-        )
-    elif isinstance(exc, ConnectionResetError | BrokenPipeError):
-        new = HandshakeClosedError(
-            errno,
-            f"{where} failed: the server reset the connection during the handshake "
-            f"({original}). A server that only speaks TLS 1.0/1.1 or refuses every "
-            "suite this device offers may do this; so may a firewall",
-        )
-    elif reason in _NOT_TLS_REASONS:
-        new = TLSHandshakeError(
-            errno,
-            f"{where} failed: the server did not answer with TLS ({reason}): check the port "
-            "(IoT Hub: 8883 MQTT, 5671 AMQP, 443 HTTPS and WebSockets) and that no proxy "
-            "intercepts the connection",
-        )
-    elif reason in _CLIENT_CERT_REASONS:
-        new = TLSHandshakeError(
-            errno,
-            f"{where} failed: the server refused this device's certificate ({reason}). "
-            "Register the device's certificate (its thumbprint, or the CA that issued it) "
-            "with the hub, check it has not expired, and pass it as "
-            "identity=ClientIdentity.from_files(...)",
-        )
-    elif isinstance(exc, ssl.SSLError):
-        new = TLSHandshakeError(errno, f"{where} failed: {original}")
-    else:
-        return exc
-    # keep OpenSSL's fields, as ssl.SSLError carries them
-    vars(new).update(reason=reason or None, library=getattr(exc, "library", None))
-    return new

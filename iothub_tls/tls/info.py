@@ -14,10 +14,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ..errors import FeatureUnavailableError
+from ..policy import iana_name
+from ..roots import common_name
 from ._openssl import shim
-from .errors import FeatureUnavailableError
-from .policy import iana_name
-from .roots import common_name
 
 __all__ = ["TlsInfo", "tls_info"]
 
