@@ -82,7 +82,9 @@ class RootSet:
     def from_pem(cls, data: bytes | str, *, name: str = "custom") -> RootSet:
         """Roots from PEM text holding one or more ``CERTIFICATE`` blocks."""
         raw = pem.as_bytes(data, "PEM data")
-        return cls(pem.load_certificates(raw, "the root certificate data", RootStoreError), name=name)
+        return cls(
+            pem.load_certificates(raw, "the root certificate data", RootStoreError), name=name
+        )
 
     @classmethod
     def from_pem_file(cls, path: str | PathLike[str]) -> RootSet:
