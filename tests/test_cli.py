@@ -146,7 +146,7 @@ CORE_CHECKS = [
     "roots AZURE_ECC",
     "system-store",
     "clock",
-    "paho-mqtt",
+    "wsproto",
     "python-qpid-proton",
     "urllib3",
     "truststore",

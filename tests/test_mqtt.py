@@ -31,7 +31,6 @@ import logging
 import os
 import queue
 import re
-import select
 import signal
 import socket
 import ssl
@@ -868,7 +867,8 @@ def test_sas_token_is_renewed_by_reconnecting(hub: Hub) -> None:
     hub.set_password(device.username, first_token)
     wait_for(lambda: probe_login(hub, device.username, first_token) == 0, "the reload")
     proxy = FaultProxy(hub.sas_port)
-    client = hub.sas_client(device, port=proxy.port)
+    # the token's life is checked at each keep-alive tick (every keepalive / 2 seconds)
+    client = hub.sas_client(device, port=proxy.port, options=dataclasses.replace(FAST, keepalive=5))
     client.connect()
 
     # 85 % of the token's life later the client must disconnect and come back with a
@@ -1223,17 +1223,6 @@ def test_defaults_follow_iot_hub(pki: PKI) -> None:
         ws.send_telemetry(b"x")
 
 
-def test_an_unsupported_paho_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    import paho.mqtt
-
-    monkeypatch.setattr(paho.mqtt, "__version__", "1.5.1")
-    client = MqttDeviceClient.from_symmetric_key(HOST, "d", new_key(), options=FAST)
-    with pytest.raises(errors.IncompatibleDependencyError, match=r"1\.5\.1 is installed") as caught:
-        client.connect()
-    assert caught.value.tested == ("1.6.1", "2.2.0")
-    assert "pip install 'paho-mqtt>=1.6,<3'" in str(caught.value)
-
-
 def test_public_names_are_documented() -> None:
     import iothub_tls.mqtt as module
 
@@ -1243,13 +1232,20 @@ def test_public_names_are_documented() -> None:
     assert missing == []
 
 
-def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_client_needs_no_paho(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client speaks MQTT with the package's own codec: paho-mqtt is not needed."""
     for name in [n for n in sys.modules if n == "paho" or n.startswith("paho.")]:
         monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setitem(sys.modules, "paho", None)
+    monkeypatch.setitem(sys.modules, "paho", None)  # "import paho" raises ImportError
     client = MqttDeviceClient.from_symmetric_key(HOST, "d", new_key(), options=FAST)
-    with pytest.raises(errors.MissingDependencyError, match=r"pip install 'iothub-tls\[mqtt\]'"):
-        client.connect()
+    assert client.username.startswith(f"{HOST}/d/?api-version=")
+
+
+def test_websockets_without_wsproto_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "wsproto", None)
+    extra = r"pip install 'iothub-tls\[websockets\]'"
+    with pytest.raises(errors.MissingDependencyError, match=extra):
+        MqttDeviceClient.from_symmetric_key(HOST, "d", new_key(), websockets=True)
 
 
 # --------------------------------------------------------------------------- the network thread
@@ -1257,9 +1253,9 @@ def test_missing_paho_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def socket_number(client: MqttDeviceClient) -> int:
     """The descriptor of the client's current connection."""
-    network = client._network
-    assert network is not None
-    sock = network._client.socket()
+    link = client._aio._link
+    assert link is not None and link.transport is not None
+    sock = link.transport.get_extra_info("socket")
     assert sock is not None
     return int(sock.fileno())
 
@@ -1300,59 +1296,6 @@ def test_clients_work_with_descriptor_numbers_above_1023(hub: Hub) -> None:
         proxy.close()
 
 
-def test_a_failure_of_the_network_loop_reaches_connect_as_the_cause(
-    hub: Hub, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import select
-
-    from iothub_tls.mqtt import network as _mqtt_network
-
-    broken = OSError(12, "Cannot allocate memory")
-
-    class FailingPoller:
-        """The platform's poll object, except that waiting fails."""
-
-        def __init__(self) -> None:
-            self._poller = select.poll()
-            self.register = self._poller.register
-            self.modify = self._poller.modify
-            self.unregister = self._poller.unregister
-
-        def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
-            raise broken
-
-    monkeypatch.setattr(_mqtt_network, "new_poller", FailingPoller)
-    client = hub.sas_client()
-    with pytest.raises(errors.ConnectionFailedError) as caught:
-        client.connect()
-    assert caught.value.__cause__ is broken
-    message = str(caught.value)
-    assert "network loop failed while waiting for a CONNACK" in message
-    assert "Cannot allocate memory" in message
-    assert "closed the connection" not in message  # the broker did nothing wrong
-    assert not client.connected
-
-
-def test_the_selectors_fallback_sends_receives_and_reconnects(
-    hub: Hub, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Platforms without select.poll (Windows) wait through selectors instead.
-    from iothub_tls._io import poller as _poller
-    from iothub_tls.mqtt import network as _mqtt_network
-
-    monkeypatch.setattr(_mqtt_network, "new_poller", _poller.SelectorPoller)
-    observer = hub.peer("observer")
-    observer.subscribe("devices/device-sas/messages/events/#")
-    proxy, client = connected_behind_proxy(hub)
-    futures = [client.send_telemetry_async(f"n={i}".encode()) for i in range(30)]
-    assert [f.result(WAIT) for f in futures] == [None] * 30
-    assert [observer.expect()[1] for _ in futures] == [f"n={i}".encode() for i in range(30)]
-    proxy.cut()
-    wait_for(lambda: client.reconnect_count == 1 and client.connected, "the reconnection")
-    client.send_telemetry(b"after")
-    assert observer.expect()[1] == b"after"
-    proxy.close()
-
 
 def test_a_place_in_the_queue_is_free_when_send_returns(hub: Hub) -> None:
     # Acknowledgements are settled in batches; the queue count must be given back
@@ -1369,24 +1312,28 @@ def test_a_place_in_the_queue_is_free_when_send_returns(hub: Hub) -> None:
 
 
 def client_threads() -> list[str]:
-    return sorted(t.name for t in threading.enumerate() if t.name.startswith("iothub-tls-mqtt"))
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("iothub-tls-"))
 
 
-def test_a_client_without_callbacks_runs_one_thread(hub: Hub) -> None:
+def test_clients_share_one_io_thread_and_one_callback_thread(hub: Hub) -> None:
+    """However many clients a process holds: one I/O thread, one callback thread (and
+    one resolver thread while host names are looked up)."""
     service = hub.peer("service")
-    before = client_threads()
-    client = hub.x509_client()
-    client.connect()
-    client.send_telemetry(b"no callbacks")
-    assert client_threads() == sorted([*before, "iothub-tls-mqtt"])  # the network thread
-
+    clients = [hub.x509_client(), hub.sas_client()]
+    for client in clients:
+        client.connect()
+        client.send_telemetry(b"no callbacks")
+    assert client_threads().count("iothub-tls-io") == 1
     received: queue.Queue[C2DMessage] = queue.Queue()
-    client.on_c2d = received.put
+    clients[0].on_c2d = received.put
     service.publish("devices/device-x509/messages/devicebound/", b"hello")
-    assert received.get(timeout=WAIT).payload == b"hello"  # on the callback thread
-    assert client_threads() == sorted([*before, "iothub-tls-mqtt", "iothub-tls-mqtt-callbacks"])
-    client.close()
-    wait_for(lambda: client_threads() == before, "the client's threads to end")
+    message = received.get(timeout=WAIT)
+    assert message.payload == b"hello"
+    threads = client_threads()
+    assert threads.count("iothub-tls-io") == 1 and threads.count("iothub-tls-callbacks") == 1
+    assert len(threads) <= 4, threads
+    for client in clients:
+        client.close()
 
 
 def test_keepalive_pings_go_out_while_the_client_is_idle(hub: Hub) -> None:
@@ -1404,53 +1351,3 @@ def test_keepalive_pings_go_out_while_the_client_is_idle(hub: Hub) -> None:
     client.send_telemetry(b"still connected")
 
 
-def test_paho_queues_what_it_sends_for_the_network_loop_to_write(hub: Hub) -> None:
-    """What batched writes rest on, in paho 1.6 and 2.x alike: with the adapter's
-    socket-write callbacks, neither connect() nor publish() nor the read loop (a PUBACK
-    that releases the next PUBLISH from the in-flight window) writes anything itself."""
-    from iothub_tls.mqtt._paho import Paho
-
-    connacks: list[int] = []
-    acked: list[int] = []
-    adapter = Paho(
-        client_id="device-x509",
-        websockets=False,
-        address=("127.0.0.1", hub.mtls_port),
-        context=it.create_ssl_context(hub.pki.policy(), identity=hub.identity),
-        options=FAST,
-        on_connack=lambda code, _present: connacks.append(code),
-        on_suback=lambda _mid, _granted: None,
-        on_publish=lambda _client, _userdata, mid, *_: acked.append(mid),
-        on_message=lambda _topic, _payload: None,
-    )
-    client = adapter.client
-    queued_after_read: list[bool] = []
-
-    def drive(done: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT
-        while not done():
-            assert time.monotonic() < deadline, "the broker did not answer in time"
-            if client.want_write():
-                client.loop_write()
-            if select.select([client.socket()], [], [], 0.05)[0]:
-                before = len(acked)
-                client.loop_read()
-                if before < len(acked) < 3:
-                    queued_after_read.append(client.want_write())
-
-    client.max_inflight_messages_set(1)  # (paho 2.x refuses this once connected)
-    try:
-        adapter.connect(HOST, hub.mtls_port, 60)
-        assert client.want_write()  # CONNECT waits in paho's queue
-        drive(lambda: bool(connacks))
-        assert connacks == [0]
-
-        infos = [
-            client.publish("devices/device-x509/messages/events/", b"%d" % n, 1) for n in range(3)
-        ]
-        assert client.want_write()  # the first PUBLISH waits, the others are held back
-        drive(lambda: len(acked) == 3)
-        assert acked == [info.mid for info in infos]
-        assert queued_after_read and all(queued_after_read)
-    finally:
-        adapter.force_close()

@@ -25,7 +25,6 @@ from iothub_tls.mqtt.conventions import (
     TwinResponse,
     c2d_filter,
     check_message_size,
-    connack_code,
     connack_error,
     decode_property_bag,
     encode_property_bag,
@@ -278,19 +277,6 @@ def test_request_tracker_expires_and_drains() -> None:
 
 
 # ------------------------------------------------------------------------- CONNACK
-
-
-def test_connack_codes_from_paho_1_6_ints_and_paho_2_reason_codes() -> None:
-    for code in range(6):
-        assert connack_code(code) == code
-    import paho.mqtt.client as mqtt
-
-    convert = getattr(mqtt, "convert_connack_rc_to_reason_code", None)
-    if convert is not None:  # paho 2.x reports MQTT 5 reason codes for 3.1.1 CONNACKs
-        for code in range(6):
-            assert connack_code(convert(code)) == code
-    with pytest.raises(TypeError):
-        connack_code("5")
 
 
 def test_connack_accepted() -> None:

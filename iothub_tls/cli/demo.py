@@ -184,7 +184,9 @@ def _legacy_attempt(hub: LocalHub, protocol: str, *, version: ssl.TLSVersion, ci
 
 def _installed(protocol: str) -> str | None:
     """None when the transport's library is importable, else the install hint."""
-    module = {"mqtt": "paho.mqtt.client", "amqp": "proton", "https": "urllib3"}[protocol]
+    module = {"mqtt": None, "amqp": "proton", "https": "urllib3"}[protocol]
+    if module is None:  # MQTT over TCP needs nothing beyond the core
+        return None
     try:
         __import__(module)
     except ImportError:

@@ -456,7 +456,7 @@ def _clock(now: dt.datetime | None = None) -> Check:
 
 # distribution, extra that brings it, supported range (inclusive minimum, exclusive maximum)
 _PACKAGES: tuple[tuple[str, str | None, tuple[int, ...], tuple[int, ...] | None], ...] = (
-    ("paho-mqtt", "mqtt", (1, 6), (3,)),
+    ("wsproto", "websockets", (1, 2), None),
     ("python-qpid-proton", "amqp", (0, 39), None),
     ("urllib3", "https", (2,), None),
     ("truststore", None, (0, 9), None),
@@ -578,8 +578,8 @@ def _azure_iot_device() -> Check:
             name,
             Status.WARNING,
             detail,
-            "azure-iot-device and this paho-mqtt conflict; iothub-tls works with "
-            "paho-mqtt 1.6 and 2.x, so install the version azure-iot-device needs "
+            "azure-iot-device and this paho-mqtt conflict; iothub-tls itself does not "
+            "use paho-mqtt, so install the version azure-iot-device needs "
             f"(pip install 'paho-mqtt{requirement}') or use separate environments",
         )
     return Check(name, Status.OK, detail)

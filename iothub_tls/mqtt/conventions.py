@@ -58,7 +58,6 @@ __all__ = [
     "TwinResponse",
     "c2d_filter",
     "c2d_topic",
-    "connack_code",
     "connack_error",
     "decode_property_bag",
     "desired_patch_topic",
@@ -621,21 +620,6 @@ class RequestTracker(Generic[T]):
 # --------------------------------------------------------------------------------------
 # CONNACK and what is worth retrying
 # --------------------------------------------------------------------------------------
-
-# paho-mqtt 2.x reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes.
-_REASON_TO_CONNACK = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
-
-
-def connack_code(value: object) -> int:
-    """The MQTT 3.1.1 CONNACK return code (0-5) from what paho reports: an int
-    (paho 1.6) or a ReasonCode object / MQTT 5 value (paho 2.x)."""
-    raw = getattr(value, "value", value)
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise TypeError(f"not a CONNACK code: {value!r}")
-    if raw <= 5:
-        return raw
-    return _REASON_TO_CONNACK.get(raw, raw)
-
 
 def connack_error(code: int, host: str) -> tuple[ClientError, bool] | None:
     """None when CONNACK ``code`` accepts the connection, else (error, retryable).
