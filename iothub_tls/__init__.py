@@ -10,6 +10,7 @@ import logging as _logging
 from ._io.backoff import RetryPolicy
 from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
 from .device import (
+    AsyncDeviceClient,
     C2DMessage,
     ConnectionState,
     DeviceClient,
@@ -67,6 +68,7 @@ _logging.getLogger("iothub_tls").addHandler(_logging.NullHandler())
 __all__ = [
     "AZURE_ECC",
     "AZURE_GLOBAL",
+    "AsyncDeviceClient",
     "AuthenticationError",
     "BadRequestError",
     "C2DMessage",

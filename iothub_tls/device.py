@@ -20,7 +20,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from .tls.info import TlsInfo
 
 __all__ = [
+    "AsyncDeviceClient",
     "C2DMessage",
     "ConnectionState",
     "DeviceClient",
@@ -471,6 +472,7 @@ def encode_reported_patch(patch: Mapping[str, Any]) -> bytes:
 
 
 _Client = TypeVar("_Client", bound="DeviceClient")
+_AsyncClient = TypeVar("_AsyncClient", bound="AsyncDeviceClient")
 
 
 @runtime_checkable
@@ -550,6 +552,63 @@ class DeviceClient(Protocol):
 
     def get_twin(self, timeout: float | None = None) -> dict[str, Any]: ...
     def patch_reported(
+        self, patch: Mapping[str, Any], timeout: float | None = None
+    ) -> int | None: ...
+    def on_method(self, name: str | None, handler: MethodHandler | None) -> None: ...
+
+
+@runtime_checkable
+class AsyncDeviceClient(Protocol):
+    """:class:`DeviceClient` for asyncio (:mod:`iothub_tls.aio`): the same members, with
+    ``await`` on the operations, ``async with``, and ``c2d_messages()``, an async
+    iterator of cloud-to-device messages. Callbacks and handlers may be coroutine
+    functions."""
+
+    transport: ClassVar[str]
+
+    on_connection_state_change: Callable[[ConnectionState, BaseException | None], Any] | None
+    on_background_exception: Callable[[BaseException], Any] | None
+
+    @property
+    def on_c2d(self) -> Callable[[C2DMessage], Any] | None: ...
+    @on_c2d.setter
+    def on_c2d(self, callback: Callable[[C2DMessage], Any] | None) -> None: ...
+    @property
+    def on_desired_update(self) -> Callable[[dict[str, Any]], Any] | None: ...
+    @on_desired_update.setter
+    def on_desired_update(self, callback: Callable[[dict[str, Any]], Any] | None) -> None: ...
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def module_id(self) -> str | None: ...
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def tls_info(self) -> TlsInfo | None: ...
+
+    async def connect(self) -> None: ...
+    async def close(self) -> None: ...
+    async def __aenter__(self: _AsyncClient) -> _AsyncClient: ...
+    async def __aexit__(self, *exc: object) -> None: ...
+
+    async def send_telemetry(
+        self,
+        payload: bytes | str | Message,
+        properties: Mapping[str, str] | None = None,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        timeout: float | None = None,
+    ) -> None: ...
+
+    async def receive_c2d(self, timeout: float | None = None) -> C2DMessage: ...
+    def c2d_messages(self) -> AsyncIterator[C2DMessage]: ...
+
+    async def get_twin(self, timeout: float | None = None) -> dict[str, Any]: ...
+    async def patch_reported(
         self, patch: Mapping[str, Any], timeout: float | None = None
     ) -> int | None: ...
     def on_method(self, name: str | None, handler: MethodHandler | None) -> None: ...

@@ -3,7 +3,7 @@ the one :class:`iothub_tls.DeviceClient` protocol, instances and classes (factor
 
 from __future__ import annotations
 
-from iothub_tls import DeviceClient
+from iothub_tls import AsyncDeviceClient, DeviceClient, aio
 from iothub_tls.amqp import AmqpDeviceClient
 from iothub_tls.https import HttpsDeviceClient
 from iothub_tls.mqtt import MqttDeviceClient
@@ -22,3 +22,7 @@ def https(client: HttpsDeviceClient) -> DeviceClient:
 
 
 CLASSES: tuple[type[DeviceClient], ...] = (MqttDeviceClient, AmqpDeviceClient, HttpsDeviceClient)
+
+
+def mqtt_aio(client: aio.MqttDeviceClient) -> AsyncDeviceClient:
+    return client

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from ..device import C2DMessage, ConnectionState, MethodHandler, MethodRouter
 from ..errors import OperationTimeoutError
+from .base import Factories
 from .loop import callback_thread
 
 logger = logging.getLogger("iothub_tls")
@@ -128,7 +129,7 @@ class ThreadRunner(Runner):
         self._thread.submit(call)
 
 
-class AsyncClientBase:
+class AsyncClientBase(Factories):
     """Callbacks and routing common to every asyncio device client."""
 
     #: "mqtt", "amqp" or "https"

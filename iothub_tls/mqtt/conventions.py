@@ -621,6 +621,7 @@ class RequestTracker(Generic[T]):
 # CONNACK and what is worth retrying
 # --------------------------------------------------------------------------------------
 
+
 def connack_error(code: int, host: str) -> tuple[ClientError, bool] | None:
     """None when CONNACK ``code`` accepts the connection, else (error, retryable).
 
