@@ -17,10 +17,9 @@ import asyncio
 import concurrent.futures
 import logging
 import secrets
-import ssl
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ from .._io.aiobase import AsyncClientBase
 from .._io.backoff import Backoff
 from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag, overload_hint, wait_for
+from .._io.tls import open_tls
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..device import (
     C2DMessage,
@@ -481,53 +481,39 @@ class MqttDeviceClient(AsyncClientBase):
 
     async def _open(self, waited: float) -> _Link:
         """TCP, TLS (and the WebSocket upgrade): a link ready for MQTT."""
-        loop = asyncio.get_running_loop()
         options = self._options
         where = f"{self._connect_host}:{self._port}"
-        factory: Callable[[], asyncio.Protocol]
         link = _Link(self)
+        ws: Any = None
         if self._websockets:
             from .._io.websocket import WebSocketClient
 
             ws = WebSocketClient(
                 link, host=self._server_hostname, path=WEBSOCKET_PATH, subprotocol="mqtt"
             )
-            factory = lambda: ws  # noqa: E731
-        else:
-            factory = lambda: link  # noqa: E731
+        inner: asyncio.Protocol = ws if self._websockets else link
         try:
-            await wait_for(
-                loop.create_connection(
-                    factory,
-                    self._connect_host,
-                    self._port,
-                    ssl=self._context,
-                    server_hostname=self._server_hostname,
-                    ssl_handshake_timeout=options.handshake_timeout,
-                ),
-                options.connect_timeout + options.handshake_timeout,
+            await open_tls(
+                inner,
+                self._connect_host,
+                self._port,
+                context=self._context,
+                server_hostname=self._server_hostname,
+                connect_timeout=options.connect_timeout,
+                handshake_timeout=options.handshake_timeout,
             )
-        except IoTHubTLSError:
-            raise  # the core's TLS refusals, unchanged
-        except ConnectionAbortedError as exc:
-            if "handshake" in str(exc):
-                raise HandshakeTimeoutError(
-                    None,
-                    f"TLS handshake with {self._server_hostname} did not complete in time "
-                    f"({options.handshake_timeout:g} s): the server accepted the TCP "
-                    "connection but did not finish the handshake. Check that the port speaks "
-                    "TLS and that no proxy or firewall holds the connection."
-                    + overload_hint(self._lag, waited),
-                ) from exc
-            raise ConnectionFailedError(f"connection to {where} failed: {exc}") from exc
+        except IoTHubTLSError as exc:
+            # the core's TLS refusals, unchanged (a stalled handshake: say if we were slow)
+            if isinstance(exc, HandshakeTimeoutError) and (
+                hint := overload_hint(self._lag, waited)
+            ):
+                raise HandshakeTimeoutError(None, f"{exc}.{hint}") from exc
+            raise
         except (TimeoutError, asyncio.TimeoutError):
             raise ConnectionFailedError(
-                f"could not connect to {where} within "
-                f"{options.connect_timeout + options.handshake_timeout:g} s"
+                f"could not connect to {where} within {options.connect_timeout:g} s"
                 + overload_hint(self._lag, waited)
             ) from None
-        except ssl.SSLError as exc:  # pragma: no cover - the hardened socket translates
-            raise ConnectionFailedError(f"TLS with {where} failed: {exc}") from exc
         except OSError as exc:
             raise ConnectionFailedError(f"could not connect to {where}: {exc}") from exc
         if self._websockets:
