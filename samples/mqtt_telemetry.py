@@ -14,6 +14,17 @@ X.509 device::
         --connection-string 'HostName=myhub.azure-devices.net;DeviceId=dev1;x509=true' \\
         --cert dev1.pem --key dev1.key
 
+Against the local hub (``iothub-tls serve``, which prints the device's connection string
+and the root it is signed with)::
+
+    python samples/mqtt_telemetry.py --root .iothub-tls-hub/pki/root.pem \
+        --host 127.0.0.1 --port 8883 --connection-string "$(iothub-tls hub \
+        --state .iothub-tls-hub connection-string thermostat-1)" --wait 60
+
+The client is the shared device-client surface (docs/clients.md): replace
+``iothub_tls.mqtt.MqttDeviceClient`` by ``iothub_tls.amqp.AmqpDeviceClient`` and drop
+``websockets=`` to run it over AMQP.
+
 Needs ``pip install 'iothub-tls[mqtt]'``. Exit status: 0 sent, 1 failed, 2 usage error.
 """
 
@@ -122,9 +133,12 @@ def main(argv: list[str] | None = None) -> int:
 
     client.on_method("echo", echo)
     client.on_desired_update = lambda patch: print(f"desired properties: {json.dumps(patch)}")
-    client.on_c2d = lambda message: print(
-        f"cloud-to-device message: {message.payload!r} properties={message.properties}"
-    )
+
+    def on_c2d(message: it.C2DMessage) -> None:
+        print(f"cloud-to-device message: {message.payload!r} properties={message.properties}")
+        message.complete()  # over MQTT the hub completed it on arrival: this adds nothing
+
+    client.on_c2d = on_c2d
     try:
         with client:
             print(f"connected to {client}: {client.tls_info}")
