@@ -57,6 +57,8 @@ if __package__ in (None, ""):  # run as a script: python bench/import_time.py
 from bench._stats import Ratio, summarize
 
 _REPO = Path(__file__).resolve().parent.parent
+# tarfile's extraction filters exist from 3.10.12 / 3.11.4 on
+_SAFE_EXTRACT: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 _HOST = "import-time.iothub-tls.test"
 
 _CHILD = """
@@ -138,7 +140,7 @@ def _tree(revision: str) -> Iterator[Path]:
         tar_path = Path(tmp) / "tree.tar"
         tar_path.write_bytes(archive)
         with tarfile.open(tar_path) as tar:
-            tar.extractall(tmp, filter="data")
+            tar.extractall(tmp, **_SAFE_EXTRACT)
         yield Path(tmp)
 
 
