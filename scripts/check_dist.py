@@ -58,6 +58,7 @@ CORE_TESTS = (
     "tests/test_public_api.py",
     "tests/test_import_cost.py",
     "tests/test_doctor_certifi.py",
+    "tests/test_check_dist.py",
 )
 #: From the dev extra: what the core tests need besides the package.
 TEST_TOOLS = {"pytest", "pytest-timeout", "trustme", "hypothesis"}

@@ -205,14 +205,19 @@ def test_first_connection_report_loads_the_parser_and_is_complete(pki, tls_serve
     assert info["anchor"] == "iothub-tls Test Root G2"
 
 
-def test_shipped_names_are_the_certificates_own():
-    """The names known without parsing are the subject CNs of the shipped files."""
+def test_what_is_known_without_parsing_is_what_the_certificates_say():
+    """Names, PEM and DER of the unparsed shipped sets (and of their sum) are those of
+    the parsed certificates: what create_ssl_context() loads is what the files hold."""
+    from cryptography.hazmat.primitives.serialization import Encoding
     from cryptography.x509.oid import NameOID
 
-    for set_name in ("AZURE_GLOBAL", "AZURE_ECC"):
-        fresh = it.roots.load_shipped(set_name)
-        parsed = tuple(
-            str(c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value) for c in fresh
+    fresh = [it.roots.load_shipped(name) for name in ("AZURE_GLOBAL", "AZURE_ECC")]
+    for roots in (*fresh, fresh[0] + fresh[1]):
+        parsed = list(roots)  # parses here, after the facts above were computed
+        names = tuple(
+            str(c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value) for c in parsed
         )
-        assert fresh.common_names == parsed
-        assert fresh == getattr(it, set_name)
+        assert roots.common_names == names
+        assert roots.to_pem() == "".join(c.public_bytes(Encoding.PEM).decode() for c in parsed)
+        assert roots.to_der() == b"".join(c.public_bytes(Encoding.DER) for c in parsed)
+    assert fresh == [it.AZURE_GLOBAL, it.AZURE_ECC]

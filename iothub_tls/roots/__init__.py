@@ -88,6 +88,7 @@ class RootSet:
 
         certs: list[x509.Certificate] = []
         ders: list[bytes] = []
+        seen: set[bytes] = set()
         for cert in certificates:
             if not isinstance(cert, x509.Certificate):
                 raise TypeError(
@@ -95,10 +96,11 @@ class RootSet:
                     f"{type(cert).__name__} (use RootSet.from_pem for PEM data)"
                 )
             der = _der(cert)
-            if der in ders:
+            if der in seen:
                 continue
             pem.check_readable(cert, f"root {len(certs) + 1}", RootStoreError)
             _check_is_root(cert)
+            seen.add(der)
             ders.append(der)
             certs.append(cert)
         if not certs:
