@@ -6,9 +6,11 @@ each connection negotiated. See the README for the policy and a quickstart.
 """
 
 import logging as _logging
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
 
 from ._io.backoff import RetryPolicy
-from .auth import ClientIdentity, ConnectionString, SasToken, generate_sas_token
+from .auth import ConnectionString, SasToken, generate_sas_token
 from .device import (
     AsyncDeviceClient,
     C2DMessage,
@@ -58,6 +60,9 @@ from .policy import CipherProfile, CipherSuite, TlsPolicy, Trust
 from .roots import AZURE_ECC, AZURE_GLOBAL, RootSet
 from .tls.context import HardenedSSLContext, create_ssl_context
 from .tls.info import TlsInfo, tls_info
+
+if _TYPE_CHECKING:
+    from .auth.identity import ClientIdentity
 
 __version__ = "0.1.0"
 
@@ -125,3 +130,19 @@ __all__ = [
     "generate_sas_token",
     "tls_info",
 ]
+
+
+if not _TYPE_CHECKING:  # hidden from type checkers, which see the import above
+
+    def __getattr__(name: str) -> _Any:
+        # ClientIdentity parses certificates (cryptography.x509): it is imported on first
+        # use, so `import iothub_tls` and create_ssl_context() load no certificate parser.
+        if name == "ClientIdentity":
+            from .auth.identity import ClientIdentity
+
+            globals()[name] = ClientIdentity
+            return ClientIdentity
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), "ClientIdentity"})

@@ -154,3 +154,24 @@ def test_hub_flood_script_at_tiny_size() -> None:
     assert result["refusals_logged"] == 2
     before, during, after = round_["threads"]
     assert during == before + 4 and after == before  # one thread per served connection
+
+
+def test_import_time_script_at_tiny_size():
+    """bench/import_time.py in fresh interpreters: every measure has its samples, the
+    handshake really happened (the child checks the anchor), and the attribution shows
+    the package imported without cryptography.x509. Facts only, no numbers."""
+    done = subprocess.run(
+        [sys.executable, "bench/import_time.py", "--rounds", "3", "--attribution", "1", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    current = result["trees"]["current"]
+    assert set(current) == {"import", "start -> context", "start -> first handshake", "x509 later"}
+    assert all(summary["n"] == 3 for summary in current.values())
+    attribution = result["attribution_us"]["current"]
+    assert "iothub_tls" in attribution
+    assert "cryptography.x509" not in attribution

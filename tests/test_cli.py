@@ -145,6 +145,7 @@ CORE_CHECKS = [
     "roots AZURE_GLOBAL",
     "roots AZURE_ECC",
     "system-store",
+    "certifi-bundle",
     "clock",
     "wsproto",
     "python-qpid-proton",

@@ -175,14 +175,14 @@ def _tampered_package(tmp_path: Path, mutate) -> Path:
 def test_tampered_shipped_root_is_an_error(tmp_path, monkeypatch):
     other = CA("DigiCert Global Root G2")  # same name, different key: a substitution
     folder = _tampered_package(tmp_path, lambda _: other.cert_pem)
-    monkeypatch.setattr(roots_module.resources, "files", lambda _name: folder)
+    monkeypatch.setattr(roots_module, "_read_shipped", lambda name: (folder / name).read_bytes())
     with pytest.raises(it.RootIntegrityError, match="was altered: reinstall"):
         roots_module.load_shipped("AZURE_GLOBAL")
 
 
 def test_truncated_shipped_root_is_an_error(tmp_path, monkeypatch):
     folder = _tampered_package(tmp_path, lambda data: data[: len(data) // 2])
-    monkeypatch.setattr(roots_module.resources, "files", lambda _name: folder)
+    monkeypatch.setattr(roots_module, "_read_shipped", lambda name: (folder / name).read_bytes())
     with pytest.raises(it.RootIntegrityError, match="damaged"):
         roots_module.load_shipped("AZURE_GLOBAL")
 

@@ -16,8 +16,9 @@ Check that this platform can connect to IoT Hub the way its TLS guidance asks:
 Python and OpenSSL versions; TLS 1.2 and 1.3 and each of the 8 recommended cipher
 suites (real in-memory handshakes); the OpenSSL features iothub-tls reaches through
 its shim (max fragment length, ECDSA-only signature algorithms); reading the verified
-chain; the shipped root certificates intact and present in the system store; a
-plausible clock; and the versions of the transport libraries.
+chain; the shipped root certificates intact, present in the system store and still
+in Mozilla's root list as certifi ships it (a root removed there is an early sign of
+a root migration); a plausible clock; and the versions of the transport libraries.
 
 Each line is ok, warning or fail, with a remedy for anything not ok.
 Exit codes: 0 no failure (warnings allowed), 1 at least one failure.

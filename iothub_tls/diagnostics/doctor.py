@@ -33,7 +33,7 @@ from ..tls import _openssl
 from ..tls.context import create_ssl_context
 from ..tls.info import TlsInfo, tls_info
 
-__all__ = ["Check", "Status", "run_checks"]
+__all__ = ["Check", "Status", "certifi_roots", "run_checks"]
 
 _HOST = "doctor.iothub-tls.invalid"
 
@@ -71,6 +71,7 @@ def run_checks() -> list[Check]:
         for name, shipped in (("AZURE_GLOBAL", AZURE_GLOBAL), ("AZURE_ECC", AZURE_ECC))
     ]
     checks.append(_system_store())
+    checks.append(certifi_roots())
     checks.append(_clock())
     checks += _packages()
     return checks
@@ -400,6 +401,105 @@ def _system_store() -> Check:
         )
     return Check(
         name, Status.OK, f"{where} holds the Azure roots ({len(certs)} CAs); Trust.SYSTEM usable"
+    )
+
+
+# -- Mozilla's root list, as certifi ships it ----------------------------------------------
+
+#: certifi is released with every change to Mozilla's root list (several times a year); a
+#: copy older than this says little about the roots trusted today.
+_CERTIFI_STALE = dt.timedelta(days=400)
+
+
+def _certifi_date(version: str) -> dt.date | None:
+    """certifi versions are release dates: 2026.10.19 (or 2026.10.19.post1)."""
+    match = re.match(r"(\d{4})\.(\d{1,2})\.(\d{1,2})", version)
+    if not match:
+        return None
+    try:
+        return dt.date(*(int(g) for g in match.groups()))
+    except ValueError:
+        return None
+
+
+def certifi_roots(
+    bundle: str | None = None, version: str | None = None, today: dt.date | None = None
+) -> Check:
+    """Are the shipped roots still in certifi's bundle, Mozilla's list of trusted roots?
+
+    A root Mozilla removes or distrusts is an early sign that Azure will move IoT Hub's
+    chains to another root: pinned devices then need the successor root before the hub
+    switches (an emergency root migration). Compared by public key, so a re-issued copy
+    of the same root still counts. ``bundle`` and ``version`` default to the installed
+    certifi's; ``today`` to the clock."""
+    name = "certifi-bundle"
+    try:
+        if bundle is None:
+            import certifi
+
+            bundle = certifi.where()
+        if version is None:
+            version = importlib.metadata.version("certifi")
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        return Check(
+            name,
+            Status.WARNING,
+            "certifi is not installed: the pinned roots cannot be compared with "
+            "Mozilla's current root list",
+            "pip install --upgrade certifi",
+        )
+    try:
+        data = Path(bundle).read_bytes()
+    except OSError as exc:
+        return Check(
+            name,
+            Status.WARNING,
+            f"cannot read certifi's bundle {bundle}: {exc.strerror or exc}",
+            "pip install --force-reinstall certifi",
+        )
+    blocks = [block for label, block in pem.pem_blocks(data) if label in pem.CERTIFICATE_LABELS]
+    certs = _parse_all(blocks, x509.load_pem_x509_certificate)
+    if not certs:
+        return Check(
+            name,
+            Status.WARNING,
+            f"certifi {version}: {bundle} holds no certificate",
+            "pip install --force-reinstall certifi",
+        )
+    have = {spki_sha256(c) for c in certs}
+    missing = [
+        f"{root_name!r} ({set_name})"
+        for set_name, roots in (("AZURE_GLOBAL", AZURE_GLOBAL), ("AZURE_ECC", AZURE_ECC))
+        for cert, root_name in zip(roots, roots.common_names, strict=True)
+        if spki_sha256(cert) not in have
+    ]
+    if missing:
+        return Check(
+            name,
+            Status.WARNING,
+            f"certifi {version} (Mozilla's root list) no longer holds {', '.join(missing)}: "
+            "Mozilla removed or distrusted it, an early sign that Azure will move IoT Hub "
+            "to another root",
+            "devices pinned to it keep working until the hub changes its chain; follow "
+            "Azure's IoT Hub certificate announcements, add the successor root by "
+            "configuration (TlsPolicy(roots=AZURE_GLOBAL + RootSet.from_pem_file(...))) "
+            "before the hub switches, and update iothub-tls",
+        )
+    released = _certifi_date(version)
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    if released is not None and today - released > _CERTIFI_STALE:
+        return Check(
+            name,
+            Status.WARNING,
+            f"certifi {version} holds the shipped roots, but it was released "
+            f"{(today - released).days} days ago: this says little about Mozilla's list today",
+            "pip install --upgrade certifi, then run doctor again",
+        )
+    count = len(AZURE_GLOBAL) + len(AZURE_ECC)
+    return Check(
+        name,
+        Status.OK,
+        f"certifi {version} (Mozilla's root list) still holds the {count} shipped roots",
     )
 
 

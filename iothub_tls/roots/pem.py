@@ -9,14 +9,25 @@ error class its own API documents (``RootStoreError``, ``IdentityError``, ...).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.x509.oid import NameOID
+if TYPE_CHECKING:
+    from cryptography import x509
 
-__all__ = ["check_path", "load_certificates", "not_pem_message", "pem_blocks", "read_limited"]
+# cryptography is imported by the functions that parse: finding PEM blocks (what the
+# shipped roots need at import time) costs no certificate parser.
+
+__all__ = [
+    "certificate_ders",
+    "check_path",
+    "load_certificates",
+    "not_pem_message",
+    "pem_blocks",
+    "read_limited",
+]
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n(.*?)-----END \1-----\r?\n?",
@@ -38,6 +49,18 @@ def as_bytes(data: object, what: str) -> bytes:
 def pem_blocks(data: bytes) -> list[tuple[str, bytes]]:
     """Every PEM block in ``data`` as (label, whole block including the armour)."""
     return [(m.group(1).decode("ascii"), m.group(0)) for m in _PEM_BLOCK.finditer(data)]
+
+
+def certificate_ders(data: bytes) -> list[bytes]:
+    """The DER of every certificate block in PEM ``data``, decoded but not parsed (the
+    shipped roots are checked by fingerprint, which needs no certificate parser).
+    A block that is not valid base64 raises ``ValueError``."""
+    ders = []
+    for label, block in pem_blocks(data):
+        if label in CERTIFICATE_LABELS:
+            body = b"".join(block.splitlines()[1:-1])
+            ders.append(base64.b64decode(body, validate=True))
+    return ders
 
 
 def not_pem_message(data: bytes, where: str, kind: str) -> str:
@@ -86,6 +109,9 @@ def read_limited(
 def check_readable(cert: x509.Certificate, label: str, error: type[Exception]) -> None:
     """cryptography parses a certificate's parts only when asked: ask now, so a broken
     key, name or extension is ``error`` here and not an UnsupportedAlgorithm later."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.x509.oid import NameOID
+
     what = "subject or issuer name"
     try:
         cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -105,6 +131,8 @@ def check_readable(cert: x509.Certificate, label: str, error: type[Exception]) -
 def load_certificates(data: bytes, where: str, error: type[Exception]) -> list[x509.Certificate]:
     """Every certificate in PEM ``data``, in order; ``error`` when there is none or one
     cannot be read."""
+    from cryptography import x509
+
     blocks = pem_blocks(data)
     if not blocks:
         raise error(not_pem_message(data, where, "certificate"))

@@ -126,7 +126,11 @@ class HardenedSSLContext(ssl.SSLContext):
         self._policy = policy
         self._identity = identity
         self._sessions = SessionCache()
-        self._pinned_spki = policy.roots.spki_fingerprints
+        # Only Trust.SYSTEM checks the anchor's key after the handshake; computing it
+        # parses the roots, which a pinned context never needs.
+        self._pinned_spki = (
+            policy.roots.spki_fingerprints if policy.trust is Trust.SYSTEM else frozenset()
+        )
         self.sslsocket_class = HardenedSSLSocket
         self.sslobject_class = HardenedSSLObject
         _configure(self, policy, identity)

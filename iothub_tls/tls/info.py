@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import asdict, dataclass
-from typing import Any
-
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FeatureUnavailableError
 from ..policy import iana_name
 from ..roots import common_name
 from ._openssl import shim
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = ["TlsInfo", "tls_info"]
 
@@ -65,6 +65,8 @@ class TlsInfo:
 
 def key_description(cert: x509.Certificate) -> tuple[str, int]:
     """("EC"|"RSA"|other, bits) of a certificate's public key."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
     key = cert.public_key()
     if isinstance(key, ec.EllipticCurvePublicKey):
         return "EC", key.curve.key_size
@@ -132,6 +134,10 @@ def inspect_connection(sslobj: ssl.SSLSocket | ssl.SSLObject) -> TlsInfo:
     der = sslobj.getpeercert(binary_form=True)
     if version is None or cipher is None or not der:
         raise ValueError("the TLS handshake has not completed on this connection")
+    # The certificate parser is imported here, on the first report, not with the package:
+    # a device pays for it once it has a connection to describe.
+    from cryptography import x509
+
     leaf = x509.load_der_x509_certificate(der)
     key_type, key_bits = key_description(leaf)
     chain_der = verified_chain_der(sslobj) or []

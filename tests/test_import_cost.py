@@ -1,0 +1,223 @@
+"""What ``import iothub_tls`` and ``create_ssl_context()`` load, in a fresh interpreter.
+
+A device that only needs a context should not pay for a certificate parser, a transport
+library or asyncio at start-up. Each test runs a small program in a new process and
+compares ``sys.modules`` before and after; each has a twin showing that the detection
+sees the heavy modules when they really are loaded (ClientIdentity, iterating a root set,
+the first connection report).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import iothub_tls as it
+from tests.conftest import HOST
+
+#: Exactly the package's modules that `import iothub_tls` runs: the core (errors, policy,
+#: roots, tls, auth without X.509 identities) and the shared client surface. A module added
+#: here is a cost every device pays at start-up: add it on purpose.
+CORE_MODULES = {
+    "iothub_tls",
+    "iothub_tls._io",
+    "iothub_tls._io.backoff",
+    "iothub_tls.auth",
+    "iothub_tls.auth._common",
+    "iothub_tls.auth.connection_string",
+    "iothub_tls.auth.sas",
+    "iothub_tls.device",
+    "iothub_tls.errors",
+    "iothub_tls.policy",
+    "iothub_tls.roots",
+    "iothub_tls.roots.pem",
+    "iothub_tls.tls",
+    "iothub_tls.tls._openssl",
+    "iothub_tls.tls.context",
+    "iothub_tls.tls.info",
+    "iothub_tls.tls.refusals",
+    "iothub_tls.tls.sessions",
+}
+#: Standard-library packages a bare import must not drag in: the event loop and its
+#: executors, and what the certificate parser (email) and importlib.resources (zipfile,
+#: tempfile, shutil) used to bring.
+HEAVY_STDLIB = ("asyncio", "concurrent", "email", "http", "zipfile", "tempfile", "shutil")
+TRANSPORTS = ("paho", "proton", "cproton", "urllib3", "requests", "httpx", "wsproto", "azure")
+
+_PRELUDE = """
+import json, sys
+_before = set(sys.modules)
+def loaded():
+    return sorted(set(sys.modules) - _before)
+def report(**extra):
+    print(json.dumps({"loaded": loaded(), **extra}))
+"""
+
+
+def run_fresh(body: str, *args: str) -> dict[str, object]:
+    """Run ``body`` (after the prelude) in a new interpreter; its JSON report."""
+    program = _PRELUDE + textwrap.dedent(body)
+    done = subprocess.run(
+        [sys.executable, "-c", program, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    report: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+def loaded(report: dict[str, object]) -> list[str]:
+    modules = report["loaded"]
+    assert isinstance(modules, list)
+    return [str(m) for m in modules]
+
+
+def _of(modules: list[str], *packages: str) -> list[str]:
+    return [m for m in modules if m.split(".")[0] in packages]
+
+
+def test_import_loads_only_the_core_and_the_standard_library():
+    modules = loaded(run_fresh("import iothub_tls\nreport()"))
+    assert {m for m in modules if m.split(".")[0] == "iothub_tls"} == CORE_MODULES
+    outside = {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"iothub_tls"}
+    assert outside == set(), f"third-party modules imported by `import iothub_tls`: {outside}"
+    assert _of(modules, "cryptography", "_cffi_backend") == []
+    assert _of(modules, *TRANSPORTS, "truststore", "certifi") == []
+    assert _of(modules, *HEAVY_STDLIB) == []
+
+
+def test_default_context_needs_no_certificate_parser():
+    report = run_fresh(
+        """
+        import iothub_tls as it
+        contexts = [
+            it.create_ssl_context(),
+            it.create_ssl_context(it.TlsPolicy(roots=it.AZURE_GLOBAL + it.AZURE_ECC)),
+            it.create_ssl_context(
+                it.TlsPolicy(ciphers=it.CipherProfile.ECC_ONLY, max_fragment_length=1024)
+            ),
+        ]
+        report(
+            anchors=[len(c.get_ca_certs()) for c in contexts],
+            names=list((it.AZURE_GLOBAL + it.AZURE_ECC).common_names),
+            text=repr(contexts[0].policy),
+        )
+        """
+    )
+    modules = loaded(report)
+    assert _of(modules, "cryptography", "_cffi_backend", *TRANSPORTS, "asyncio") == []
+    assert report["anchors"] == [2, 4, 2]
+    assert report["names"] == [
+        "DigiCert Global Root G2",
+        "Microsoft RSA Root Certificate Authority 2017",
+        "DigiCert Global Root G3",
+        "Microsoft ECC Root Certificate Authority 2017",
+    ]
+    assert "DigiCert Global Root G2" in str(report["text"])
+
+
+def test_client_identity_loads_the_parser_on_first_use():
+    """Twin: the detection sees cryptography.x509 when a name that needs it is used."""
+    report = run_fresh(
+        """
+        import sys
+        import iothub_tls
+        before = "cryptography.x509" in sys.modules
+        from iothub_tls import ClientIdentity
+        from iothub_tls.auth.identity import ClientIdentity as Defined
+        same = ClientIdentity is Defined and iothub_tls.ClientIdentity is Defined
+        report(before=before, same=same)
+        """
+    )
+    assert report["before"] is False
+    assert report["same"] is True
+    assert "cryptography.x509" in loaded(report)
+
+
+def test_lazy_names_are_listed_and_unknown_names_still_fail():
+    assert "ClientIdentity" in dir(it)
+    assert {"ClientIdentity", "thumbprints", "StrPath"} <= set(dir(it.auth))
+    with pytest.raises(AttributeError, match="has no attribute 'ClientIdentiy'"):
+        it.ClientIdentiy  # noqa: B018 - the attribute access is the test
+    with pytest.raises(AttributeError, match=r"iothub_tls\.auth' has no attribute 'nothing'"):
+        it.auth.nothing  # noqa: B018
+
+
+def test_shipped_roots_parse_on_first_iteration():
+    """Twin: iterating a shipped set parses it, into the certificates the files hold."""
+    report = run_fresh(
+        """
+        import hashlib, sys
+        import iothub_tls as it
+        before = "cryptography.x509" in sys.modules
+        from cryptography.hazmat.primitives.serialization import Encoding
+        certs = list(it.AZURE_GLOBAL)
+        report(
+            before=before,
+            fingerprints=[hashlib.sha256(c.public_bytes(Encoding.DER)).hexdigest() for c in certs],
+            expected=list(it.AZURE_GLOBAL.fingerprints),
+            spki=len(it.AZURE_GLOBAL.spki_fingerprints),
+        )
+        """
+    )
+    assert report["before"] is False
+    assert report["fingerprints"] == report["expected"]
+    assert report["spki"] == 2
+    assert "cryptography.x509" in loaded(report)
+
+
+def test_first_connection_report_loads_the_parser_and_is_complete(pki, tls_server):
+    """A device on unparsed roots (as the shipped ones are) connects for real: the
+    parser is loaded by its first handshake (the hardened context describes each
+    connection right after its handshake) and the report is the full one."""
+    server = tls_server([pki.ec_leaf])
+    report = run_fresh(
+        """
+        import socket, ssl, sys
+        import iothub_tls as it
+        from iothub_tls.roots import RootSet
+        port, host, root_pem = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+        # checked, not parsed: what load_shipped() makes of the packaged roots
+        roots = RootSet._checked((ssl.PEM_cert_to_DER_cert(root_pem),), "test root")
+        ctx = it.create_ssl_context(it.TlsPolicy(roots=roots))
+        before = "cryptography.x509" in sys.modules
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                info = it.tls_info(tls)
+        report(before=before, info=info.as_dict())
+        """,
+        str(server.port),
+        HOST,
+        pki.root.cert_pem.decode(),
+    )
+    assert report["before"] is False
+    assert "cryptography.x509" in loaded(report)
+    info = report["info"]
+    assert isinstance(info, dict)
+    assert (info["server_key_type"], info["server_key_bits"]) == ("EC", 256)
+    assert info["chain"] == [HOST, "iothub-tls Test Issuing CA", "iothub-tls Test Root G2"]
+    assert info["anchor"] == "iothub-tls Test Root G2"
+
+
+def test_what_is_known_without_parsing_is_what_the_certificates_say():
+    """Names, PEM and DER of the unparsed shipped sets (and of their sum) are those of
+    the parsed certificates: what create_ssl_context() loads is what the files hold."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    fresh = [it.roots.load_shipped(name) for name in ("AZURE_GLOBAL", "AZURE_ECC")]
+    for roots in (*fresh, fresh[0] + fresh[1]):
+        parsed = list(roots)  # parses here, after the facts above were computed
+        names = tuple(
+            str(c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value) for c in parsed
+        )
+        assert roots.common_names == names
+        assert roots.to_pem() == "".join(c.public_bytes(Encoding.PEM).decode() for c in parsed)
+        assert roots.to_der() == b"".join(c.public_bytes(Encoding.DER) for c in parsed)
+    assert fresh == [it.AZURE_GLOBAL, it.AZURE_ECC]
