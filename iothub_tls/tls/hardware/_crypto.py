@@ -201,6 +201,7 @@ def crypto(feature: str) -> Crypto:
     """The bound libcrypto, or :class:`FeatureUnavailableError` naming ``feature``."""
     from ...errors import FeatureUnavailableError
 
+    shim(feature)  # the shim's verdict first (a static _ssl, LibreSSL, an unverified Python)
     with _lock:
         if "crypto" not in _state:
             try:

@@ -11,7 +11,10 @@ whose signatures are made by the token.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import hmac
 import os
+import secrets
 import threading
 from typing import Any
 
@@ -179,6 +182,29 @@ def _pin_error(uri: Pkcs11Uri, exc: Pkcs11Error) -> TokenPinError:
     return TokenPinError(f"logging in to {where} failed: {exc}")
 
 
+# A token stays logged in while the engine holds its key, so C_Login cannot check a PIN
+# a second time: a keyed digest of the PIN that opened it is kept (never the PIN), and a
+# later load with another PIN is refused as the token would refuse it.
+_PIN_KEY = secrets.token_bytes(32)
+_pins: dict[tuple[str, str, str], bytes] = {}
+
+
+def _remember_or_compare_pin(
+    path: str, token: TokenInfo, pin: bytes, checked: bool, uri: Pkcs11Uri
+) -> None:
+    key = (path, token.serial, token.label)
+    digest = hmac.new(_PIN_KEY, pin, hashlib.sha256).digest()
+    if checked:
+        _pins[key] = digest
+        return
+    known = _pins.get(key)
+    if known is not None and not hmac.compare_digest(known, digest):
+        raise TokenPinError(
+            f"wrong PIN for {uri.token_text()}: it differs from the PIN this process opened "
+            "the token with"
+        )
+
+
 def _inspect(
     module: Pkcs11Module, request: KeyRequest, uri: Pkcs11Uri
 ) -> tuple[TokenInfo, bytes | None]:
@@ -209,9 +235,10 @@ def _inspect(
                         "(or pin-source=file:... in the URI)"
                     )
                 try:
-                    module.login(session, request.pin)
+                    checked = module.login(session, request.pin)
                 except Pkcs11Error as exc:
                     raise _pin_error(uri, exc) from None
+                _remember_or_compare_pin(module.path, token, request.pin, checked, uri)
             keys = module.find(session, CKO_PRIVATE_KEY, uri)
             if not keys:
                 raise HardwareObjectNotFoundError(

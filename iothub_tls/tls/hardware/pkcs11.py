@@ -262,10 +262,8 @@ class Pkcs11Module:
         for slot in slots[: count.value]:
             info = CK_TOKEN_INFO()
             rv = self._call("C_GetTokenInfo", slot, ctypes.byref(info))
-            if rv in (CKR_TOKEN_NOT_PRESENT, CKR_TOKEN_NOT_RECOGNIZED, CKR_DEVICE_REMOVED):
+            if rv != CKR_OK:  # absent, removed or broken: not a token that can be used
                 continue
-            if rv != CKR_OK:
-                raise Pkcs11Error("C_GetTokenInfo", rv)
             if not info.flags & CKF_TOKEN_INITIALIZED:
                 continue
             found.append(
@@ -291,11 +289,13 @@ class Pkcs11Module:
         finally:
             self._call("C_CloseSession", handle.value)
 
-    def login(self, session: int, pin: bytes) -> None:
-        """``C_Login`` as the user; already logged in (by the engine) counts as success."""
+    def login(self, session: int, pin: bytes) -> bool:
+        """``C_Login`` as the user. Returns False when the token was already logged in
+        (by the engine, in this process): the PIN was then not checked by the token."""
         rv = self._call("C_Login", session, CKU_USER, pin, len(pin))
         if rv not in (CKR_OK, CKR_USER_ALREADY_LOGGED_IN):
             raise Pkcs11Error("C_Login", rv)
+        return rv == CKR_OK
 
     def find(self, session: int, cls: int, uri: Pkcs11Uri) -> list[int]:
         """Handles of objects of class ``cls`` matching the URI's label / id."""

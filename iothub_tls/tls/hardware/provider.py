@@ -268,7 +268,7 @@ def _sign(
                 return 1
             finally:
                 lib.EVP_PKEY_CTX_free(ctx)
-    except BaseException:  # noqa: BLE001 - nothing may escape into OpenSSL
+    except BaseException:
         return 0
 
 
