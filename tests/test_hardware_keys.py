@@ -17,7 +17,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ import iothub_tls as it
 from iothub_tls.testing.hardware import (
     ENGINE_SO,
     SOFTHSM2_MODULE,
-    TPM2_PKCS11_MODULE,
     SoftHsm,
     SoftwareTpm,
     missing_tools,
@@ -103,7 +101,8 @@ class VerifyingServer:
         self.port = free_port()
         self.proc = subprocess.Popen(
             ["openssl", "s_server", "-accept", str(self.port), "-cert", str(files.certificate),
-             "-key", str(files.private_key), "-cert_chain", str(intermediates), "-Verify", "2", "-verify_return_error",
+             "-key", str(files.private_key), "-cert_chain", str(intermediates),
+             "-Verify", "2", "-verify_return_error",
              "-CAfile", str(cafile), "-naccept", "16", "-quiet", "-rev"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
@@ -268,7 +267,7 @@ def test_the_server_refuses_a_certificate_from_another_ca(
     foreign = certify(lab.other_ca, tokens.hsm.csr(tokens.bare.uri, PIN, "dev-foreign"))
     identity = tokens.bare.identity(certificate=foreign)
     ctx = it.create_ssl_context(lab.policy, identity=identity)
-    with pytest.raises(ssl.SSLError, match="UNKNOWN_CA|unknown ca"):
+    with pytest.raises(ssl.SSLError, match=r"UNKNOWN_CA|unknown ca"):
         server.connect(ctx)  # TLS 1.3: the refusal arrives with the first read
 
 
@@ -443,8 +442,8 @@ def test_softhsm_device_sends_telemetry_through_the_local_hub(
 @pytest.fixture(scope="module")
 def tpm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftwareTpm]:
     require(
-        ["swtpm", "dbus-daemon", "tpm2-abrmd", "tpm2_getcap", "tpm2_ptool", "openssl"],
-        {TPM2_PROVIDER: "tpm2-openssl", TPM2_PKCS11_MODULE: "libtpm2-pkcs11-1", ENGINE_SO: "libengine-pkcs11-openssl",
+        ["swtpm", "dbus-daemon", "tpm2-abrmd", "tpm2_getcap", "openssl"],
+        {TPM2_PROVIDER: "tpm2-openssl",
          "/usr/lib/x86_64-linux-gnu/libtss2-tcti-tabrmd.so.0": "libtss2-tcti-tabrmd0"},
     )  # fmt: skip
     running = SoftwareTpm(tmp_path_factory.mktemp("swtpm")).start()
@@ -476,7 +475,7 @@ def test_tpm2_provider_key_file(
 
 def test_tpm2_key_file_that_does_not_exist(tpm: SoftwareTpm, lab: Lab, tmp_path: Path) -> None:
     chain = [lab.ca.device("x", key_type=KeyType.EC, days=1).certificate]
-    with pytest.raises(it.HardwareKeyError, match="TSS2 key file .* does not exist"):
+    with pytest.raises(it.HardwareKeyError, match=r"TSS2 key file .* does not exist"):
         it.ClientIdentity.from_tpm2(tmp_path / "missing.pem", certificate=chain)
 
 
@@ -510,3 +509,30 @@ def test_tpm_device_sends_telemetry_through_the_local_hub(
     keyfile = tpm.generate_key(tmp_path / "hub-device.pem")
     chain = certify_tpm_key(hub.pki.issuer(), tpm, keyfile, f"tpm-device-{transport}")
     _send_through_the_hub(hub, it.ClientIdentity.from_tpm2(keyfile, certificate=chain), transport)
+
+
+# -- doctor -----------------------------------------------------------------------------
+
+
+def test_doctor_reports_the_routes_and_whether_a_key_signs(
+    tokens: Tokens, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from iothub_tls.cli import main
+
+    monkeypatch.setenv("ITLS_TEST_PIN", PIN)
+    args = ["doctor", "--json", "--pkcs11-key", tokens.bare.uri, "--pkcs11-module", SOFTHSM2_MODULE]
+    main([*args, "--pin-env", "ITLS_TEST_PIN"])
+    out = capsys.readouterr().out
+    checks = {c["name"]: c for c in __import__("json").loads(out)["checks"]}
+    assert checks["pkcs11-keys"]["status"] == "ok"
+    assert tokens.bare.label in checks["pkcs11-module"]["detail"]
+    assert checks["pkcs11-key"]["status"] == "ok" and "signs" in checks["pkcs11-key"]["detail"]
+    assert PIN not in out
+    # the failing twin: a wrong PIN is a failure that says so, and is not printed
+    monkeypatch.setenv("ITLS_TEST_PIN", WRONG_PIN)
+    assert main([*args, "--pin-env", "ITLS_TEST_PIN"]) == 1
+    out = capsys.readouterr().out
+    checks = {c["name"]: c for c in __import__("json").loads(out)["checks"]}
+    assert checks["pkcs11-key"]["status"] == "fail"
+    assert "TokenPinError" in checks["pkcs11-key"]["detail"]
+    assert WRONG_PIN not in out and PIN not in out
