@@ -9,7 +9,16 @@ standard-library base where one applies, so existing ``except ValueError`` or
     │   └── RootStoreError                       a root file or PEM that is not a usable root set
     │       └── RootIntegrityError               a shipped root whose SHA-256 fingerprint is wrong
     ├── IdentityError (ValueError)               device certificate / key unusable (bad PEM,
-    │                                            wrong password, key does not match certificate)
+    │   │                                        wrong password, key does not match certificate)
+    │   └── HardwareKeyError                     a key in a PKCS#11 token or a TPM is unusable
+    │       ├── HardwareModuleError              the PKCS#11 module, the pkcs11 engine or the tpm2
+    │       │                                    provider is missing or does not load
+    │       ├── TokenNotFoundError (LookupError) no token present matches the URI
+    │       ├── TokenPinError                    the PIN is missing, wrong or locked
+    │       ├── HardwareObjectNotFoundError (LookupError)  no such key or certificate
+    │       ├── KeyMismatchError                 the certificate does not belong to the key
+    │       └── HardwareSigningError (TLSHandshakeError)  the key failed to sign in a handshake
+    │           └── TokenRemovedError            the token was removed (or the TPM is gone)
     ├── ConnectionStringError (ValueError)       malformed IoT Hub connection string
     ├── SasTokenError (ValueError)               malformed, expired or wrongly signed SAS token
     ├── FeatureUnavailableError (RuntimeError)   a requested protection needs the OpenSSL shim,
@@ -76,11 +85,16 @@ __all__ = [
     "FeatureUnavailableError",
     "HandshakeClosedError",
     "HandshakeTimeoutError",
+    "HardwareKeyError",
+    "HardwareModuleError",
+    "HardwareObjectNotFoundError",
+    "HardwareSigningError",
     "HubServerError",
     "IdentityError",
     "IncompatibleDependencyError",
     "InvalidMessageError",
     "IoTHubTLSError",
+    "KeyMismatchError",
     "MessageLockLostError",
     "MessageTooLargeError",
     "MissingDependencyError",
@@ -95,6 +109,9 @@ __all__ = [
     "SasTokenError",
     "TLSHandshakeError",
     "ThrottledError",
+    "TokenNotFoundError",
+    "TokenPinError",
+    "TokenRemovedError",
     "UnexpectedResponseError",
     "UnsupportedOperationError",
 ]
@@ -190,6 +207,44 @@ class HandshakeClosedError(TLSHandshakeError):
 
 class HandshakeTimeoutError(HandshakeClosedError, TimeoutError):
     """The peer accepted the connection but did not complete the handshake in time."""
+
+
+class HardwareKeyError(IdentityError):
+    """A private key held by a PKCS#11 token or a TPM 2.0 that cannot be used. Messages
+    name the token, the object and the module; never the PIN."""
+
+
+class HardwareModuleError(HardwareKeyError):
+    """The PKCS#11 module, OpenSSL's ``pkcs11`` engine or the ``tpm2`` provider is not
+    installed or does not load (the message names the Debian package)."""
+
+
+class TokenNotFoundError(HardwareKeyError, LookupError):
+    """No token present in the PKCS#11 module matches the URI (the message lists the
+    tokens that are present)."""
+
+
+class TokenPinError(HardwareKeyError):
+    """The token needs a PIN and none was given, the PIN is wrong, or the PIN is locked."""
+
+
+class HardwareObjectNotFoundError(HardwareKeyError, LookupError):
+    """The token (or the TPM) holds no key, or no certificate, with that name."""
+
+
+class KeyMismatchError(HardwareKeyError):
+    """The device certificate does not belong to the key in the hardware."""
+
+
+class HardwareSigningError(TLSHandshakeError, HardwareKeyError):
+    """The hardware key did not sign during a TLS handshake. It is also a
+    :class:`TLSHandshakeError` (an :class:`ssl.SSLError`): the handshake failed."""
+
+
+class TokenRemovedError(HardwareSigningError):
+    """The token holding the device key was removed (or the TPM became unreachable) after
+    the identity was loaded: connections fail until it is back and the identity is
+    loaded again."""
 
 
 class CertificateVerificationError(IoTHubTLSError, ssl.SSLCertVerificationError):

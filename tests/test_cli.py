@@ -142,6 +142,8 @@ CORE_CHECKS = [
     "max-fragment-length",
     "ecdsa-signature-algorithms",
     "verified-chain",
+    "pkcs11-keys",
+    "tpm2-keys",
     "roots AZURE_GLOBAL",
     "roots AZURE_ECC",
     "system-store",

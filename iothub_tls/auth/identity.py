@@ -2,6 +2,10 @@
 chain) and private key for mutual TLS, validated when it is built, and loads them into an
 :class:`ssl.SSLContext` without ever writing the plaintext key to persistent storage.
 Private key material never appears in ``repr()``/``str()`` or in error messages.
+
+The key may also stay in hardware (:meth:`ClientIdentity.from_pkcs11`,
+:meth:`ClientIdentity.from_tpm2`): OpenSSL then asks the token or the TPM to sign, through
+:mod:`iothub_tls.tls.hardware`, and the key is never exported.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ import shutil
 import ssl
 import tempfile
 from collections.abc import Iterable, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.x509.oid import NameOID
 
-from ..errors import IdentityError
+from ..errors import (
+    FeatureUnavailableError,
+    HardwareKeyError,
+    IdentityError,
+    KeyMismatchError,
+)
 from ..roots import pem
+
+if TYPE_CHECKING:
+    from ..tls.hardware import HardwareKey
 
 __all__ = ["ClientIdentity", "StrPath", "thumbprints"]
 
@@ -124,6 +136,28 @@ def _check_key_type(key: object) -> _SupportedKey:
     )
 
 
+def _check_public_key_type(public: object, where: str) -> None:
+    """The rules of :func:`_check_key_type`, for a key known only by its public half."""
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < 2048:
+            raise IdentityError(
+                f"the RSA key {where} has {public.key_size} bits, which is too small: IoT Hub "
+                "and OpenSSL's default security level require at least 2048 bits"
+            )
+        return
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name not in _EC_CURVES:
+            raise IdentityError(
+                f"the EC key {where} uses curve {public.curve.name}, which TLS with IoT Hub "
+                "does not support: use P-256 (secp256r1), P-384 or P-521"
+            )
+        return
+    raise IdentityError(
+        f"the key {where} is a {type(public).__name__}: IoT Hub authenticates X.509 devices "
+        "with RSA (2048 bits or more) or ECDSA (P-256/P-384/P-521) keys"
+    )
+
+
 def _public_der(key: Any) -> bytes:
     der: bytes = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -179,7 +213,7 @@ class ClientIdentity:
     __slots__ = ("_chain", "_key")
 
     _chain: tuple[x509.Certificate, ...]
-    _key: _SupportedKey
+    _key: _SupportedKey | HardwareKey
 
     def __init__(self, certificates: Sequence[x509.Certificate], private_key: object) -> None:
         chain = tuple(certificates)
@@ -192,8 +226,15 @@ class ClientIdentity:
                     f"{type(cert).__name__} (use from_pem or from_files for PEM data)"
                 )
             pem.check_readable(cert, f"certificate {number} of the chain", IdentityError)
-        key = _check_key_type(private_key)
-        key_der = _public_der(key.public_key())
+        hardware = _hardware_key(private_key)
+        if hardware is not None:
+            public = serialization.load_der_public_key(hardware.public_der)
+            _check_public_key_type(public, f"in {hardware.description}")
+            key: Any = hardware
+            key_der = _public_der(public)
+        else:
+            key = _check_key_type(private_key)
+            key_der = _public_der(key.public_key())
         if _public_der(chain[0].public_key()) != key_der:
             position = next(
                 (
@@ -209,6 +250,11 @@ class ClientIdentity:
                     "first one: put the device (leaf) certificate first, then intermediates"
                 )
             cn = _subject_cn(chain[0])
+            if hardware is not None:
+                raise KeyMismatchError(
+                    f"the device certificate (CN={cn}) does not belong to the key in "
+                    f"{hardware.description}: use the certificate issued for that key"
+                )
             raise IdentityError(
                 f"the private key does not match the device certificate (CN={cn}): check "
                 "that the certificate and key files belong together"
@@ -262,6 +308,108 @@ class ClientIdentity:
         key = _load_private_key(key_data, where, _password_bytes(password), hint=hint)
         return cls(certs, key)
 
+    @classmethod
+    def from_pkcs11(
+        cls,
+        key_uri: str,
+        *,
+        certificate: _CertificateSource | None = None,
+        module: StrPath | None = None,
+        pin: bytes | str | None = None,
+    ) -> ClientIdentity:
+        """An identity whose private key stays in a PKCS#11 token (HSM, secure element,
+        smart card, a TPM through tpm2-pkcs11). OpenSSL's ``pkcs11`` engine asks the
+        token to sign; the key is never exported.
+
+        :param key_uri: an RFC 7512 URI naming the token and the key, e.g.
+            ``pkcs11:token=device;object=iothub;type=private``.
+        :param certificate: the device certificate (and intermediates): a PEM file path,
+            PEM data or a ``cryptography`` certificate. None: read the certificate with
+            the key's label / id from the token.
+        :param module: the token's PKCS#11 library; default: the URI's ``module-path``,
+            else p11-kit's proxy.
+        :param pin: the user PIN (or ``pin-value`` / ``pin-source`` in the URI). It is
+            tried once, and never appears in a message, log or repr.
+        :raises HardwareKeyError: a subclass saying what is wrong (module, token, PIN,
+            key, certificate, mismatch).
+        :raises FeatureUnavailableError: when this Python's OpenSSL cannot load engines.
+        """
+        from ..tls.hardware import KeyRequest, backend
+        from ..tls.hardware.uri import UriError, parse_pkcs11_uri
+
+        try:
+            uri = parse_pkcs11_uri(key_uri)
+        except UriError as exc:
+            raise HardwareKeyError(f"not a usable PKCS#11 URI: {exc}") from None
+        if uri.type not in (None, "private"):
+            raise HardwareKeyError(
+                f"the URI names a {uri.type!r} object: name the private key (type=private)"
+            )
+        secret = _pin_bytes(pin, uri.pin_value, uri.pin_source)
+        chain = None if certificate is None else _certificate_chain(certificate)
+        request = KeyRequest(
+            "pkcs11",
+            uri,
+            module=None if module is None else os.fspath(module),
+            pin=secret,
+            want_certificate=chain is None,
+        )
+        hardware = backend("pkcs11").load_key(request)
+        if chain is None:
+            assert hardware.certificate_der is not None
+            try:
+                chain = [x509.load_der_x509_certificate(hardware.certificate_der)]
+            except ValueError as exc:
+                raise HardwareKeyError(
+                    f"the certificate object on the token for {uri} is not a readable X.509 "
+                    f"certificate ({exc}): import the device certificate again, or pass "
+                    "certificate=..."
+                ) from None
+        return cls(chain, hardware)
+
+    @classmethod
+    def from_tpm2(
+        cls,
+        key: StrPath | int,
+        *,
+        certificate: _CertificateSource,
+        pin: bytes | str | None = None,
+        module: StrPath | None = None,
+    ) -> ClientIdentity:
+        """An identity whose private key stays in a TPM 2.0.
+
+        :param key: a TSS2 key file (``-----BEGIN TSS2 PRIVATE KEY-----``, made by
+            ``openssl genpkey -provider tpm2`` or ``tpm2tss-genkey``), a persistent handle
+            (``0x81000001`` or ``"handle:0x81000001"``), both through OpenSSL's ``tpm2``
+            provider; or a ``pkcs11:`` URI of a tpm2-pkcs11 token (through the
+            ``pkcs11`` engine and ``libtpm2_pkcs11``).
+        :param certificate: the device certificate (and intermediates): a PEM file path,
+            PEM data or a ``cryptography`` certificate.
+        :param pin: the tpm2-pkcs11 token's user PIN (``pkcs11:`` keys only).
+        :param module: the tpm2-pkcs11 library (``pkcs11:`` keys only).
+        :raises HardwareKeyError: a subclass saying what is wrong.
+        :raises FeatureUnavailableError: when this OpenSSL has no provider API (1.1.1).
+        """
+        if isinstance(key, str) and key[:7].lower() == "pkcs11:":
+            from ..tls.hardware.engine import TPM2_PKCS11_MODULES
+
+            chosen = module
+            if chosen is None:
+                chosen = next((m for m in TPM2_PKCS11_MODULES if os.path.isfile(m)), None)
+                if chosen is None:
+                    raise HardwareKeyError(
+                        "the tpm2-pkcs11 module is not installed (apt-get install "
+                        "libtpm2-pkcs11-1), or pass module=..."
+                    )
+            return cls.from_pkcs11(key, certificate=certificate, module=chosen, pin=pin)
+        if pin is not None or module is not None:
+            raise TypeError("pin= and module= apply to pkcs11: URIs of tpm2-pkcs11 tokens only")
+        from ..tls.hardware import KeyRequest, backend
+
+        chain = _certificate_chain(certificate)
+        hardware = backend("tpm2").load_key(KeyRequest("tpm2", _tpm2_locator(key)))
+        return cls(chain, hardware)
+
     # -- read-only view -------------------------------------------------------------
 
     @property
@@ -293,14 +441,54 @@ class ClientIdentity:
     @property
     def key_type(self) -> str:
         """``"RSA"`` or ``"EC"``."""
-        return "RSA" if isinstance(self._key, rsa.RSAPrivateKey) else "EC"
+        return "RSA" if isinstance(self.certificate.public_key(), rsa.RSAPublicKey) else "EC"
+
+    @property
+    def key_location(self) -> str:
+        """Where the private key is: ``"memory"``, or the hardware route and the key's
+        name without any secret (``"pkcs11 engine pkcs11:token=...;type=private"``)."""
+        hardware = _hardware_key(self._key)
+        if hardware is None:
+            return "memory"
+        return f"{hardware.route} {hardware.description}"
+
+    def _hardware_failure(self) -> BaseException | None:
+        """After a failed handshake: the hardware's own error (token removed, key no
+        longer signs), or None (software key, or the hardware key still works)."""
+        hardware = _hardware_key(self._key)
+        return None if hardware is None else hardware.diagnose()
 
     # -- loading into OpenSSL ---------------------------------------------------------
+
+    def _load_hardware(self, ctx: ssl.SSLContext, hardware: HardwareKey) -> None:
+        from ..tls._openssl import shim
+
+        chain = [c.public_bytes(serialization.Encoding.DER) for c in self._chain]
+        try:
+            shim("hardware keys (PKCS#11, TPM 2.0)").use_hardware_key(ctx, chain, hardware.pkey)
+        except FeatureUnavailableError:
+            raise
+        except OSError as exc:
+            if "mismatch" in str(exc):
+                raise KeyMismatchError(
+                    f"OpenSSL says the device certificate does not belong to the key in "
+                    f"{hardware.description} ({exc})"
+                ) from None
+            raise IdentityError(
+                f"OpenSSL refused the device certificate or the key in "
+                f"{hardware.description}: {exc}"
+            ) from None
+        # The context keeps the identity (and so the key, its engine or provider) alive.
 
     def _bundle(self, password: bytes) -> bytes:
         """The chain and the key re-encrypted under ``password``, as one PEM document."""
         parts: Iterable[bytes] = (c.public_bytes(serialization.Encoding.PEM) for c in self._chain)
-        key = self._key.private_bytes(
+        from ..tls.hardware import HardwareKey
+
+        software = self._key
+        if isinstance(software, HardwareKey):
+            raise TypeError("a hardware key has no private bytes")
+        key = software.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(password),
@@ -316,8 +504,14 @@ class ClientIdentity:
         the encrypted bundle goes to a fresh private directory (mode 0700) that is removed
         before returning. The plaintext key is never written anywhere.
 
+        A hardware key is installed as OpenSSL's key object instead (nothing is written).
+
         :raises IdentityError: when OpenSSL refuses the certificate or key.
         """
+        hardware = _hardware_key(self._key)
+        if hardware is not None:
+            self._load_hardware(ctx, hardware)
+            return
         onetime = secrets.token_bytes(32)
         bundle = self._bundle(onetime)
         try:
@@ -381,7 +575,101 @@ class ClientIdentity:
         return hash(self._chain)
 
     def __repr__(self) -> str:
+        where = "" if _hardware_key(self._key) is None else f", key_location={self.key_location!r}"
         return (
             f"ClientIdentity(device_id={self.device_id!r}, key_type={self.key_type!r}, "
-            f"thumbprint_sha256={self.thumbprint_sha256!r}, chain_length={len(self._chain)})"
+            f"thumbprint_sha256={self.thumbprint_sha256!r}, chain_length={len(self._chain)}"
+            f"{where})"
         )
+
+
+# -- hardware keys -----------------------------------------------------------------------
+
+_CertificateSource: TypeAlias = "StrPath | bytes | x509.Certificate | Sequence[x509.Certificate]"
+
+
+def _is_hardware(key: object) -> bool:
+    return type(key).__name__ == "HardwareKey" and hasattr(key, "public_der")
+
+
+def _hardware_key(key: object) -> HardwareKey | None:
+    if not _is_hardware(key):
+        return None
+    from ..tls.hardware import HardwareKey
+
+    return key if isinstance(key, HardwareKey) else None
+
+
+def _certificate_chain(source: object) -> list[x509.Certificate]:
+    """The device certificate (and intermediates) from a path, PEM data or objects."""
+    if isinstance(source, x509.Certificate):
+        return [source]
+    if isinstance(source, (list, tuple)):
+        return list(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _load_certificates(bytes(source), "certificate")
+    if isinstance(source, str) and "-----BEGIN" in source:
+        return _load_certificates(source.encode("utf-8"), "certificate")
+    if isinstance(source, (str, os.PathLike)):
+        return _load_certificates(_read_file(source, "certificate"), repr(os.fspath(source)))
+    raise TypeError(
+        "certificate must be a PEM file path, PEM data or a cryptography x509.Certificate, "
+        f"not {type(source).__name__}"
+    )
+
+
+_MAX_PIN_FILE = 4096
+
+
+def _pin_bytes(pin: object, pin_value: str | None, pin_source: str | None) -> bytes | None:
+    """The PIN as bytes: the argument, else the URI's pin-value, else pin-source's file.
+    Nothing here ever puts the PIN in a message."""
+    if pin is not None:
+        if isinstance(pin, str):
+            return pin.encode("utf-8")
+        if isinstance(pin, (bytes, bytearray, memoryview)):
+            return bytes(pin)
+        raise TypeError(f"pin must be str or bytes, not {type(pin).__name__}")
+    if pin_value is not None:
+        return pin_value.encode("utf-8")
+    if pin_source is not None:
+        path = pin_source[5:] if pin_source.startswith("file:") else pin_source
+        if pin_source.startswith(("|", "exec:")) or "://" in pin_source:
+            raise HardwareKeyError(
+                f"pin-source {pin_source!r} is not supported: use file:/path/to/pin-file"
+            )
+        data = pem.read_limited(path, "PIN file (pin-source)", _MAX_PIN_FILE, HardwareKeyError)
+        return data.splitlines()[0] if data.strip() else b""
+    return None
+
+
+def _tpm2_locator(key: object) -> str:
+    """``handle:0x81...`` for a persistent handle, else the key file's path."""
+    if isinstance(key, bool):
+        raise TypeError("key must be a TSS2 key file path or a persistent handle, not bool")
+    if isinstance(key, int):
+        handle = key
+    elif isinstance(key, str) and key.lower().startswith(("handle:", "0x")):
+        text = key.split(":", 1)[1] if key.lower().startswith("handle:") else key
+        try:
+            handle = int(text, 16 if text.lower().startswith("0x") else 10)
+        except ValueError:
+            raise HardwareKeyError(f"{key!r} is not a TPM handle (e.g. 0x81000001)") from None
+    elif isinstance(key, (str, os.PathLike)):
+        path = os.fspath(key)
+        if not os.path.isfile(path):
+            raise HardwareKeyError(
+                f"the TSS2 key file {path!r} does not exist: create the key with "
+                "'openssl genpkey -provider tpm2 -algorithm EC -pkeyopt group:P-256 -out FILE'"
+            )
+        return os.path.abspath(path)
+    else:
+        raise TypeError(
+            f"key must be a TSS2 key file path or a persistent handle, not {type(key).__name__}"
+        )
+    if not 0x81000000 <= handle <= 0x81FFFFFF:
+        raise HardwareKeyError(
+            f"{handle:#x} is not a persistent TPM handle (0x81000000-0x81FFFFFF): make the "
+            "key persistent with tpm2_evictcontrol, or pass its TSS2 key file"
+        )
+    return f"handle:{handle:#010x}"

@@ -62,10 +62,17 @@ class Check:
         }
 
 
-def run_checks() -> list[Check]:
-    """All checks, in report order."""
+def run_checks(
+    *,
+    pkcs11_key: str | None = None,
+    pkcs11_module: str | None = None,
+    pin: str | None = None,
+) -> list[Check]:
+    """All checks, in report order. With ``pkcs11_key`` (an RFC 7512 URI), also whether
+    that key loads and signs (``pin`` is never shown)."""
     checks = [_python(), _openssl_version()]
     checks += _handshake_checks()
+    checks += hardware_checks(pkcs11_key=pkcs11_key, pkcs11_module=pkcs11_module, pin=pin)
     checks += [
         _roots(name, shipped)
         for name, shipped in (("AZURE_GLOBAL", AZURE_GLOBAL), ("AZURE_ECC", AZURE_ECC))
@@ -294,6 +301,101 @@ def _exercise(lab: _Lab) -> Iterator[Check]:
         chain,
         "TlsInfo.anchor stays empty and Trust.SYSTEM refuses every connection; "
         "use Trust.PINNED (default), or fix openssl-shim",
+    )
+
+
+# -- hardware keys ---------------------------------------------------------------------------
+
+
+def hardware_checks(
+    *,
+    pkcs11_key: str | None = None,
+    pkcs11_module: str | None = None,
+    pin: str | None = None,
+) -> list[Check]:
+    """Can device keys in a PKCS#11 token or a TPM 2.0 be used here (engine / provider
+    installed, module loadable) and, given a URI, does that key sign?"""
+    from ..tls.hardware import backend_status
+
+    checks = []
+    for kind, name, remedy in (
+        (
+            "pkcs11",
+            "pkcs11-keys",
+            "only needed for keys in a PKCS#11 token: apt-get install libengine-pkcs11-openssl",
+        ),
+        (
+            "tpm2",
+            "tpm2-keys",
+            "only needed for TPM 2.0 keys: apt-get install tpm2-openssl (or use a "
+            "tpm2-pkcs11 token through pkcs11-keys)",
+        ),
+    ):
+        ok, detail = backend_status(kind)
+        checks.append(Check(name, Status.OK if ok else Status.WARNING, detail, remedy))
+    if pkcs11_module is not None:
+        checks.append(_pkcs11_module(pkcs11_module))
+    if pkcs11_key is not None:
+        checks.append(_pkcs11_key(pkcs11_key, pkcs11_module, pin))
+    return checks
+
+
+def _pkcs11_module(path: str) -> Check:
+    from ..tls.hardware.pkcs11 import Pkcs11Error, Pkcs11Module
+
+    try:
+        module = Pkcs11Module(path)
+        with module.initialized():
+            tokens = module.tokens()
+    except FileNotFoundError:
+        return Check(
+            "pkcs11-module",
+            Status.FAIL,
+            f"{path} does not exist",
+            "install the token's PKCS#11 library or correct the path",
+        )
+    except (OSError, Pkcs11Error) as exc:
+        return Check(
+            "pkcs11-module",
+            Status.FAIL,
+            f"{path} does not load: {exc}",
+            "check that this is the token's PKCS#11 library for this architecture",
+        )
+    labels = ", ".join(repr(t.label) for t in tokens) or "none"
+    return Check("pkcs11-module", Status.OK, f"{path} loads; tokens present: {labels}")
+
+
+def _pkcs11_key(uri: str, module: str | None, pin: str | None) -> Check:
+    from ..errors import HardwareKeyError
+    from ..tls.hardware import KeyRequest, backend
+    from ..tls.hardware.uri import UriError, parse_pkcs11_uri
+
+    try:
+        parsed = parse_pkcs11_uri(uri)
+    except UriError as exc:
+        return Check(
+            "pkcs11-key",
+            Status.FAIL,
+            f"not a PKCS#11 URI: {exc}",
+            "write it as pkcs11:token=...;object=...",
+        )
+    try:
+        chosen = backend("pkcs11")
+        secret = None if pin is None else pin.encode("utf-8")
+        if secret is None and parsed.pin_value is not None:
+            secret = parsed.pin_value.encode("utf-8")
+        key = chosen.load_key(KeyRequest("pkcs11", parsed, module=module, pin=secret))
+        chosen.sign_test(key)
+    except FeatureUnavailableError as exc:
+        return Check("pkcs11-key", Status.FAIL, f"unavailable: {exc.reason}", "fix openssl-shim")
+    except HardwareKeyError as exc:
+        return Check(
+            "pkcs11-key", Status.FAIL, f"{type(exc).__name__}: {exc}", "see docs/hardware-keys.md"
+        )
+    return Check(
+        "pkcs11-key",
+        Status.OK,
+        f"{parsed} signs ({key.route}); the signature verifies with its public key",
     )
 
 

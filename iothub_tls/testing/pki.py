@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 PrivateKey: TypeAlias = "rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey"
+PublicKey: TypeAlias = "rsa.RSAPublicKey | ec.EllipticCurvePublicKey"
 
 #: Validity of CA certificates made without an explicit ``days``.
 DEFAULT_CA_DAYS = 3650
@@ -428,20 +429,68 @@ class CertificateAuthority:
         )
         return self._sign_leaf(builder, key)
 
+    def device_from_csr(
+        self,
+        csr_pem: bytes,
+        *,
+        days: int = DEFAULT_LEAF_DAYS,
+        not_before: dt.datetime | None = None,
+    ) -> tuple[x509.Certificate, ...]:
+        """Certify the key of a PKCS#10 request (one made inside a token or a TPM, whose
+        private key this CA never sees): a device certificate with the request's CN as
+        the device id. Returns the leaf followed by the intermediates, what the device
+        presents.
+
+        :raises ValueError: when the request's signature does not verify (it was not made
+            with the key it carries), or it has no valid device id as its CN.
+        """
+        csr = x509.load_pem_x509_csr(csr_pem)
+        if not csr.is_signature_valid:
+            raise ValueError("the certificate request's signature does not verify")
+        key = csr.public_key()
+        if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+            raise ValueError("only RSA and EC keys can be certified")
+        names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if not names:
+            raise ValueError("the certificate request has no CN (the device id)")
+        return self.device_for_key(str(names[0].value), key, days=days, not_before=not_before)
+
+    def device_for_key(
+        self,
+        device_id: str,
+        public_key: PublicKey,
+        *,
+        days: int = DEFAULT_LEAF_DAYS,
+        not_before: dt.datetime | None = None,
+    ) -> tuple[x509.Certificate, ...]:
+        """Certify a public key whose private half this CA never sees (in a token or a
+        TPM): the leaf followed by the intermediates."""
+        builder = self._leaf_builder(
+            check_device_id(device_id), public_key, not_before, days,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+        )  # fmt: skip
+        cert = builder.sign(self.private_key, _signature_hash(self.private_key))
+        return (cert, *(() if self.is_root else (self.certificate, *self.chain)))
+
     def _leaf_builder(
         self,
         cn: str,
-        key: PrivateKey,
+        key: PrivateKey | PublicKey,
         not_before: dt.datetime | None,
         days: int,
         purpose: x509.ObjectIdentifier,
     ) -> x509.CertificateBuilder:
         start = not_before or _utcnow() - _BACKDATE
+        public = (
+            key
+            if isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey)
+            else key.public_key()
+        )
         return (
             x509.CertificateBuilder()
             .subject_name(_name(cn))
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(start + dt.timedelta(days=_check_days(days)))
@@ -451,7 +500,7 @@ class CertificateAuthority:
                     digital_signature=True,
                     content_commitment=False,
                     # RSA key transport suites need keyEncipherment (RFC 5246 7.4.2).
-                    key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                    key_encipherment=isinstance(public, rsa.RSAPublicKey),
                     data_encipherment=False,
                     key_agreement=False,
                     key_cert_sign=False,
@@ -462,9 +511,7 @@ class CertificateAuthority:
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
             .add_extension(self._authority_key_id(), critical=False)
         )
 

@@ -30,6 +30,7 @@ __all__ = ["OpenSSLShim", "options_restype", "shim", "shim_status"]
 # SSL_ctrl / SSL_CTX_ctrl commands (openssl/ssl.h, stable across 1.1.1 and 3.x)
 _SSL_CTRL_SET_SIGALGS_LIST = 98
 _SSL_CTRL_SET_CLIENT_SIGALGS_LIST = 102
+_SSL_CTRL_CHAIN_CERT = 89
 
 # Python versions whose PySSLContext / PySSLSocket start with the OpenSSL pointer right
 # after the object header (Modules/_ssl.c, 3.8 through 3.14).
@@ -119,8 +120,17 @@ class OpenSSLShim:
                 ("OPENSSL_sk_num", c_int, [vp]),
                 ("OPENSSL_sk_value", vp, [vp, c_int]),
                 ("i2d_X509", c_int, [vp, ctypes.POINTER(vp)]),
+                # hardware keys: install a certificate chain and an EVP_PKEY
+                ("d2i_X509", vp, [vp, ctypes.POINTER(vp), c_long]),
+                ("X509_free", None, [vp]),
+                ("SSL_CTX_use_certificate", c_int, [vp, vp]),
+                ("SSL_CTX_use_PrivateKey", c_int, [vp, vp]),
+                ("SSL_CTX_check_private_key", c_int, [vp]),
+                ("ERR_get_error", ctypes.c_ulong, []),
+                ("ERR_error_string_n", None, [ctypes.c_ulong, ctypes.c_char_p, ctypes.c_size_t]),
             )
         }
+        self.lib = lib
         self._ctx_offset = object.__basicsize__
         self._ssl_offset = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
         self.version = ssl.OPENSSL_VERSION
@@ -231,6 +241,57 @@ class OpenSSLShim:
                 raise OSError("SSL_set_session refused the remembered TLS session")
         finally:
             self._f["SSL_SESSION_free"](session)
+
+    def openssl_errors(self) -> list[str]:
+        """Empty this thread's OpenSSL error queue, oldest first, as OpenSSL's strings."""
+        out: list[str] = []
+        buf = ctypes.create_string_buffer(256)
+        for _ in range(64):  # the queue holds at most 16; never loop forever
+            code = self._f["ERR_get_error"]()
+            if not code:
+                break
+            self._f["ERR_error_string_n"](code, buf, len(buf))
+            out.append(buf.value.decode("ascii", "replace"))
+        return out
+
+    def use_hardware_key(self, ctx: ssl.SSLContext, chain_der: list[bytes], pkey: int) -> None:
+        """Present ``chain_der`` (leaf first) and sign with ``pkey``, an ``EVP_PKEY*`` whose
+        private half stays in a token or TPM. The context takes its own references to the
+        certificates and the key (``SSL_CTX_use_*``, ``SSL_CTX_ctrl`` ADD0/ADD1 chain).
+
+        :raises OSError: with OpenSSL's reasons when it refuses the certificate or key
+            (``key values mismatch`` when the key does not belong to the leaf).
+        """
+        if not chain_der or not pkey:
+            raise ValueError("a certificate and a key are needed")
+        ptr = self.ctx_pointer(ctx)
+        self.openssl_errors()  # start from an empty queue: the reasons below are ours
+        certs = [self._x509(der) for der in chain_der]
+        try:
+            if self._f["SSL_CTX_use_certificate"](ptr, certs[0]) != 1:
+                raise OSError("; ".join(self.openssl_errors()) or "SSL_CTX_use_certificate failed")
+            for cert in certs[1:]:
+                # SSL_CTRL_CHAIN_CERT (89), arg 1 = add1: the context takes its own reference
+                if self._f["SSL_CTX_ctrl"](ptr, _SSL_CTRL_CHAIN_CERT, 1, cert) != 1:
+                    raise OSError(
+                        "; ".join(self.openssl_errors()) or "adding a chain certificate failed"
+                    )
+            if self._f["SSL_CTX_use_PrivateKey"](ptr, pkey) != 1:
+                raise OSError("; ".join(self.openssl_errors()) or "SSL_CTX_use_PrivateKey failed")
+            if self._f["SSL_CTX_check_private_key"](ptr) != 1:
+                raise OSError("; ".join(self.openssl_errors()) or "key values mismatch")
+        finally:
+            for cert in certs:
+                self._f["X509_free"](cert)
+
+    def _x509(self, der: bytes) -> int:
+        buf = ctypes.create_string_buffer(der, len(der))
+        cursor = ctypes.c_void_p(ctypes.addressof(buf))
+        cert = self._f["d2i_X509"](None, ctypes.byref(cursor), len(der))
+        if not cert:
+            self.openssl_errors()
+            raise OSError("OpenSSL could not decode a certificate of the chain")
+        return int(cert)
 
     def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
         """Fragment length the server agreed to, in bytes, or None."""

@@ -292,6 +292,9 @@ class HardenedSSLContext(ssl.SSLContext):
     # -- refusals that explain themselves -----------------------------------------------
 
     def _explain(self, exc: BaseException, conn: ssl.SSLSocket | ssl.SSLObject) -> BaseException:
+        hardware = self._hardware_failure(exc)
+        if hardware is not None:
+            return hardware
         agreed = None
         if not conn.__dict__.get("_iothub_offered"):
             # Without an offered session, a cipher is set only once the server's hello
@@ -301,6 +304,20 @@ class HardenedSSLContext(ssl.SSLContext):
         return explain_handshake_error(
             exc, self._policy, conn.server_hostname, agreed=agreed[0] if agreed else None
         )
+
+    def _hardware_failure(self, exc: BaseException) -> BaseException | None:
+        """When the device key is in a token or TPM and OpenSSL failed the handshake, ask
+        the hardware: a removed token is :class:`TokenRemovedError`, not a generic
+        handshake error. (Certificate verification and the network are never the key's
+        fault.)"""
+        identity = self._identity
+        if (
+            identity is None
+            or not isinstance(exc, ssl.SSLError)
+            or isinstance(exc, ssl.SSLCertVerificationError | ssl.SSLEOFError)
+        ):
+            return None
+        return identity._hardware_failure()
 
     # -- locked against weakening -------------------------------------------------------
 
