@@ -85,6 +85,37 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+#: What asyncio's TLS protocol reads at once once the connection is up (a larger frame
+#: arrives in several reads).
+_TLS_READ_SIZE = 4 * 1024
+
+
+def _trim_tls_buffer(transport: asyncio.BaseTransport) -> None:
+    """Shrink the receive buffer of asyncio's TLS protocol (Python 3.11 and later) from
+    256 KiB to 4 KiB, once the handshake is done.
+
+    That buffer is allocated, and zero-filled, for every connection: at 256 KiB it costs
+    more resident memory than everything else a device connection holds, which a gateway
+    with a thousand devices pays a thousand times. IoT Hub's AMQP frames are small; a
+    larger one takes a few more reads. Only the instance is changed, and only when
+    it has exactly the attributes this relies on (other event loops, such as uvloop's,
+    and Python 3.10's asyncio have no such buffer and are left alone)."""
+    protocol = getattr(transport, "_ssl_protocol", None)
+    buffer = getattr(protocol, "_ssl_buffer", None)
+    if (
+        protocol is None
+        or not isinstance(buffer, bytearray)
+        or not isinstance(getattr(protocol, "_ssl_buffer_view", None), memoryview)
+        or not isinstance(getattr(protocol, "max_size", None), int)
+        or len(buffer) <= _TLS_READ_SIZE
+    ):
+        return
+    smaller = bytearray(_TLS_READ_SIZE)
+    protocol.max_size = _TLS_READ_SIZE  # get_buffer() would otherwise grow it back
+    protocol._ssl_buffer = smaller
+    protocol._ssl_buffer_view = memoryview(smaller)
+
+
 class _Wire(asyncio.Protocol):
     """One TLS connection's bytes, handed to the :class:`AmqpConnection` that owns it.
 
@@ -100,6 +131,7 @@ class _Wire(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        _trim_tls_buffer(transport)
 
     def data_received(self, data: bytes) -> None:
         self.owner._received(self, data)
@@ -226,7 +258,6 @@ class AmqpConnection:
         self._on_state = on_state
         self._gate = gate or HandshakeGate()
         self._lag = lag
-        self._draws = random.Random()  # noqa: S311 - jitter of renewals, not a secret
         # declared links (kept across connections)
         self._specs: dict[str, Any] = {}
         self._receivers: dict[str, AmqpReceiver] = {}
@@ -854,7 +885,7 @@ class AmqpConnection:
         if self._renew_handle is not None:
             self._renew_handle.cancel()
         margin = self.options.renew_margin * provider.ttl
-        spread = margin / 2 * self._draws.random()
+        spread = margin / 2 * random.random()  # noqa: S311 - jitter, not a secret
         delay = max(0.0, provider.expires_at - margin - spread - time.time())
         self._renew_handle = loop.call_later(delay, self._renew, self._protocol)
 
