@@ -302,3 +302,16 @@ def test_operations_before_connect_and_after_close_fail_clearly(hub: LocalHub) -
         await client.close()
 
     asyncio.run(main())
+
+
+def test_sas_renewal_is_due_at_80_percent_of_the_life_brought_forward_by_jitter() -> None:
+    from iothub_tls.amqp.connection import renewal_delay
+
+    # a one-hour token made at t=1000: renewed at 80 % of its life without jitter ...
+    assert renewal_delay(4600, 3600, 0.2, 1000, 0.0) == 2880
+    # ... and up to half the 20 % reserve earlier with it, never later
+    assert renewal_delay(4600, 3600, 0.2, 1000, 1.0) == 2520
+    draws = [renewal_delay(4600, 3600, 0.2, 1000, d / 10) for d in range(10)]
+    assert len(set(draws)) == 10 and all(2520 <= d <= 2880 for d in draws)
+    # a token already past its renewal point is renewed at once
+    assert renewal_delay(4600, 3600, 0.2, 4500, 0.5) == 0.0

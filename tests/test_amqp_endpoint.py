@@ -894,3 +894,31 @@ def test_many_clients_run_on_the_one_shared_io_thread(
         for client in clients:
             client.close()
     assert len(endpoint.received) == len(ids)
+
+
+def test_a_failing_message_handler_does_not_take_the_connection_down(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    cs = it.ConnectionString.parse(sas_string(registry))
+    seen: list[bytes] = []
+
+    def handler(message: AmqpMessage) -> None:
+        seen.append(message.body)
+        if message.body == b"first":
+            raise RuntimeError("handler bug")
+
+    conn = AmqpConnection(
+        "127.0.0.1",
+        endpoint.port,
+        policy=pki.policy(),
+        server_hostname=HOST,
+        cbs_token_provider=SasTokenProvider.from_connection_string(cs),
+        options=QUICK,
+    )
+    conn.receiver("/devices/dev-sas/messages/devicebound", credit=5, on_message=handler)
+    with conn:
+        endpoint.enqueue_c2d("dev-sas", b"first")
+        endpoint.enqueue_c2d("dev-sas", b"second")
+        wait_for(lambda: seen == [b"first", b"second"])
+        assert conn.connected and conn.reconnects == 0
+    assert any("handler bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)

@@ -79,6 +79,15 @@ def _as_client_error(error: BaseException) -> ClientError:
     return failed
 
 
+def renewal_delay(expires_at: float, ttl: float, margin: float, now: float, draw: float) -> float:
+    """Seconds from ``now`` until a SAS token that expires at ``expires_at`` (``ttl``
+    seconds long) is renewed: when ``margin`` of its life is left (0.2: at 80 % of its
+    life), brought forward by ``draw`` (uniform in [0, 1)) times half that margin, so
+    that tokens made together are not all renewed together."""
+    reserve = margin * ttl
+    return max(0.0, expires_at - reserve - reserve / 2 * min(max(draw, 0.0), 1.0) - now)
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (a message whose sender stopped waiting)."""
     if not future.cancelled():
@@ -337,7 +346,10 @@ class AmqpConnection:
     def _state(self, state: ConnectionState, reason: BaseException | None = None) -> None:
         self._state_now = state
         if self._on_state is not None:
-            self._on_state(state, reason)
+            try:
+                self._on_state(state, reason)
+            except Exception:  # a callback's bug must not take the connection down
+                logger.exception("the on_state callback of %r failed", self)
 
     def _raise_if_dead(self) -> None:
         if self._dead is not None:
@@ -884,9 +896,13 @@ class AmqpConnection:
             return  # a ready-made token: the hub ends the connection when it expires
         if self._renew_handle is not None:
             self._renew_handle.cancel()
-        margin = self.options.renew_margin * provider.ttl
-        spread = margin / 2 * random.random()  # noqa: S311 - jitter, not a secret
-        delay = max(0.0, provider.expires_at - margin - spread - time.time())
+        delay = renewal_delay(
+            provider.expires_at,
+            provider.ttl,
+            self.options.renew_margin,
+            time.time(),
+            random.random(),  # noqa: S311 - jitter, not a secret
+        )
         self._renew_handle = loop.call_later(delay, self._renew, self._protocol)
 
     def _renew(self, proto: Any) -> None:
@@ -977,15 +993,19 @@ class AmqpConnection:
         if handle is None:
             return
         message = AmqpMessage._from_proton(event.message)
-        if handle._on_message is not None:
-            proto = self._protocol
-            proto.settle(event.delivery, self._engine.Outcome.ACCEPTED)
-            proto.flow(event.key, 1)
-            handle._on_message(message)
-            return
-        delivery = AmqpDelivery(self, self._generation, event.delivery, event.key, message)
-        if handle._on_delivery is not None:
-            handle._on_delivery(delivery)
+        try:
+            if handle._on_message is not None:
+                proto = self._protocol
+                proto.settle(event.delivery, self._engine.Outcome.ACCEPTED)
+                proto.flow(event.key, 1)
+                handle._on_message(message)
+                return
+            delivery = AmqpDelivery(self, self._generation, event.delivery, event.key, message)
+            if handle._on_delivery is not None:
+                handle._on_delivery(delivery)
+                return
+        except Exception:  # a handler's bug must not take the connection down
+            logger.exception("the handler of messages on link %s failed", event.key)
             return
         handle._deliveries().put_nowait(delivery)
 
