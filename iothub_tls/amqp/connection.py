@@ -1,12 +1,13 @@
-"""An AMQP 1.0 connection on an asyncio event loop: :class:`AmqpConnection` of
-:mod:`iothub_tls.amqp.aio`, the layer the device client is built on.
+"""An AMQP 1.0 connection on an asyncio event loop, with links that survive reconnects:
+:class:`AmqpConnection` of :mod:`iothub_tls.amqp.aio`, the layer the device client is
+built on.
 
-The TLS connection is asyncio's (``loop.create_connection`` with the hardened context:
-the core's checks run inside its handshake and its refusals come out unchanged);
-python-qpid-proton's engine runs inside it, without I/O (:mod:`.engine`). Bytes received
-are fed to the engine and what it has to send is written back in the same turn of the
-loop. Nothing polls: heartbeats are the engine's next deadline set as one loop timer,
-the SAS token's renewal another, and set-up and reconnection waits are awaited.
+Each (re)connection is a :class:`~iothub_tls.amqp.wire.Wire`: asyncio's TLS connection
+with the hardened context, and python-qpid-proton's engine driven over it without I/O
+(:mod:`.engine`). This module keeps what outlives one connection: the declared links
+(attached again on every connection), messages waiting for their disposition (sent
+again after a reconnection: at-least-once), receivers, the SAS token's renewal (a loop
+timer), and the connection's life.
 
 One supervisor task per connection makes the connection, serves it until it ends and,
 after a loss, reconnects as ``AmqpOptions.retry`` says (a
@@ -27,22 +28,19 @@ import concurrent.futures
 import contextlib
 import logging
 import random
-import ssl
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from .._io.backoff import Backoff
-from .._io.loop import HandshakeGate, LoopLag, overload_hint, wait_for
+from .._io.loop import HandshakeGate, LoopLag, overload_hint
 from ..auth import ClientIdentity, SasTokenProvider
 from ..device import ConnectionState
 from ..errors import (
     ClientError,
     ConnectionFailedError,
     DeliveryError,
-    HandshakeTimeoutError,
-    IoTHubTLSError,
     OperationTimeoutError,
     PolicyError,
 )
@@ -51,7 +49,8 @@ from ..tls.context import HardenedSSLContext, create_ssl_context
 from ..tls.info import TlsInfo
 from .links import AmqpDelivery, AmqpReceiver, AmqpSender, Outgoing, resolve
 from .message import AmqpMessage
-from .options import AMQPS_PORT, PERMANENT, SASL_CHOICES, AmqpOptions
+from .options import AMQPS_PORT, PERMANENT, AmqpOptions, check_sasl
+from .wire import Wire, open_wire
 
 __all__ = ["AmqpConnection"]
 
@@ -92,87 +91,6 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen (a message whose sender stopped waiting)."""
     if not future.cancelled():
         future.exception()
-
-
-#: What asyncio's TLS protocol reads at once once the connection is up (a larger frame
-#: arrives in several reads).
-_TLS_READ_SIZE = 4 * 1024
-
-
-def _trim_tls_buffer(transport: asyncio.BaseTransport) -> None:
-    """Shrink the receive buffer of asyncio's TLS protocol (Python 3.11 and later) from
-    256 KiB to 4 KiB, once the handshake is done.
-
-    That buffer is allocated, and zero-filled, for every connection: at 256 KiB it costs
-    more resident memory than everything else a device connection holds, which a gateway
-    with a thousand devices pays a thousand times. IoT Hub's AMQP frames are small; a
-    larger one takes a few more reads. Only the instance is changed, and only when
-    it has exactly the attributes this relies on (other event loops, such as uvloop's,
-    and Python 3.10's asyncio have no such buffer and are left alone)."""
-    protocol = getattr(transport, "_ssl_protocol", None)
-    buffer = getattr(protocol, "_ssl_buffer", None)
-    if (
-        protocol is None
-        or not isinstance(buffer, bytearray)
-        or not isinstance(getattr(protocol, "_ssl_buffer_view", None), memoryview)
-        or not isinstance(getattr(protocol, "max_size", None), int)
-        or len(buffer) <= _TLS_READ_SIZE
-    ):
-        return
-    smaller = bytearray(_TLS_READ_SIZE)
-    protocol.max_size = _TLS_READ_SIZE  # get_buffer() would otherwise grow it back
-    protocol._ssl_buffer = smaller
-    protocol._ssl_buffer_view = memoryview(smaller)
-
-
-class _Wire(asyncio.Protocol):
-    """One TLS connection's bytes, handed to the :class:`AmqpConnection` that owns it.
-
-    ``done`` completes when the AMQP connection on it is over (with the error, or None
-    after a clean close); ``lost`` when the transport is gone.
-    """
-
-    def __init__(self, owner: AmqpConnection, loop: asyncio.AbstractEventLoop) -> None:
-        self.owner = owner
-        self.transport: asyncio.Transport | None = None
-        self.done: asyncio.Future[BaseException | None] = loop.create_future()
-        self.lost: asyncio.Future[None] = loop.create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        _trim_tls_buffer(transport)
-
-    def data_received(self, data: bytes) -> None:
-        self.owner._received(self, data)
-
-    def eof_received(self) -> bool:
-        self.owner._eof(self)
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self.owner._lost(self, exc)
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def end(self, error: BaseException | None) -> None:
-        if not self.done.done():
-            self.done.set_result(error)
-
-    def abort(self) -> None:
-        self.end(None)
-        if self.transport is not None:
-            self.transport.abort()
-
-    @property
-    def tls_info(self) -> TlsInfo | None:
-        if self.transport is None:
-            return None
-        found = getattr(self.transport.get_extra_info("ssl_object"), "tls_info", None)
-        return found if isinstance(found, TlsInfo) else None
 
 
 class AmqpConnection:
@@ -221,27 +139,7 @@ class AmqpConnection:
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
     ) -> None:
-        if sasl is not None and sasl not in SASL_CHOICES:
-            raise PolicyError(
-                f"unsupported SASL mechanism {sasl!r}: use one of {', '.join(SASL_CHOICES)} "
-                "or None for no SASL layer"
-            )
-        if sasl == "PLAIN" and (username is None or password is None):
-            raise PolicyError("SASL PLAIN needs both username and password")
-        if sasl != "PLAIN" and (username is not None or password is not None):
-            raise PolicyError(
-                f"username/password are only sent with SASL PLAIN, not {sasl!r}: pass "
-                "sasl='PLAIN' or remove them"
-            )
-        if (
-            sasl == "EXTERNAL"
-            and identity is None
-            and (context is None or context.identity is None)
-        ):
-            raise PolicyError(
-                "SASL EXTERNAL authenticates with the TLS client certificate: pass identity="
-                "ClientIdentity.from_files(cert, key)"
-            )
+        check_sasl(sasl, username, password, identity, context)
         if context is not None and (policy is not None or identity is not None):
             raise PolicyError("pass either context or policy/identity, not both")
         options = options or AmqpOptions()
@@ -284,7 +182,7 @@ class AmqpConnection:
         self._gate_wait = False
         self._state_now = ConnectionState.CLOSED
         # the current connection (loop only)
-        self._wire: _Wire | None = None
+        self._wire: Wire | None = None
         self._protocol: Any = None
         self._generation = 0
         self._ready = False
@@ -293,11 +191,6 @@ class AmqpConnection:
         self._attached_keys: set[str] = set()
         self._attach_waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
         self._sends: dict[Outgoing, None] = {}  # waiting for a disposition, in order
-        self._pumping = False
-        self._pump_again = False
-        self._kicked = False
-        self._tick_handle: asyncio.TimerHandle | None = None
-        self._tick_at = 0.0
         self._renew_handle: asyncio.TimerHandle | None = None
         # counters
         self._reconnects = 0
@@ -603,7 +496,16 @@ class AmqpConnection:
                 self._gate_wait = False
                 waited = loop.time() - queued
                 deadline = loop.time() + self._connect_timeout
-                wire = await self._open(deadline, waited)
+                wire = await open_wire(
+                    self._on_event,
+                    host=self.host,
+                    port=self.port,
+                    context=self._context,
+                    server_hostname=self.server_hostname,
+                    budget=deadline - loop.time(),
+                    lag=self._lag,
+                    waited=waited,
+                )
                 if self._closing:
                     wire.abort()
                     return
@@ -612,47 +514,6 @@ class AmqpConnection:
             self._gate_wait = False
         if self._ready:
             await self._serve(wire)
-
-    async def _open(self, deadline: float, waited: float) -> _Wire:
-        """TCP and TLS: a wire ready for AMQP."""
-        loop = asyncio.get_running_loop()
-        where = f"{self.host}:{self.port}"
-        wire = _Wire(self, loop)
-        budget = max(0.05, deadline - loop.time())
-        try:
-            await wait_for(
-                loop.create_connection(
-                    lambda: wire,
-                    self.host,
-                    self.port,
-                    ssl=self._context,
-                    server_hostname=self.server_hostname,
-                    ssl_handshake_timeout=budget,
-                ),
-                budget + 1.0,  # the handshake's own timeout speaks first
-            )
-        except IoTHubTLSError:
-            raise  # the core's TLS refusals, unchanged
-        except ConnectionAbortedError as exc:
-            if "handshake" in str(exc):
-                raise HandshakeTimeoutError(
-                    None,
-                    f"TLS handshake with {self.server_hostname} did not complete in time "
-                    f"({budget:g} s): the server accepted the TCP connection but did not "
-                    "finish the handshake. Check that the port speaks TLS and that no proxy "
-                    "or firewall holds the connection." + overload_hint(self._lag, waited),
-                ) from exc
-            raise ConnectionFailedError(f"connection to {where} failed: {exc}") from exc
-        except (TimeoutError, asyncio.TimeoutError):
-            raise ConnectionFailedError(
-                f"could not connect to {where} within {budget:g} s"
-                + overload_hint(self._lag, waited)
-            ) from None
-        except ssl.SSLError as exc:  # pragma: no cover - the hardened context translates
-            raise ConnectionFailedError(f"TLS with {where} failed: {exc}") from exc
-        except OSError as exc:
-            raise ConnectionFailedError(f"could not connect to {where}: {exc}") from exc
-        return wire
 
     def _new_protocol(self) -> Any:
         eng = self._engine
@@ -669,7 +530,7 @@ class AmqpConnection:
             cbs_audience=self._audience if self._provider else None,
         )
 
-    async def _set_up(self, wire: _Wire, deadline: float, waited: float) -> None:
+    async def _set_up(self, wire: Wire, deadline: float, waited: float) -> None:
         """SASL, open, CBS and attach on ``wire``, until the connection is ready."""
         loop = asyncio.get_running_loop()
         self._generation += 1
@@ -683,8 +544,7 @@ class AmqpConnection:
         except BaseException:
             wire.abort()
             raise
-        proto.open(token)
-        self._pump()
+        wire.start(proto, token)
         signal = self._closing_signal
         assert signal is not None
         waits: set[asyncio.Future[Any]] = {ready, wire.done, signal}
@@ -705,14 +565,14 @@ class AmqpConnection:
             "and that the SASL / CBS settings match the server" + overload_hint(self._lag, waited)
         )
 
-    def _ended(self, wire: _Wire) -> BaseException:
+    def _ended(self, wire: Wire) -> BaseException:
         """Why the connection on ``wire`` ended."""
         error = wire.done.result() if wire.done.done() else None
         if error is not None:
             return error
         return ConnectionFailedError(f"the connection to {self.host}:{self.port} was closed")
 
-    async def _serve(self, wire: _Wire) -> None:
+    async def _serve(self, wire: Wire) -> None:
         """Until the connection ends: return after close(), raise what ended it."""
         signal = self._closing_signal
         assert signal is not None
@@ -720,25 +580,7 @@ class AmqpConnection:
         done, _ = await asyncio.wait(waits, return_when="FIRST_COMPLETED")
         if wire.done in done and not self._closing:
             raise self._ended(wire)
-        await self._shut_down(wire)
-
-    async def _shut_down(self, wire: _Wire) -> None:
-        """A clean close: the AMQP close frame, the peer's answer (bounded in time),
-        then TLS close_notify and the TCP close."""
-        proto = self._protocol
-        if proto is not None and not wire.done.done():
-            proto.close()
-            self._pump()
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(wire.done), _CLOSE_WAIT)
-        transport = wire.transport
-        if transport is None:
-            return
-        transport.close()
-        try:
-            await asyncio.wait_for(asyncio.shield(wire.lost), _LINGER)
-        except (TimeoutError, asyncio.TimeoutError):
-            transport.abort()
+        await wire.close(_CLOSE_WAIT, _LINGER)
 
     def _drop_connection(self) -> None:
         """Forget the current connection (aborting its transport if still open)."""
@@ -746,100 +588,20 @@ class AmqpConnection:
         self._protocol = None
         self._ready = False
         self._attached_keys.clear()
-        for handle in (self._tick_handle, self._renew_handle):
-            if handle is not None:
-                handle.cancel()
-        self._tick_handle = self._renew_handle = None
-        if wire is not None and not wire.lost.done():
-            wire.abort()
-
-    # -- the engine -----------------------------------------------------------------------
-
-    def _received(self, wire: _Wire, data: bytes) -> None:
-        if wire is self._wire and self._protocol is not None:
-            self._protocol.engine.feed(data)
-            self._pump()
-
-    def _eof(self, wire: _Wire) -> None:
-        if wire is self._wire and self._protocol is not None:
-            self._protocol.engine.feed_eof()
-            self._pump()
-
-    def _lost(self, wire: _Wire, exc: Exception | None) -> None:
-        if wire is self._wire and self._protocol is not None:
-            self._protocol.engine.feed_eof()
-            self._pump()
-            if not wire.done.done():
-                error = self._protocol.failed or ConnectionFailedError(
-                    f"connection to {self.host}:{self.port} lost"
-                    + (f": {type(exc).__name__}: {exc}" if exc is not None else "")
-                )
-                if exc is not None and error.__cause__ is None:
-                    error.__cause__ = exc
-                wire.end(error)
-        wire.end(None)
+        if self._renew_handle is not None:
+            self._renew_handle.cancel()
+            self._renew_handle = None
+        if wire is not None:
+            wire.stop()
+            if not wire.lost.done():
+                wire.abort()
 
     def _kick(self) -> None:
-        """Pump the engine soon (once, however many commands this turn of the loop
-        brings)."""
-        if self._kicked or self._protocol is None or self._loop is None:
-            return
-        self._kicked = True
-        self._loop.call_soon(self._kicked_pump)
+        """Pump the current connection's engine soon."""
+        if self._wire is not None:
+            self._wire.kick()
 
-    def _kicked_pump(self) -> None:
-        self._kicked = False
-        self._pump()
-
-    def _pump(self) -> None:
-        """Run the engine: its timers, its events, then write what it has to send; again
-        until it is quiet. Re-entrant calls (from an event handler) only ask for one more
-        round."""
-        if self._pumping:
-            self._pump_again = True
-            return
-        proto, wire, loop = self._protocol, self._wire, self._loop
-        if proto is None or wire is None or loop is None:
-            return
-        engine = proto.engine
-        self._pumping = True
-        try:
-            deadline = engine.tick(loop.time())
-            while True:
-                self._pump_again = False
-                events = proto.events()
-                for event in events:
-                    self._on_event(event)
-                    if proto is not self._protocol:
-                        return  # a handler ended this connection
-                out = engine.output()
-                if out:
-                    wire.write(out)
-                    engine.consumed(len(out))
-                if not events and not out and not self._pump_again:
-                    break
-        finally:
-            self._pumping = False
-        if proto.failed is not None:
-            wire.end(proto.failed)
-            return
-        self._schedule_tick(deadline)
-
-    def _schedule_tick(self, deadline: float) -> None:
-        """One loop timer for the engine's next deadline (heartbeat or idle timeout); a
-        later deadline leaves the timer alone (the tick then finds the new one)."""
-        if deadline <= 0 or self._loop is None:
-            return
-        if self._tick_handle is not None and self._tick_at <= deadline:
-            return
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-        self._tick_at = deadline
-        self._tick_handle = self._loop.call_at(deadline, self._on_tick)
-
-    def _on_tick(self) -> None:
-        self._tick_handle = None
-        self._pump()
+    # -- the engine's events --------------------------------------------------------------
 
     def _on_event(self, event: Any) -> None:
         eng = self._engine
@@ -917,7 +679,7 @@ class AmqpConnection:
                 self._wire.end(exc)
             return
         proto.put_token(token)
-        self._pump()
+        self._kick()
 
     # -- messages -------------------------------------------------------------------------
 
@@ -952,13 +714,14 @@ class AmqpConnection:
         item = self._post(key, message)
         waiter = item.waiter
         assert isinstance(waiter, asyncio.Future)
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+        # (not wait_for: the error a waiter holds may itself be a TimeoutError)
+        await asyncio.wait({waiter}, timeout=max(timeout, 0.0))
+        if not waiter.done():
             self._abandon(item)
             raise OperationTimeoutError(
                 self._timeout_text("the disposition of the message", timeout)
-            ) from None
+            )
+        waiter.result()
 
     def _abandon(self, item: Outgoing) -> None:
         """Stop sending ``item`` (its sender gave up waiting)."""
@@ -1036,12 +799,16 @@ class AmqpConnection:
 
         loop.call_soon_threadsafe(run)
         try:
-            done.result(wait)
+            # exception() hands back the settlement's own error instead of raising it,
+            # so only this wait's timeout is a TimeoutError here
+            error = done.exception(wait)
         except concurrent.futures.TimeoutError:
             done.cancel()
             raise OperationTimeoutError(
                 self._timeout_text(f"the settlement ({outcome.lower()})", wait)
             ) from None
+        if error is not None:
+            raise error
 
     def _settle_now(self, delivery: AmqpDelivery, outcome: str) -> None:
         self._raise_if_dead()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .._io.backoff import RetryPolicy
 from ..errors import (
@@ -20,7 +21,11 @@ from ..errors import (
     ProtocolVersionError,
 )
 
-__all__ = ["AMQPS_PORT", "PERMANENT", "SASL_CHOICES", "AmqpOptions"]
+if TYPE_CHECKING:
+    from ..auth import ClientIdentity
+    from ..tls.context import HardenedSSLContext
+
+__all__ = ["AMQPS_PORT", "PERMANENT", "SASL_CHOICES", "AmqpOptions", "check_sasl"]
 
 #: AMQP over TLS (IANA "amqps"); IoT Hub listens on it.
 AMQPS_PORT = 5671
@@ -103,3 +108,33 @@ class AmqpOptions:
             isinstance(self.c2d_credit, int) and self.c2d_credit >= 1
         ):
             raise PolicyError(f"c2d_credit must be a positive integer, not {self.c2d_credit!r}")
+
+
+def check_sasl(
+    sasl: str | None,
+    username: str | None,
+    password: str | None,
+    identity: ClientIdentity | None,
+    context: HardenedSSLContext | None,
+) -> None:
+    """Refuse a SASL configuration that cannot work, before any I/O.
+
+    :raises PolicyError: naming what is wrong and what to pass instead.
+    """
+    if sasl is not None and sasl not in SASL_CHOICES:
+        raise PolicyError(
+            f"unsupported SASL mechanism {sasl!r}: use one of {', '.join(SASL_CHOICES)} "
+            "or None for no SASL layer"
+        )
+    if sasl == "PLAIN" and (username is None or password is None):
+        raise PolicyError("SASL PLAIN needs both username and password")
+    if sasl != "PLAIN" and (username is not None or password is not None):
+        raise PolicyError(
+            f"username/password are only sent with SASL PLAIN, not {sasl!r}: pass "
+            "sasl='PLAIN' or remove them"
+        )
+    if sasl == "EXTERNAL" and identity is None and (context is None or context.identity is None):
+        raise PolicyError(
+            "SASL EXTERNAL authenticates with the TLS client certificate: pass identity="
+            "ClientIdentity.from_files(cert, key)"
+        )
