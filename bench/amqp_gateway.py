@@ -472,6 +472,12 @@ def _result(
         else "Old client: not measured."
     )
     notes.append(f"Open-file limit: {fd_limit}; {WORKERS} concurrent connect() callers.")
+    notes.append(
+        "Hub CPU is context, not a property of the client: the local hub serves each "
+        "connection on a thread that wakes every 0.2 s, so its CPU grows with how many "
+        "connections it holds and for how long, and at N=1000 the hub (one core, one "
+        "handshake thread) bounds both the connect and the come-back times."
+    )
     return BenchResult(
         name=NAME,
         title=TITLE,
