@@ -315,3 +315,24 @@ def test_sas_renewal_is_due_at_80_percent_of_the_life_brought_forward_by_jitter(
     assert len(set(draws)) == 10 and all(2520 <= d <= 2880 for d in draws)
     # a token already past its renewal point is renewed at once
     assert renewal_delay(4600, 3600, 0.2, 4500, 0.5) == 0.0
+
+
+def test_a_large_message_arrives_through_the_small_tls_read_buffer(hub: LocalHub) -> None:
+    """asyncio's TLS receive buffer is cut to 4 KiB once connected: a message many times
+    that size arrives whole (in many reads)."""
+    from iothub_tls.amqp.wire import TLS_READ_SIZE
+
+    big = bytes(range(256)) * 800  # 200 KiB
+
+    async def main() -> None:
+        async with client_for(hub, "amqp-aio-big") as client:
+            ssl_protocol = getattr(client.connection._wire.transport, "_ssl_protocol", None)
+            if hasattr(ssl_protocol, "_ssl_buffer"):  # Python 3.11 and later
+                assert len(ssl_protocol._ssl_buffer) == TLS_READ_SIZE
+            hub.state.enqueue_c2d("amqp-aio-big", big)
+            message = await client.receive_c2d(WAIT)
+            assert message.payload == big
+            message.complete()
+            await client.send_telemetry(big)
+
+    asyncio.run(main())
