@@ -224,8 +224,9 @@ def test_refusals_are_the_same_as_the_synchronous_client(hub: LocalHub, pki: PKI
             port=hub.ports["amqp"],
             options=QUICK,
         )
-        with pytest.raises(it.AuthenticationError, match=r"put-token status 401"):
+        with pytest.raises(it.AuthenticationError, match=r"put-token status 401") as refused:
             await wrong_key.connect()
+        assert wrong_key.failure is refused.value and wrong_key.reconnect_count == 0
 
         server = TLSServer([pki.rsa_leaf], stall=True)  # accepts TCP, never answers TLS
         try:
@@ -297,6 +298,7 @@ def test_operations_before_connect_and_after_close_fail_clearly(hub: LocalHub) -
                 await client.connect()
         with pytest.raises(it.ConnectionFailedError, match="the AMQP connection was closed"):
             await client.get_twin()
+        assert client.failure is None  # closed on purpose
         await client.connect()  # closed, then connected again: the same client works
         await client.send_telemetry(b"again")
         await client.close()

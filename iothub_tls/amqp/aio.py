@@ -48,6 +48,7 @@ from ..device import (
 )
 from ..errors import PolicyError
 from ..policy import TlsPolicy
+from ..tls.context import HardenedSSLContext
 from ..tls.info import TlsInfo
 from . import conventions as amqpc
 from .connection import AmqpConnection
@@ -214,6 +215,22 @@ class AmqpDeviceClient(AsyncClientBase):
     @property
     def options(self) -> AmqpOptions:
         return self._connection.options
+
+    @property
+    def ssl_context(self) -> HardenedSSLContext:
+        """The hardened context every connection of this client uses."""
+        return self._connection.ssl_context
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that made the client stop reconnecting (refused credentials or
+        certificate, ``RetryPolicy.max_attempts`` used up); None otherwise."""
+        return self._connection.failure
+
+    @property
+    def reconnect_count(self) -> int:
+        """How many times the client reconnected since connect()."""
+        return self._connection.reconnects
 
     def __repr__(self) -> str:
         conn = self._connection

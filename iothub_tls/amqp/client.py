@@ -216,6 +216,11 @@ class AmqpConnection(Connectable):
         return self._aio.reconnects
 
     @property
+    def failure(self) -> BaseException | None:
+        """The error that made the connection stop for good; None otherwise."""
+        return self._aio.failure
+
+    @property
     def token_puts(self) -> int:
         """How many CBS put-token requests were accepted (first one and renewals)."""
         return self._aio.token_puts
@@ -402,6 +407,22 @@ class AmqpDeviceClient(SyncFacade):
     @property
     def options(self) -> AmqpOptions:
         return self._aio.options
+
+    @property
+    def ssl_context(self) -> HardenedSSLContext:
+        """The hardened context every connection of this client uses."""
+        return self._aio.ssl_context
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that made the client stop reconnecting (refused credentials or
+        certificate, ``RetryPolicy.max_attempts`` used up); None otherwise."""
+        return self._aio.failure
+
+    @property
+    def reconnect_count(self) -> int:
+        """How many times the client reconnected since connect()."""
+        return self._aio.reconnect_count
 
     # -- messaging ------------------------------------------------------------------------
 

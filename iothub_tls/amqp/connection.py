@@ -177,6 +177,7 @@ class AmqpConnection:
         self._finished: asyncio.Future[None] | None = None
         self._closing = False
         self._dead: BaseException | None = None
+        self._failure: BaseException | None = None
         self._last_error: BaseException | None = None
         self._backoff: Backoff | None = None
         self._gate_wait = False
@@ -224,6 +225,12 @@ class AmqpConnection:
     def reconnects(self) -> int:
         """How many times the connection was re-established."""
         return self._reconnects
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that made the connection stop for good (refused credentials or
+        certificate, ``RetryPolicy.max_attempts`` used up); None otherwise."""
+        return self._failure
 
     @property
     def token_puts(self) -> int:
@@ -360,6 +367,7 @@ class AmqpConnection:
         loop = self._loop = asyncio.get_running_loop()
         self._closing = False
         self._dead = None
+        self._failure = None
         self._last_error = None
         self._ready = False
         self._first = loop.create_future()
@@ -472,6 +480,7 @@ class AmqpConnection:
         """No more connections: fail whatever still waits. ``reason``: why, for the
         CLOSED state (None when closed on purpose)."""
         self._dead = error
+        self._failure = reason
         self._ready = False
         first = self._first
         if first is not None and not first.done():
