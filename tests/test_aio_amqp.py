@@ -319,18 +319,16 @@ def test_sas_renewal_is_due_at_80_percent_of_the_life_brought_forward_by_jitter(
     assert renewal_delay(4600, 3600, 0.2, 4500, 0.5) == 0.0
 
 
-def test_a_large_message_arrives_through_the_small_tls_read_buffer(hub: LocalHub) -> None:
-    """asyncio's TLS receive buffer is cut to 4 KiB once connected: a message many times
-    that size arrives whole (in many reads)."""
-    from iothub_tls.amqp.wire import TLS_READ_SIZE
+def test_a_large_message_arrives_through_the_tls_layer(hub: LocalHub) -> None:
+    """TLS runs in the library's own layer (records read 16 KiB at a time, no 256 KiB
+    buffer per connection): a message many records long arrives whole, both ways."""
+    from iothub_tls._io.tls import TlsLayer
 
     big = bytes(range(256)) * 800  # 200 KiB
 
     async def main() -> None:
         async with client_for(hub, "amqp-aio-big") as client:
-            ssl_protocol = getattr(client.connection._wire.transport, "_ssl_protocol", None)
-            if hasattr(ssl_protocol, "_ssl_buffer"):  # Python 3.11 and later
-                assert len(ssl_protocol._ssl_buffer) == TLS_READ_SIZE
+            assert isinstance(client.connection._wire.transport, TlsLayer)
             hub.state.enqueue_c2d("amqp-aio-big", big)
             message = await client.receive_c2d(WAIT)
             assert message.payload == big

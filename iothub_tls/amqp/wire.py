@@ -1,9 +1,10 @@
 """One AMQP connection's TLS connection, with the engine driven over it: :class:`Wire`.
 
 :func:`open_wire` makes the TCP and TLS connection with asyncio
-(``loop.create_connection`` with the hardened context: the core's checks run inside the
-handshake and its refusals come out unchanged; asyncio's handshake timeout becomes
-:class:`~iothub_tls.HandshakeTimeoutError`). The :class:`Wire` then feeds what it
+(:func:`iothub_tls._io.tls.open_tls`: the hardened context's SSLObject over memory
+BIOs, so the core's checks run inside the handshake and its refusals come out unchanged,
+a stalled handshake is :class:`~iothub_tls.HandshakeTimeoutError`, and a connection
+holds no 256 KiB read buffer). The :class:`Wire` then feeds what it
 receives to the client's AMQP engine (:class:`~iothub_tls.amqp.engine.ClientProtocol`),
 hands each event to its owner and writes what the engine has to send, in the same turn
 of the loop. The engine's next deadline (heartbeat, idle timeout) is one loop timer:
@@ -16,47 +17,16 @@ makes a new one for every (re)connection. Everything here runs on the event loop
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from typing import Any
 
-from .._io.loop import LoopLag, overload_hint, wait_for
+from .._io.loop import LoopLag, overload_hint
+from .._io.tls import open_tls
 from ..errors import ConnectionFailedError, HandshakeTimeoutError, IoTHubTLSError
 from ..tls.context import HardenedSSLContext
 from ..tls.info import TlsInfo
 
 __all__ = ["Wire", "open_wire"]
-
-#: What asyncio's TLS protocol reads at once once the connection is up (a larger frame
-#: arrives in several reads).
-TLS_READ_SIZE = 4 * 1024
-
-
-def trim_tls_buffer(transport: asyncio.BaseTransport) -> None:
-    """Shrink the receive buffer of asyncio's TLS protocol (Python 3.11 and later) from
-    256 KiB to :data:`TLS_READ_SIZE`, once the handshake is done.
-
-    That buffer is allocated, and zero-filled, for every connection: at 256 KiB it costs
-    more resident memory than everything else a device connection holds, which a gateway
-    with a thousand devices pays a thousand times. IoT Hub's AMQP frames are small; a
-    larger one takes a few more reads. Only the instance is changed, and only when
-    it has exactly the attributes this relies on (other event loops, such as uvloop's,
-    and Python 3.10's asyncio have no such buffer and are left alone)."""
-    protocol = getattr(transport, "_ssl_protocol", None)
-    buffer = getattr(protocol, "_ssl_buffer", None)
-    if (
-        protocol is None
-        or not isinstance(buffer, bytearray)
-        or not isinstance(getattr(protocol, "_ssl_buffer_view", None), memoryview)
-        or not isinstance(getattr(protocol, "max_size", None), int)
-        or len(buffer) <= TLS_READ_SIZE
-    ):
-        return
-    smaller = bytearray(TLS_READ_SIZE)
-    protocol.max_size = TLS_READ_SIZE  # get_buffer() would otherwise grow it back
-    protocol._ssl_buffer = smaller
-    protocol._ssl_buffer_view = memoryview(smaller)
-
 
 class Wire(asyncio.Protocol):
     """One TLS connection and the AMQP engine driven over it.
@@ -87,7 +57,6 @@ class Wire(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        trim_tls_buffer(transport)
 
     def data_received(self, data: bytes) -> None:
         if self.protocol is not None:
@@ -259,35 +228,24 @@ async def open_wire(
     wire = Wire(loop, on_event, where)
     budget = max(0.05, budget)
     try:
-        await wait_for(
-            loop.create_connection(
-                lambda: wire,
-                host,
-                port,
-                ssl=context,
-                server_hostname=server_hostname,
-                ssl_handshake_timeout=budget,
-            ),
-            budget + 1.0,  # the handshake's own timeout speaks first
+        await open_tls(
+            wire,
+            host,
+            port,
+            context=context,
+            server_hostname=server_hostname,
+            connect_timeout=budget,
+            handshake_timeout=budget,
         )
-    except IoTHubTLSError:
-        raise  # the core's TLS refusals, unchanged
-    except ConnectionAbortedError as exc:
-        if "handshake" in str(exc):
-            raise HandshakeTimeoutError(
-                None,
-                f"TLS handshake with {server_hostname} did not complete in time "
-                f"({budget:g} s): the server accepted the TCP connection but did not "
-                "finish the handshake. Check that the port speaks TLS and that no proxy "
-                "or firewall holds the connection." + overload_hint(lag, waited),
-            ) from exc
-        raise ConnectionFailedError(f"connection to {where} failed: {exc}") from exc
+    except IoTHubTLSError as exc:
+        # the core's TLS refusals, unchanged (a stalled handshake: say if we were slow)
+        if isinstance(exc, HandshakeTimeoutError) and (hint := overload_hint(lag, waited)):
+            raise HandshakeTimeoutError(None, f"{exc}.{hint}") from exc
+        raise
     except (TimeoutError, asyncio.TimeoutError):
         raise ConnectionFailedError(
             f"could not connect to {where} within {budget:g} s" + overload_hint(lag, waited)
         ) from None
-    except ssl.SSLError as exc:  # pragma: no cover - the hardened context translates
-        raise ConnectionFailedError(f"TLS with {where} failed: {exc}") from exc
     except OSError as exc:
         raise ConnectionFailedError(f"could not connect to {where}: {exc}") from exc
     return wire
