@@ -274,36 +274,48 @@ class HubLikeServer(TLSServer):
 
 
 class OpenSSLServer:
-    """``openssl s_server`` on a free loopback port, serving ``issued`` (a peer that is
-    not Python). ``extra`` are more ``s_server`` arguments (``-tls1_2``, ``-cipher``...).
+    """``openssl s_server`` on a free loopback port, serving ``issued`` with its
+    intermediates (a peer that is not Python). ``extra`` are more ``s_server`` arguments
+    (``-tls1_2``, ``-cipher``, ``-rev``...).
 
+    :param client_ca: PEM of the CAs whose client certificates it accepts: with it, the
+        server requires a client certificate and ends the handshake without one.
+    :param naccept: how many connections it serves before exiting (None: no limit).
     :raises FileNotFoundError: when the ``openssl`` command is not installed.
     """
 
-    def __init__(self, issued: Issued, *extra: str) -> None:
+    def __init__(
+        self,
+        issued: Issued,
+        *extra: str,
+        client_ca: bytes | None = None,
+        naccept: int | None = 8,
+    ) -> None:
         binary = shutil.which("openssl")
         if binary is None:
             raise FileNotFoundError("openssl not installed: apt-get install openssl")
         self._dir = Path(tempfile.mkdtemp(prefix="itls-ossl-"))
-        cert = self._dir / "cert.pem"
-        cert.write_bytes(issued.cert_pem)
-        chain = self._dir / "chain.pem"
-        # the intermediates (s_server wants a non-empty file: the leaf when there are none)
-        chain.write_bytes(issued.chain_pem[len(issued.cert_pem) :] or issued.cert_pem)
-        key = self._dir / "key.pem"
-        key.write_bytes(issued.key_pem)
-        key.chmod(0o600)
+        files = issued.write(self._dir, "server")
+        argv = [binary, "s_server", "-accept", "", "-cert", str(files.certificate)]
+        argv += ["-key", str(files.private_key), "-quiet"]
+        if issued.chain:  # -cert reads one certificate: the intermediates go separately
+            chain = self._dir / "chain.pem"
+            chain.write_bytes(issued.chain_pem[len(issued.cert_pem) :])
+            argv += ["-cert_chain", str(chain)]
+        if client_ca is not None:
+            cafile = self._dir / "client-ca.pem"
+            cafile.write_bytes(client_ca)
+            argv += ["-Verify", "1", "-verify_return_error", "-CAfile", str(cafile)]
+        if naccept is not None:
+            argv += ["-naccept", str(naccept)]
         self.port = free_port()
+        argv[3] = str(self.port)
         self.proc = subprocess.Popen(
-            [
-                binary, "s_server", "-accept", str(self.port), "-cert", str(cert),
-                "-cert_chain", str(chain), "-key", str(key), "-naccept", "8", "-quiet",
-                *extra,
-            ],
+            [*argv, *extra],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         try:
             wait_port(self.port, proc=self.proc)
         except BaseException:
