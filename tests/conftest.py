@@ -14,9 +14,9 @@ from iothub_tls.testing.server import TLSServer
 from iothub_tls.tls import _openssl
 
 HOST = "hub.iothub-tls.test"
-#: When the test session started (a reference for validity windows).
+#: When the test run started (a reference for validity windows).
 NOW = dt.datetime.now(dt.timezone.utc)
-#: Leaf keys shared by the whole test session (RSA generation is slow); a CA made with
+#: Leaf keys shared by the whole test run (RSA generation is slow); a CA made with
 #: ``key_pool=KEYS`` draws its leaves' keys from here.
 KEYS = KeyPool()
 

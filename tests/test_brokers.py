@@ -1,4 +1,4 @@
-"""The broker helpers of ``iothub_tls.testing.brokers`` (with the skip logic of
+"""The broker launchers of ``iothub_tls.testing.brokers`` (with the skip logic of
 ``tests/brokers.py``) drive real Mosquitto and RabbitMQ processes.
 
 Certificates come from ``iothub_tls.testing.pki`` at test time. RabbitMQ takes ~5 s to

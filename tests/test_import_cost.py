@@ -223,7 +223,7 @@ def test_what_is_known_without_parsing_is_what_the_certificates_say():
     assert fresh == [it.AZURE_GLOBAL, it.AZURE_ECC]
 
 
-def test_the_testing_helpers_load_on_demand_and_never_load_pytest():
+def test_the_testing_modules_load_on_demand_and_never_load_pytest():
     """``iothub_tls.testing`` is imported only when asked for, one module at a time, and
     none of its modules needs pytest (test suites other than ours use them)."""
     package = loaded(run_fresh("import iothub_tls.testing\nreport()"))
