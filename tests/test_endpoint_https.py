@@ -700,7 +700,7 @@ def test_403_is_not_authorized(endpoint, registry, client_for):
 
 
 def test_connection_refused_is_connection_failed_after_retries(registry, client_for, sleeps):
-    from tests.tlsserver import free_port
+    from iothub_tls.testing.ports import free_port
 
     class Closed:
         port = free_port()

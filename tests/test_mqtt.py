@@ -60,6 +60,7 @@ from iothub_tls.mqtt import (
 )
 from iothub_tls.policy import STRONG_SUITES
 from iothub_tls.testing.faultproxy import FaultProxy
+from iothub_tls.testing.ports import free_port
 from iothub_tls.testing.server import TLSServer
 from tests.brokers import Mosquitto, MosquittoListener, require_binary
 from tests.conftest import HOST, NOW, PKI, new_root
@@ -1105,9 +1106,7 @@ def test_tls_peer_sending_garbage_mqtt_fails(pki: PKI) -> None:
 
 
 def test_nothing_listening_is_a_connection_failure(pki: PKI) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     client = MqttDeviceClient.from_connection_string(
         f"HostName={HOST};DeviceId=d1;SharedAccessKey={new_key()}",
         policy=pki.policy(),
