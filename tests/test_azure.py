@@ -41,7 +41,7 @@ import pytest
 import iothub_tls as it
 from iothub_tls import azure as itaz
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES
-from iothub_tls.testing.pki import CertificateAuthority, Issued
+from iothub_tls.testing.pki import ORGANIZATION, CertificateAuthority, Issued
 from tests.brokers import Mosquitto, MosquittoListener, require_binary, wait_for_port
 from tests.conftest import new_root
 
@@ -394,7 +394,7 @@ def test_client_kwargs_become_the_sdks_context_which_replaces_the_os_store(
     assert ctx.protocol is ssl.PROTOCOL_TLSv1_2
     # MQTT trusts exactly server_verification_cert: the OS store is not loaded.
     assert [c["subject"] for c in ctx.get_ca_certs()] == [
-        ((("organizationName", "iothub-tls tests"),), (("commonName", "iothub-tls Test Root G2"),))
+        ((("organizationName", ORGANIZATION),), (("commonName", "iothub-tls Test Root G2"),))
     ]
 
 
