@@ -287,3 +287,18 @@ def test_openssl_server_requires_the_client_certificate_it_was_told_to(pki: PKI)
             assert tls.version() == "TLSv1.2"
             tls.sendall(b"ping\n")
             assert tls.recv(64) == b"gnip\n"  # -rev: each line back, reversed
+
+
+@pytest.mark.parametrize("name", ["pki", "server", "relay", "faultproxy", "brokers", "ports"])
+def test_the_page_presents_each_module_s_classes_and_functions(name: str) -> None:
+    import importlib
+
+    module = importlib.import_module(f"iothub_tls.testing.{name}")
+    text = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    own = [
+        n
+        for n in module.__all__
+        if callable(getattr(module, n)) and getattr(module, n).__module__ == module.__name__
+    ]
+    assert own, name
+    assert [n for n in own if f"`{n}" not in text] == []
