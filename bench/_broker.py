@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.brokers import Mosquitto, MosquittoListener
+from iothub_tls.testing.brokers import Mosquitto, MosquittoListener
 
 from ._pki import bench_pki
 

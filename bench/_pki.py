@@ -15,7 +15,7 @@ import functools
 from dataclasses import dataclass
 
 import iothub_tls as it
-from tests.pki import CA, Issued
+from iothub_tls.testing.pki import CertificateAuthority, Issued, KeyType
 
 HOST = "hub.iothub-tls.test"
 #: Name the MQTT clients dial (paho sends the dialled name in SNI); on both leaves.
@@ -24,10 +24,10 @@ LOCAL_HOST = "localhost"
 
 @dataclass(frozen=True)
 class BenchPKI:
-    rsa_root: CA
+    rsa_root: CertificateAuthority
     rsa_leaf: Issued
     ec_leaf: Issued
-    ec_root: CA
+    ec_root: CertificateAuthority
     ec_leaf_ec_chain: Issued
 
     @property
@@ -44,14 +44,14 @@ class BenchPKI:
 
 @functools.cache
 def bench_pki() -> BenchPKI:
-    rsa_root = CA("iothub-tls Bench Root RSA")
+    rsa_root = CertificateAuthority.root("iothub-tls Bench Root RSA")
     rsa_issuing = rsa_root.intermediate("iothub-tls Bench Issuing RSA")
-    ec_root = CA("iothub-tls Bench Root ECC", key_type="ec")
-    ec_issuing = ec_root.intermediate("iothub-tls Bench Issuing ECC", key_type="ec")
+    ec_root = CertificateAuthority.root("iothub-tls Bench Root ECC", key_type=KeyType.EC)
+    ec_issuing = ec_root.intermediate("iothub-tls Bench Issuing ECC", key_type=KeyType.EC)
     return BenchPKI(
         rsa_root=rsa_root,
-        rsa_leaf=rsa_issuing.issue(HOST, LOCAL_HOST),
-        ec_leaf=rsa_issuing.issue(HOST, LOCAL_HOST, key_type="ec"),
+        rsa_leaf=rsa_issuing.server(HOST, LOCAL_HOST),
+        ec_leaf=rsa_issuing.server(HOST, LOCAL_HOST, key_type=KeyType.EC),
         ec_root=ec_root,
-        ec_leaf_ec_chain=ec_issuing.issue(HOST, LOCAL_HOST, key_type="ec"),
+        ec_leaf_ec_chain=ec_issuing.server(HOST, LOCAL_HOST, key_type=KeyType.EC),
     )

@@ -1,8 +1,8 @@
 """``iothub-tls audit`` throughput and memory, side by side with DuckDB on the same file.
 
-Logs of a made-up fleet (10,000 devices connecting over 30 days, :mod:`tests.fleetlogs`)
-are written to a
-temporary directory (never kept): Azure Monitor resource logs as JSON lines, as archived
+Logs of a made-up fleet (10,000 devices connecting over 30 days,
+:mod:`iothub_tls.testing.fleetlogs`) are written to a temporary directory (never kept):
+Azure Monitor resource logs as JSON lines, as archived
 to a storage account, and the Log Analytics CSV export of a query projecting
 TimeGenerated, DeviceId, Protocol, TLSVersion and CipherSuite. Each run is a fresh
 process:
@@ -43,7 +43,12 @@ if __package__ in (None, ""):  # run as a script: python bench/audit_throughput.
 from bench import _machine, _report
 from bench._report import BenchResult, Headline, Table
 from bench._stats import Ratio, summarize
-from tests.fleetlogs import EXTENDED_COLUMNS, Fleet, write_azure_jsonl, write_kql_csv
+from iothub_tls.testing.fleetlogs import (
+    EXTENDED_COLUMNS,
+    Fleet,
+    write_azure_jsonl,
+    write_kql_csv,
+)
 
 NAME = "audit_throughput"
 TITLE = "Audit throughput: iothub-tls audit vs DuckDB"

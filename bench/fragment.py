@@ -13,11 +13,11 @@ import ssl
 from typing import Any
 
 import iothub_tls as it
-from tests.tlsserver import RecordRelay
+from iothub_tls.testing.relay import RecordRelay
+from iothub_tls.testing.server import HubLikeServer
 
 from ._pki import HOST, bench_pki
 from ._report import BenchResult, Headline, Table
-from ._server import HubLikeServer
 
 NAME = "fragment"
 TITLE = "4. Max fragment length"
@@ -42,7 +42,7 @@ def _transfer(ctx: ssl.SSLContext, server: HubLikeServer, expect: int) -> tuple[
             got += len(chunk)
         info = it.tls_info(tls)
         tls.close()
-        server.next_seen()
+        server.next_finished()
         relay.wait_idle()
         _, down = relay.logs[0]
     return down, info, got

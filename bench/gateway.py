@@ -344,7 +344,7 @@ def probe() -> None:
 
 
 def _broker(workdir: Path) -> Any:
-    from tests.brokers import Mosquitto, MosquittoListener
+    from iothub_tls.testing.brokers import Mosquitto, MosquittoListener
 
     from ._pki import bench_pki
 

@@ -20,12 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import iothub_tls as it
+from iothub_tls.testing.relay import RecordRelay
+from iothub_tls.testing.server import HubLikeServer
 from iothub_tls.tls.context import _configure
-from tests.tlsserver import RecordRelay
 
 from ._pki import HOST, BenchPKI, bench_pki
 from ._report import BenchResult, Headline, Table
-from ._server import HubLikeServer
 from ._stats import Interleaved, ratio_of_runs, summarize
 
 NAME = "handshake"
@@ -65,10 +65,10 @@ def _sampler(ctx: ssl.SSLContext, server: HubLikeServer) -> Callable[[], dict[st
         tls = ctx.wrap_socket(raw, server_hostname=HOST)
         cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
         tls.close()
-        seen = server.next_seen()
+        seen = server.next_finished()
         if seen.error:
             raise RuntimeError(f"server side of the handshake failed: {seen.error}")
-        return {"client_cpu": cpu, "server_cpu": seen.cpu, "wall": wall}
+        return {"client_cpu": cpu, "server_cpu": seen.handshake_cpu, "wall": wall}
 
     return sample
 
@@ -84,7 +84,7 @@ def _wire(ctx: ssl.SSLContext, server: HubLikeServer, repeats: int) -> dict[str,
             if i == 0:
                 key = _key_type(tls)
             tls.close()
-            server.next_seen()
+            server.next_finished()
             relay.wait_idle()
         for c2s, s2c in relay.logs:
             up.append(c2s.total_bytes)

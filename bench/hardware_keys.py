@@ -20,7 +20,6 @@ import os
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,37 +31,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import iothub_tls as it
 from iothub_tls.testing.hardware import SOFTHSM2_MODULE, SoftHsm, SoftwareTpm, missing_tools
 from iothub_tls.testing.pki import CertificateAuthority, KeyType
+from iothub_tls.testing.server import OpenSSLServer
 
 PIN = "135790"
 HOST = "localhost"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _server(directory: Path, ca: CertificateAuthority) -> tuple[subprocess.Popen[bytes], int]:
-    files = ca.server(HOST, key_type=KeyType.EC, days=1).write(directory, "server")
-    cafile = directory / "ca.pem"
-    cafile.write_bytes(ca.issued.cert_pem)
-    port = _free_port()
-    proc = subprocess.Popen(
-        ["openssl", "s_server", "-accept", str(port), "-cert", str(files.certificate),
-         "-key", str(files.private_key), "-Verify", "1", "-verify_return_error",
-         "-CAfile", str(cafile), "-quiet", "-rev"],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.02)
-    proc.kill()
-    raise RuntimeError("openssl s_server did not start")
+def _server(ca: CertificateAuthority) -> OpenSSLServer:
+    """``openssl s_server -Verify`` (mutual TLS, echoing reversed lines), no limit on
+    connections."""
+    leaf = ca.server(HOST, key_type=KeyType.EC, days=1)
+    return OpenSSLServer(leaf, "-rev", client_ca=ca.cert_pem, naccept=None)
 
 
 def _handshakes(ctx: ssl.SSLContext, port: int, count: int) -> tuple[float, float]:
@@ -121,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     tpm = SoftwareTpm(work / "tpm").start()
-    proc = None
+    server: OpenSSLServer | None = None
     try:
         os.environ.update(tpm.env)
         keyfile = tpm.generate_key(work / "tpm-key.pem")
@@ -131,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         contexts["swtpm (tpm2 provider)"] = it.create_ssl_context(
             policy, identity=it.ClientIdentity.from_tpm2(keyfile, certificate=list(tpm_chain))
         )
-        proc, port = _server(work, ca)
+        server = _server(ca)
+        port = server.port
         for ctx in contexts.values():  # warm up: engine, provider, first TPM loads
             _handshakes(ctx, port, 2)
         names = list(contexts)
@@ -144,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 cpu[name].append(c)
                 wall[name].append(w)
     finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait(5)
+        if server is not None:
+            server.close()
         tpm.stop()
 
     def summary(values: list[float], scale: float = 1000.0) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """HTTPS telemetry through a faulty network: what reaches the application.
 
 ``python -m bench.https_faults`` sends ``--sends`` messages (default 1,000) with
-``HttpsDeviceClient`` to the local hub's HTTPS door through ``tests/faultproxy.py``.
+``HttpsDeviceClient`` to the local hub's HTTPS door through
+``iothub_tls.testing.faultproxy``.
 Before every ``--every``-th send (default 10) the proxy arms a fault on the pooled
 keep-alive connection:
 
@@ -41,7 +42,7 @@ from bench._pki import HOST, bench_pki
 from bench._stats import Interleaved
 from iothub_tls.https import HttpsDeviceClient
 from iothub_tls.hub import DeviceRegistry, HttpsEndpoint, HubTlsProfile, ServerCredential
-from tests.faultproxy import FaultProxy
+from iothub_tls.testing.faultproxy import FaultProxy
 
 DEVICE = "bench-https-faults"
 

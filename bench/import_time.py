@@ -37,17 +37,15 @@ import argparse
 import json
 import os
 import re
-import socket
-import ssl
 import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,42 +87,25 @@ print(repr(time.perf_counter() - began))
 METRICS = ("import", "start -> context", "start -> first handshake", "x509 later")
 
 
-class _Server:
-    """A loopback TLS server that completes handshakes, one thread per connection."""
+@dataclass(frozen=True)
+class _Target:
+    """The loopback TLS server the children connect to, and the root they pin."""
 
-    def __init__(self, directory: Path) -> None:
-        from iothub_tls.testing.pki import CertificateAuthority, KeyType
+    root_file: Path
+    port: int
 
-        root = CertificateAuthority.root("iothub-tls import-time root", days=2)
-        leaf = root.server(_HOST, key_type=KeyType.EC, days=1)
-        files = leaf.write(directory, "server")
-        self.root_file = directory / "root.pem"
-        self.root_file.write_bytes(root.issued.cert_pem)
-        self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self._ctx.load_cert_chain(files.certificate, files.private_key)
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self._sock.getsockname()[1])
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                raw, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+@contextmanager
+def _server(directory: Path) -> Iterator[_Target]:
+    """A TLS server that completes handshakes (one thread per connection)."""
+    from iothub_tls.testing.pki import CertificateAuthority, KeyType
+    from iothub_tls.testing.server import TLSServer
 
-    def _one(self, raw: socket.socket) -> None:
-        raw.settimeout(10)
-        try:
-            with self._ctx.wrap_socket(raw, server_side=True) as tls:
-                tls.recv(1)  # until the client closes
-        except (OSError, ssl.SSLError):
-            pass
-
-    def close(self) -> None:
-        self._sock.close()
+    root = CertificateAuthority.root("iothub-tls import-time root", days=2)
+    root_file = directory / "root.pem"
+    root_file.write_bytes(root.cert_pem)
+    with TLSServer([root.server(_HOST, key_type=KeyType.EC, days=1)], payload=b"") as server:
+        yield _Target(root_file, server.port)
 
 
 @contextmanager
@@ -160,7 +141,7 @@ def _env(tree: Path) -> dict[str, str]:
     return env
 
 
-def _sample(tree: Path, server: _Server) -> dict[str, float]:
+def _sample(tree: Path, server: _Target) -> dict[str, float]:
     spawned = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(server.root_file), str(server.port), _HOST],
@@ -251,8 +232,7 @@ def measure(trees: dict[str, Path], rounds: int, attribution_runs: int) -> dict[
     bare: list[float] = []
     per_round: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory(prefix="itls-import-srv-") as tmp:
-        server = _Server(Path(tmp))
-        try:
+        with _server(Path(tmp)) as server:
             names = list(trees)
             for name in names:  # warm-up: file cache, .pyc files
                 _sample(trees[name], server)
@@ -265,8 +245,6 @@ def measure(trees: dict[str, Path], rounds: int, attribution_runs: int) -> dict[
                     for metric, value in this_round[name].items():
                         samples[name][metric].append(value)
                 per_round.append(this_round)
-        finally:
-            server.close()
     result: dict[str, Any] = {
         "rounds": rounds,
         "python -c pass": summarize(bare).as_dict(1e3, 2),

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tests.tlsserver import RecordRelay
+from iothub_tls.testing.relay import RecordRelay
 
 from ._broker import mosquitto_binary, process_cpu_seconds, tls_mosquitto
 from ._mqtt import device

@@ -61,7 +61,7 @@ CORE_TESTS = (
     "tests/test_check_dist.py",
 )
 #: From the dev extra: what the core tests need besides the package.
-TEST_TOOLS = {"pytest", "pytest-timeout", "trustme", "hypothesis"}
+TEST_TOOLS = {"pytest", "pytest-timeout", "hypothesis"}
 SDIST_MUST_HOLD = (
     "PKG-INFO",
     "pyproject.toml",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -8,19 +9,31 @@ from dataclasses import dataclass
 import pytest
 
 import iothub_tls as it
+from iothub_tls.testing.pki import CertificateAuthority, Issued, KeyPool, KeyType
+from iothub_tls.testing.server import TLSServer
 from iothub_tls.tls import _openssl
-from tests.pki import CA, Issued
-from tests.tlsserver import TLSServer
 
 HOST = "hub.iothub-tls.test"
+#: When the test run started (a reference for validity windows).
+NOW = dt.datetime.now(dt.timezone.utc)
+#: Leaf keys shared by the whole test run (RSA generation is slow); a CA made with
+#: ``key_pool=KEYS`` draws its leaves' keys from here.
+KEYS = KeyPool()
+
+
+def new_root(
+    common_name: str = "iothub-tls Test Root CA", **kwargs: object
+) -> CertificateAuthority:
+    """A root CA whose leaves draw their keys from :data:`KEYS`."""
+    return CertificateAuthority.root(common_name, key_pool=KEYS, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass
 class PKI:
     """A root CA with an intermediate, as IoT Hub's chains look: root -> intermediate -> leaf."""
 
-    root: CA
-    intermediate: CA
+    root: CertificateAuthority
+    intermediate: CertificateAuthority
     rsa_leaf: Issued
     ec_leaf: Issued
 
@@ -34,13 +47,13 @@ class PKI:
 
 @pytest.fixture(scope="session")
 def pki() -> PKI:
-    root = CA("iothub-tls Test Root G2")
+    root = new_root("iothub-tls Test Root G2")
     inter = root.intermediate("iothub-tls Test Issuing CA")
     return PKI(
         root=root,
         intermediate=inter,
         rsa_leaf=inter.issue(HOST, "localhost"),
-        ec_leaf=inter.issue(HOST, "localhost", key_type="ec"),
+        ec_leaf=inter.issue(HOST, "localhost", key_type=KeyType.EC),
     )
 
 

@@ -34,10 +34,10 @@ from iothub_tls.hub import (
     ServerCredential,
 )
 from iothub_tls.hub.amqp import AmqpEndpoint
-from tests.conftest import HOST, PKI
-from tests.faultproxy import FaultProxy
-from tests.pki import CA, Issued
-from tests.tlsserver import TLSServer
+from iothub_tls.testing.faultproxy import FaultProxy
+from iothub_tls.testing.pki import Issued
+from iothub_tls.testing.server import TLSServer
+from tests.conftest import HOST, PKI, new_root
 
 # -- fixtures --------------------------------------------------------------------------------
 
@@ -667,7 +667,7 @@ def test_ecc_only_device_gets_the_ecdsa_certificate_and_refuses_rsa_only(
 
 
 def test_wrong_root_is_refused(endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI) -> None:
-    other = it.TlsPolicy(roots=it.RootSet.from_pem(CA("Not The Hub's Root").cert_pem))
+    other = it.TlsPolicy(roots=it.RootSet.from_pem(new_root("Not The Hub's Root").cert_pem))
     client = client_for(endpoint, pki, sas_string(registry), policy=other)
     with pytest.raises(it.CertificateVerificationError, match="certificate verify failed"):
         client.connect()

@@ -20,9 +20,9 @@ import pytest
 import iothub_tls as it
 from iothub_tls.amqp import AmqpConnection, AmqpMessage, AmqpOptions
 from iothub_tls.policy import STRONG_SUITES, WEAK_SUITES
+from iothub_tls.testing.pki import Issued
 from tests.brokers import RabbitMQ, require_binary
-from tests.conftest import HOST, PKI
-from tests.pki import CA, Issued
+from tests.conftest import HOST, PKI, new_root
 
 pytestmark = pytest.mark.broker
 
@@ -198,7 +198,7 @@ def test_external_with_unknown_certificate_is_refused(rabbit: RabbitMQ, files: F
 
 
 def test_wrong_root_is_refused(rabbit: RabbitMQ, files: Files) -> None:
-    other = CA("Some Other Root")
+    other = new_root("Some Other Root")
     policy = it.TlsPolicy(roots=it.RootSet.from_pem(other.cert_pem))
     conn = connection(
         rabbit, files, policy=policy, sasl="PLAIN", username="alice", password="s3cret"

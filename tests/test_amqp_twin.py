@@ -41,8 +41,8 @@ from iothub_tls.auth import SasTokenProvider
 from iothub_tls.device import MethodRequest
 from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential
 from iothub_tls.hub.amqp import AmqpEndpoint
+from iothub_tls.testing.faultproxy import FaultProxy
 from tests.conftest import HOST, PKI
-from tests.faultproxy import FaultProxy
 
 # proton types message fields loosely (Optional unions); the tests read them directly
 proton: Any = _proton

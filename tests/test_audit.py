@@ -31,8 +31,7 @@ from iothub_tls.audit.render import to_html
 from iothub_tls.audit.rules import judge
 from iothub_tls.cli import main
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES, WEAK_SUITES
-from tests.browser import Chromium, png_pixels
-from tests.fleetlogs import (
+from iothub_tls.testing.fleetlogs import (
     EXTENDED_COLUMNS,
     KQL_NAMED_COLUMNS,
     Fleet,
@@ -43,6 +42,7 @@ from tests.fleetlogs import (
     write_kql_tables,
     write_local,
 )
+from tests.browser import Chromium, png_pixels
 
 ROWS = 3000
 

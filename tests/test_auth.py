@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
 import hashlib
 import hmac
 import os
@@ -24,11 +23,9 @@ from typing import Any
 from urllib import parse
 
 import pytest
-import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from iothub_tls.auth import (
     ClientIdentity,
@@ -43,6 +40,8 @@ from iothub_tls.errors import (
     IdentityError,
     SasTokenError,
 )
+from iothub_tls.testing.pki import ORGANIZATION, CertificateAuthority, KeyType
+from tests.conftest import KEYS
 
 # A recognisable 32-byte key, so a leak of the key (or of the key without its padding)
 # is easy to spot in any message.
@@ -686,69 +685,6 @@ class TestSasTokenProvider:
 # ClientIdentity
 # ======================================================================================
 
-_ONE_DAY = datetime.timedelta(days=1)
-
-
-def _name(cn: str | None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "iothub-tls tests")]
-    if cn is not None:
-        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
-    return x509.Name(attrs)
-
-
-def _sign_hash(key: Any) -> hashes.SHA256 | None:
-    return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-
-
-def _cert(
-    cn: str | None,
-    public_key: Any,
-    issuer: tuple[x509.Certificate, Any] | None,
-    *,
-    ca: bool,
-    self_key: Any = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    issuer_name = issuer[0].subject if issuer else _name(cn)
-    signing_key = issuer[1] if issuer else self_key
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(issuer_name)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _ONE_DAY)
-        .not_valid_after(now + 30 * _ONE_DAY)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-    )
-    if issuer:
-        builder = builder.add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()),
-            critical=False,
-        )
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-    else:
-        builder = builder.add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
-    return builder.sign(signing_key, _sign_hash(signing_key))
-
-
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -768,37 +704,30 @@ def _key_pem(
 
 
 class PKI:
-    """A root CA, an intermediate, and device leaves of several key types."""
+    """A root CA, an intermediate, and device leaves of several key types (made by
+    :mod:`iothub_tls.testing.pki`, for keys generated here)."""
 
     def __init__(self) -> None:
-        self.root_key = ec.generate_private_key(ec.SECP256R1())
-        self.root = _cert(
-            "Test Device Root", self.root_key.public_key(), None, ca=True, self_key=self.root_key
-        )
-        self.inter_key = ec.generate_private_key(ec.SECP256R1())
-        self.inter = _cert(
-            "Test Device Intermediate",
-            self.inter_key.public_key(),
-            (self.root, self.root_key),
-            ca=True,
-        )
+        root = CertificateAuthority.root("Test Device Root", key_type=KeyType.EC)
+        self.ca = root.intermediate("Test Device Intermediate", key_type=KeyType.EC)
+        self.root = root.certificate
+        self.inter = self.ca.certificate
         self.keys: dict[str, Any] = {
-            "rsa2048": rsa.generate_private_key(public_exponent=65537, key_size=2048),
-            "p256": ec.generate_private_key(ec.SECP256R1()),
-            "p384": ec.generate_private_key(ec.SECP384R1()),
+            "rsa2048": KeyType.RSA.generate(2048),
+            "p256": KeyType.EC.generate(256),
+            "p384": KeyType.EC.generate(384),
             "p521": ec.generate_private_key(ec.SECP521R1()),
         }
         self._leaves: dict[tuple[str, str | None], x509.Certificate] = {}
 
     def leaf(self, kind: str, cn: str | None = "dev1") -> x509.Certificate:
         if (kind, cn) not in self._leaves:
-            self._leaves[kind, cn] = _cert(
-                cn, self.keys[kind].public_key(), (self.inter, self.inter_key), ca=False
-            )
+            self._leaves[kind, cn] = self.leaf_with_key(self.keys[kind], cn)
         return self._leaves[kind, cn]
 
-    def leaf_with_key(self, key: Any, cn: str = "odd-device") -> x509.Certificate:
-        return _cert(cn, key.public_key(), (self.inter, self.inter_key), ca=False)
+    def leaf_with_key(self, key: Any, cn: str | None = "odd-device") -> x509.Certificate:
+        """A device certificate for ``key`` (any type); ``cn=None``: a subject without CN."""
+        return self.ca.issue(cn=cn, client=True, key=key).certificate
 
     def chain_pem(self, kind: str, cn: str | None = "dev1") -> bytes:
         return _pem(self.leaf(kind, cn)) + _pem(self.inter)
@@ -1191,19 +1120,23 @@ def _handshake(
 
 
 @pytest.fixture(scope="module")
-def server_ca() -> trustme.CA:
-    return trustme.CA()
+def server_ca() -> CertificateAuthority:
+    return CertificateAuthority.root("Test Hub Root", key_type=KeyType.EC, key_pool=KEYS)
 
 
-def _mutual_tls_peer(identity: ClientIdentity, pki: PKI, server_ca: trustme.CA) -> dict[str, Any]:
+def _mutual_tls_peer(
+    identity: ClientIdentity, pki: PKI, server_ca: CertificateAuthority
+) -> dict[str, Any]:
     """Run an in-memory mutual-TLS handshake; return the client cert the server saw."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ca.issue_cert("hub.test").configure_cert(server_ctx)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = server_ca.issue("hub.test").write(tmp, "server")
+        server_ctx.load_cert_chain(files.certificate, files.private_key)
     server_ctx.verify_mode = ssl.CERT_REQUIRED
     server_ctx.load_verify_locations(cadata=_pem(pki.root).decode())  # root only
 
     client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    server_ca.configure_trust(client_ctx)
+    client_ctx.load_verify_locations(cadata=server_ca.cert_pem.decode())
     identity._load_into(client_ctx)
 
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
@@ -1217,15 +1150,17 @@ def _mutual_tls_peer(identity: ClientIdentity, pki: PKI, server_ca: trustme.CA) 
 
 class TestLoadInto:
     @pytest.mark.parametrize("kind", ["rsa2048", "p256", "p384"])
-    def test_mutual_tls_with_chain(self, pki: PKI, server_ca: trustme.CA, kind: str) -> None:
+    def test_mutual_tls_with_chain(
+        self, pki: PKI, server_ca: CertificateAuthority, kind: str
+    ) -> None:
         identity = ClientIdentity.from_pem(pki.chain_pem(kind), _key_pem(pki.keys[kind]))
         peer = _mutual_tls_peer(identity, pki, server_ca)
         # The server trusts only the root: the intermediate must have been sent too.
-        assert ((("organizationName", "iothub-tls tests"),), (("commonName", "dev1"),)) == (
+        assert ((("organizationName", ORGANIZATION),), (("commonName", "dev1"),)) == (
             peer["subject"]
         )
 
-    def test_encrypted_key(self, pki: PKI, server_ca: trustme.CA) -> None:
+    def test_encrypted_key(self, pki: PKI, server_ca: CertificateAuthority) -> None:
         key = _key_pem(pki.keys["rsa2048"], b"pw")
         identity = ClientIdentity.from_pem(pki.chain_pem("rsa2048"), key, password=b"pw")
         assert (
@@ -1364,7 +1299,7 @@ class TestTempdirFallback:
         assert len(created) == 1 and not os.path.exists(created[0])
 
     def test_fallback_handshake(
-        self, pki: PKI, server_ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+        self, pki: PKI, server_ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.delattr(os, "memfd_create", raising=False)
         identity = ClientIdentity.from_pem(pki.chain_pem("p256"), _key_pem(pki.keys["p256"]))

@@ -41,8 +41,9 @@ import pytest
 import iothub_tls as it
 from iothub_tls import azure as itaz
 from iothub_tls.policy import ECC_SUITES, STRONG_SUITES
+from iothub_tls.testing.pki import ORGANIZATION, CertificateAuthority, Issued
 from tests.brokers import Mosquitto, MosquittoListener, require_binary, wait_for_port
-from tests.pki import CA, Issued
+from tests.conftest import new_root
 
 SDK_REASON = (
     "needs the 'azure' extra: pip install 'iothub-tls[azure]' (azure-iot-device pins "
@@ -230,7 +231,7 @@ class Hub:
 
     broker: Mosquitto
     gateway: str
-    root: CA
+    root: CertificateAuthority
     messages: queue.Queue[tuple[str, bytes]] = field(default_factory=queue.Queue)
     observer: Any = None
 
@@ -271,8 +272,8 @@ def hub_factory(tmp_path: Path, pki: Any) -> Iterator[Callable[..., Hub]]:
         *,
         users: dict[str, str] | None = None,
         tls_max: str | None = None,
-        client_ca: CA | None = None,
-        root: CA | None = None,
+        client_ca: CertificateAuthority | None = None,
+        root: CertificateAuthority | None = None,
         protocol: str = "mqtt",
         port: int = MQTT_PORT,
         anonymous: bool = False,
@@ -393,7 +394,7 @@ def test_client_kwargs_become_the_sdks_context_which_replaces_the_os_store(
     assert ctx.protocol is ssl.PROTOCOL_TLSv1_2
     # MQTT trusts exactly server_verification_cert: the OS store is not loaded.
     assert [c["subject"] for c in ctx.get_ca_certs()] == [
-        ((("organizationName", "iothub-tls tests"),), (("commonName", "iothub-tls Test Root G2"),))
+        ((("organizationName", ORGANIZATION),), (("commonName", "iothub-tls Test Root G2"),))
     ]
 
 
@@ -604,7 +605,7 @@ def test_pinning_refuses_a_broker_anchored_at_another_root(
         connection_retry=False,
     )
     sync_clients.append(client)
-    other = CA("Some Other Root")
+    other = new_root("Some Other Root")
     hub_factory(
         gateway,
         other.issue(gateway, "localhost"),
@@ -628,8 +629,8 @@ def test_pinning_refuses_a_broker_anchored_at_another_root(
 
 
 @pytest.fixture(scope="module")
-def device_ca() -> CA:
-    return CA("iothub-tls Test Device CA")
+def device_ca() -> CertificateAuthority:
+    return new_root("iothub-tls Test Device CA")
 
 
 @pytest.mark.broker
@@ -678,7 +679,7 @@ def test_an_identity_other_than_the_clients_certificate_is_refused(
 
 def test_sdk_options_contradicting_the_policy_are_refused(sdk, pki, gateway, sync_clients):
     cs = connection_string(gateway, _key())
-    other_root = CA("Edge Root").cert_pem.decode()
+    other_root = new_root("Edge Root").cert_pem.decode()
     pinned = sdk.IoTHubDeviceClient.create_from_connection_string(
         cs, server_verification_cert=other_root
     )
@@ -899,7 +900,7 @@ def test_https_trust_beyond_server_verification_cert(
     context never takes anchors from requests."""
     gateway = _https_gateway()
     key = _key()
-    other = CA("A Root In Requests Bundle")
+    other = new_root("A Root In Requests Bundle")
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(other.cert_pem)
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))

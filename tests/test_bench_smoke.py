@@ -8,6 +8,7 @@ really negotiated). It never asserts a timing: smoke numbers mean nothing.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -176,3 +177,50 @@ def test_import_time_script_at_tiny_size():
     attribution = result["attribution_us"]["current"]
     assert "iothub_tls" in attribution
     assert "cryptography.x509" not in attribution
+
+
+# -- bench/ stands on the package alone ---------------------------------------------------
+
+
+def _test_imports(source: str) -> list[str]:
+    """Modules of this repository's ``tests`` package that ``source`` imports, at any
+    depth (inside functions too), absolute or relative."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level > 1:  # from ..tests import x: out of bench/ into the repository
+                names = [f"{'.' * node.level}{node.module or ''}"]
+            else:
+                names = [node.module or ""] if node.level == 0 else []
+        else:
+            continue
+        found += [n for n in names if n == "tests" or n.startswith(("tests.", ".."))]
+    return found
+
+
+def test_bench_imports_no_test_module() -> None:
+    sources = sorted((REPO / "bench").glob("**/*.py"))
+    assert len(sources) > 10
+    imports = {p.name: _test_imports(p.read_text(encoding="utf-8")) for p in sources}
+    assert {name: found for name, found in imports.items() if found} == {}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "from tests.brokers import Mosquitto",
+        "import tests.pki as pki",
+        "import tests",
+        "def f():\n    from tests import conftest\n",
+        "from ..tests import brokers",
+    ],
+)
+def test_the_import_scan_sees_a_test_module(source: str) -> None:
+    assert _test_imports(source) != []
+
+
+def test_the_import_scan_lets_the_package_through() -> None:
+    source = "from iothub_tls.testing.server import HubLikeServer\nfrom ._pki import HOST\n"
+    assert _test_imports(source) == []

@@ -1,8 +1,9 @@
-"""The broker helpers of ``tests/brokers.py`` drive real Mosquitto and RabbitMQ processes.
+"""The broker launchers of ``iothub_tls.testing.brokers`` (with the skip logic of
+``tests/brokers.py``) drive real Mosquitto and RabbitMQ processes.
 
-Certificates come from ``trustme`` at test time. RabbitMQ takes ~5 s to boot, so one node
-is shared by the module (``rabbit`` fixture); Mosquitto starts in well under a second and
-gets a fresh process per test.
+Certificates come from ``iothub_tls.testing.pki`` at test time. RabbitMQ takes ~5 s to
+boot, so one node is shared by the module (``rabbit`` fixture); Mosquitto starts in well
+under a second and gets a fresh process per test.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
+from iothub_tls.testing.pki import KeyType
 from tests.brokers import (
     MARKER_ENV,
     BrokerError,
@@ -32,6 +33,7 @@ from tests.brokers import (
     port_open,
     require_binary,
 )
+from tests.conftest import new_root
 
 AMQP_SASL_HEADER = b"AMQP\x03\x01\x00\x00"
 
@@ -55,24 +57,14 @@ class Pki:
 @pytest.fixture(scope="module")
 def bpki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     d = tmp_path_factory.mktemp("broker-pki")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    client = ca.issue_cert("device-1", common_name="device-1")
-    ca.cert_pem.write_to_path(d / "ca.pem")
-    server.private_key_and_cert_chain_pem.write_to_path(d / "server.pem")
-    server.private_key_pem.write_to_path(d / "server.key")
-    client.private_key_and_cert_chain_pem.write_to_path(d / "client.pem")
-    client.private_key_pem.write_to_path(d / "client.key")
-    rsa_ca = trustme.CA(key_type=trustme.KeyType.RSA)
-    rsa_server = rsa_ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.RSA)
-    rsa_ca.cert_pem.write_to_path(d / "rsa_ca.pem")
-    rsa_server.private_key_and_cert_chain_pem.write_to_path(d / "rsa_server.pem")
-    rsa_server.private_key_pem.write_to_path(d / "rsa_server.key")
-    # certfile = leaf + CA only (the key is separate), as brokers expect
-    for name in ("server", "client", "rsa_server"):
-        text = (d / f"{name}.pem").read_text()
-        certs = text[text.index("-----BEGIN CERTIFICATE-----") :]
-        (d / f"{name}.pem").write_text(certs)
+    ca = new_root("Broker Test Root", key_type=KeyType.EC)
+    (d / "ca.pem").write_bytes(ca.cert_pem)
+    # certfile = leaf (+ intermediates: none here), the key separate, as brokers expect
+    ca.issue("localhost", "127.0.0.1", key_type=KeyType.EC).write(d, "server")
+    ca.issue(cn="device-1", client=True, key_type=KeyType.EC).write(d, "client")
+    rsa_ca = new_root("Broker Test Root RSA")
+    (d / "rsa_ca.pem").write_bytes(rsa_ca.cert_pem)
+    rsa_ca.issue("localhost", "127.0.0.1").write(d, "rsa_server")
     return Pki(
         ca=d / "ca.pem",
         chain=d / "server.pem",
@@ -216,6 +208,29 @@ def test_require_binary_skips_outside_ci_and_fails_in_ci(monkeypatch: pytest.Mon
     with pytest.raises(pytest.fail.Exception, match="not installed"):
         require_binary(missing)
     assert require_binary("sh").endswith("/sh")
+
+
+def test_a_broker_missing_its_program_skips_outside_ci_and_fails_in_ci(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from iothub_tls.testing import brokers as package
+
+    def nowhere(name: str) -> str:
+        raise package.MissingBinaryError(name)
+
+    monkeypatch.setattr(package, "find_binary", nowhere)
+    broker = Mosquitto([MosquittoListener()], workdir=tmp_path / "mosq")
+    # the package's own error names the Debian package, and is a FileNotFoundError
+    with pytest.raises(package.MissingBinaryError, match=r"apt-get install mosquitto$") as info:
+        package.Mosquitto([MosquittoListener()], workdir=tmp_path / "plain").start()
+    assert isinstance(info.value, FileNotFoundError) and info.value.package == "mosquitto"
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="mosquitto not installed: apt-get"):
+        broker.start()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="mosquitto not installed"):
+        broker.start()
+    assert not broker.running()
 
 
 def test_mosquitto_rejects_mixed_tls_max_version(tmp_path: Path, bpki: Pki) -> None:

@@ -56,7 +56,6 @@ Classifier: Typing :: Typed
 Requires-Python: >=3.10
 Requires-Dist: pytest>=7; extra == 'dev'
 Requires-Dist: pytest-timeout; extra == 'dev'
-Requires-Dist: trustme>=1.1; extra == 'dev'
 Requires-Dist: hypothesis>=6; extra == 'dev'
 Requires-Dist: paho-mqtt<3,>=1.6; extra == 'mqtt'
 Description-Content-Type: text/markdown
@@ -145,7 +144,7 @@ def test_a_metadata_fault_is_named(check_dist, old, new, expected):
 
 def test_the_dev_extra_gives_the_test_tools(check_dist):
     tools = check_dist.test_tools(email.message_from_string(GOOD_METADATA))
-    assert sorted(tools) == ["hypothesis>=6", "pytest-timeout", "pytest>=7", "trustme>=1.1"]
+    assert sorted(tools) == ["hypothesis>=6", "pytest-timeout", "pytest>=7"]
 
 
 def make_sdist(path: Path, names: list[str]) -> Path:

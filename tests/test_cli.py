@@ -27,9 +27,10 @@ from iothub_tls import roots as roots_module
 from iothub_tls.cli import COMMANDS, main
 from iothub_tls.diagnostics import doctor as doctor_module
 from iothub_tls.policy import CIPHER_SUITES, STRONG_SUITES
-from tests.conftest import HOST, connect
-from tests.pki import NOW, Issued
-from tests.tlsserver import TLSServer, free_port
+from iothub_tls.testing.pki import Issued
+from iothub_tls.testing.ports import free_port
+from iothub_tls.testing.server import TLSServer
+from tests.conftest import HOST, NOW, connect
 
 STRONG = ":".join(s.openssl for s in STRONG_SUITES)
 pytestmark = pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1:DeprecationWarning")
@@ -371,9 +372,7 @@ def _load(path: Path) -> list[x509.Certificate]:
 
 def _issued(cert_path: Path, key_path: Path) -> Issued:
     """The files as the test server helper takes them."""
-    leaf, *chain = _load(cert_path)
-    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-    return Issued(leaf, key, chain)  # type: ignore[arg-type]
+    return Issued.from_pem(cert_path.read_bytes(), key_path.read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -665,7 +664,7 @@ def test_testpki_api_builds_a_verifiable_chain():
     assert root.is_root and not issuing.is_root
     assert server.chain == (issuing.certificate,) and issuing.chain == ()
     assert device.common_name == "dev-7"
-    with TLSServer([Issued(server.certificate, server.private_key, list(server.chain))]) as srv:
+    with TLSServer([server]) as srv:
         policy = it.TlsPolicy(roots=it.RootSet.from_pem(root.issued.cert_pem))
         with connect(it.create_ssl_context(policy), srv.port) as tls:
             assert it.tls_info(tls).chain == (HOST, "API Issuing", "API Root")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -25,9 +26,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 import iothub_tls as it
 import iothub_tls.tls.context
 from iothub_tls.policy import WEAK_SUITES
-from tests.conftest import HOST, connect
-from tests.pki import CA, NOW, self_signed
-from tests.tlsserver import OpenSSLServer, RecordRelay
+from iothub_tls.testing.pki import self_signed
+from iothub_tls.testing.relay import RecordRelay
+from iothub_tls.testing.server import OpenSSLServer
+from tests.conftest import HOST, KEYS, NOW, connect, new_root
 
 V12, V13 = ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3
 
@@ -150,12 +152,12 @@ def test_wrong_host(pki, tls_server):
 
 
 def test_self_signed(pki, tls_server):
-    message = _verify_refusal(pki, tls_server, [self_signed(HOST)], 18)
+    message = _verify_refusal(pki, tls_server, [self_signed(HOST, key_pool=KEYS)], 18)
     assert "self-signed" in message
 
 
 def test_root_not_pinned(pki, tls_server):
-    other = CA("Some Other Root")
+    other = new_root("Some Other Root")
     message = _verify_refusal(pki, tls_server, [other.intermediate().issue(HOST)], 20)
     assert "TlsPolicy(roots=...)" in message and "iothub-tls Test Root G2" in message
 
@@ -166,19 +168,18 @@ def test_default_policy_refuses_a_private_root(pki, tls_server):
 
 
 def test_incomplete_chain(pki, tls_server):
-    leaf = pki.intermediate.issue(HOST)
-    leaf.chain = []  # the server forgets its intermediate
+    leaf = dataclasses.replace(pki.intermediate.issue(HOST), chain=())  # no intermediate
     _verify_refusal(pki, tls_server, [leaf], 20)
 
 
 def test_weak_rsa_1024_leaf(pki, tls_server):
-    leaf = pki.intermediate.issue(HOST, key_size=1024)
+    leaf = pki.intermediate.issue(HOST, key_size=1024, allow_weak_key=True)
     # the server must drop to SECLEVEL 0 to even load such a key
     assert "too weak" in _verify_refusal(pki, tls_server, [leaf], 66, ciphers="ALL")
 
 
 def test_pinned_intermediate_is_refused_at_configuration():
-    inter = CA("Root").intermediate("Issuing")
+    inter = new_root("Root").intermediate("Issuing")
     with pytest.raises(it.RootStoreError, match="pin roots only"):
         it.RootSet.from_pem(inter.cert_pem)
 
@@ -441,7 +442,7 @@ def test_stalled_handshake_times_out(pki, tls_server):
 @pytest.mark.parametrize("key_type", ["rsa", "ec"])
 @pytest.mark.parametrize("profile", [it.CipherProfile.STRONG, it.CipherProfile.ECC_ONLY])
 def test_mutual_tls_presents_the_device_certificate(pki, tls_server, key_type, profile):
-    device = CA("Device Root", key_type=key_type)
+    device = new_root("Device Root", key_type=key_type)
     issued = device.issue(cn="device-001", client=True, key_type=key_type)
     identity = it.ClientIdentity.from_pem(issued.cert_chain_pem, issued.key_pem)
     server = tls_server(
@@ -457,7 +458,7 @@ def test_mutual_tls_presents_the_device_certificate(pki, tls_server, key_type, p
 
 
 def test_mutual_tls_without_identity_is_refused(pki, tls_server):
-    device = CA("Device Root")
+    device = new_root("Device Root")
     server = tls_server(
         [pki.rsa_leaf], max_version=V12, client_ca=device.cert_pem, require_client_cert=True
     )
@@ -483,7 +484,7 @@ def test_mutual_tls_without_identity_is_refused(pki, tls_server):
         lambda c: c.set_ciphers("ALL"),
         lambda c: c.load_default_certs(),
         lambda c: c.set_default_verify_paths(),
-        lambda c: c.load_verify_locations(cadata=CA("Extra").cert_pem.decode()),
+        lambda c: c.load_verify_locations(cadata=new_root("Extra").cert_pem.decode()),
     ],
     ids=[
         "CERT_NONE",
@@ -546,7 +547,7 @@ def _full_state(ctx):
 
 def test_set_ciphers_cannot_lower_the_security_level(pki, tls_server):
     weakening = "ECDHE-RSA-AES128-GCM-SHA256:@SECLEVEL=0"  # allowed names, level 0
-    leaf = pki.intermediate.issue(HOST, key_size=1024)
+    leaf = pki.intermediate.issue(HOST, key_size=1024, allow_weak_key=True)
     server = tls_server([leaf], ciphers="ALL")  # the server drops to SECLEVEL 0 to load it
     ctx = it.create_ssl_context(pki.policy())
     before = _full_state(ctx)
@@ -840,10 +841,10 @@ def test_device_certificate_from_an_unknown_ca_is_explained(pki, tls_server):
     server = tls_server(
         [pki.rsa_leaf],
         max_version=V12,
-        client_ca=CA("Registered Device CA").cert_pem,
+        client_ca=new_root("Registered Device CA").cert_pem,
         require_client_cert=True,
     )
-    stranger = CA("Unregistered CA").issue(cn="device-9", client=True)
+    stranger = new_root("Unregistered CA").issue(cn="device-9", client=True)
     identity = it.ClientIdentity.from_pem(stranger.cert_chain_pem, stranger.key_pem)
     with pytest.raises(it.TLSHandshakeError, match="refused this device's certificate") as err:
         connect(it.create_ssl_context(pki.policy(), identity=identity), server.port)

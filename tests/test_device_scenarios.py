@@ -22,9 +22,6 @@ import pytest
 
 import iothub_tls as it
 from iothub_tls.hub.hub import HubOptions, LocalHub
-from tests.conftest import HOST, PKI
-from tests.faultproxy import FaultProxy
-from tests.tlsserver import TLSServer
 
 pytest.importorskip("paho.mqtt.client")
 pytest.importorskip("proton")
@@ -33,6 +30,9 @@ pytest.importorskip("urllib3")
 from iothub_tls.amqp import AmqpDeviceClient, AmqpOptions
 from iothub_tls.https import HttpsDeviceClient, HttpsOptions
 from iothub_tls.mqtt import MqttDeviceClient, MqttOptions
+from iothub_tls.testing.faultproxy import FaultProxy
+from iothub_tls.testing.server import TLSServer
+from tests.conftest import HOST, PKI
 
 TRANSPORTS = ("mqtt", "amqp", "https")
 CLASSES: dict[str, type[Any]] = {

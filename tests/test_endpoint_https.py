@@ -40,10 +40,10 @@ from iothub_tls.hub import (
     RegistryError,
     ServerCredential,
 )
-from tests.conftest import HOST, PKI
-from tests.faultproxy import FaultProxy
-from tests.pki import CA, Issued
-from tests.tlsserver import RecordRelay
+from iothub_tls.testing.faultproxy import FaultProxy
+from iothub_tls.testing.pki import Issued
+from iothub_tls.testing.relay import RecordRelay
+from tests.conftest import HOST, PKI, new_root
 
 # -- fixtures --------------------------------------------------------------------------------
 
@@ -71,7 +71,7 @@ class FakeClock:
 
 @pytest.fixture(scope="module")
 def devices(pki: PKI) -> Devices:
-    foreign_ca = CA("Foreign Device CA")
+    foreign_ca = new_root("Foreign Device CA")
     return Devices(
         x509=pki.intermediate.issue(cn="dev-x509", client=True, key_type="ec"),
         ca_signed=pki.intermediate.issue(cn="dev-ca", client=True),
@@ -602,7 +602,7 @@ def test_legacy_hub_that_also_serves_strong_suites_gets_a_strong_one(
 
 
 def test_wrong_root_is_refused(endpoint, registry, client_for):
-    other_root = CA("Some Other Root")
+    other_root = new_root("Some Other Root")
     policy = it.TlsPolicy(roots=it.RootSet.from_pem(other_root.cert_pem))
     with pytest.raises(it.CertificateVerificationError, match="certificate verify failed"):
         client_for(endpoint, sas_cs(registry), policy=policy).send_telemetry(b"x")
@@ -700,7 +700,7 @@ def test_403_is_not_authorized(endpoint, registry, client_for):
 
 
 def test_connection_refused_is_connection_failed_after_retries(registry, client_for, sleeps):
-    from tests.tlsserver import free_port
+    from iothub_tls.testing.ports import free_port
 
     class Closed:
         port = free_port()

@@ -18,7 +18,7 @@ from iothub_tls.hub.profile import HubTlsProfile, ServerCredential
 from iothub_tls.hub.registry import DeviceRegistry
 from iothub_tls.hub.state import HubState
 from iothub_tls.mqtt import packets as codec
-from tests.pki import CA
+from tests.conftest import new_root
 
 mqtt = pytest.importorskip("paho.mqtt.client")
 HUB = "localhost"
@@ -26,8 +26,8 @@ HUB = "localhost"
 
 @pytest.fixture(scope="module")
 def hub_pki():
-    root = CA("Local Hub Root")
-    device_ca = CA("Device Root", key_type="ec")
+    root = new_root("Local Hub Root")
+    device_ca = new_root("Device Root", key_type="ec")
     return {
         "root": root,
         "server": root.issue(HUB),

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.faultproxy import FaultProxy
+from iothub_tls.testing.faultproxy import FaultProxy
 
 
 class Echo:

@@ -36,8 +36,8 @@ from iothub_tls.testing.hardware import (
     missing_tools,
 )
 from iothub_tls.testing.pki import CertificateAuthority, KeyType
+from iothub_tls.testing.ports import free_port, wait_port
 from iothub_tls.tls.hardware.uri import UriError, parse_pkcs11_uri
-from tests.tlsserver import free_port, wait_port
 
 PIN = "735190"
 WRONG_PIN = "246802"

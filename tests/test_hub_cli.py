@@ -10,7 +10,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ pytest.importorskip("urllib3")
 
 from iothub_tls.amqp import AmqpDeviceClient
 from iothub_tls.mqtt import MqttDeviceClient
+from iothub_tls.testing.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "iothub_tls"]
@@ -259,17 +259,11 @@ def _documented_output(section_block: int) -> list[str]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_quickstart_runs_as_documented(tmp_path):
     blocks = _quickstart_blocks()
     assert [len(b) for b in blocks] == [1, 1, 4], blocks
     # The documented ports may be taken on this machine: the same commands on free ports.
-    ports = {old: str(_free_port()) for old in ("8883", "5671", "8443")}
+    ports = {old: str(free_port()) for old in ("8883", "5671", "8443")}
 
     def local(command: str) -> str:
         for old, new in ports.items():

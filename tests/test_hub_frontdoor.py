@@ -23,8 +23,8 @@ from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential
 from iothub_tls.hub.frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor
 from iothub_tls.hub.https import HttpsEndpoint
 from iothub_tls.hub.mqtt import MqttEndpoint
+from iothub_tls.testing.pki import Issued
 from tests.conftest import HOST, PKI
-from tests.pki import Issued
 
 DOORS = ["mqtt", "amqp", "https"]
 
@@ -227,6 +227,8 @@ _LOW_FD_DOOR = """
 import logging, resource, sys
 logging.basicConfig(level=logging.WARNING)
 from iothub_tls.hub.hub import HubOptions, LocalHub
+from iothub_tls.testing.pki import Issued
+from tests.conftest import HOST, PKI
 hub = LocalHub(HubOptions(sys.argv[1], mqtt_port=0, amqp_port=None, https_port=None))
 hub.start()
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))

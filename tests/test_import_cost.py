@@ -221,3 +221,24 @@ def test_what_is_known_without_parsing_is_what_the_certificates_say():
         assert roots.to_pem() == "".join(c.public_bytes(Encoding.PEM).decode() for c in parsed)
         assert roots.to_der() == b"".join(c.public_bytes(Encoding.DER) for c in parsed)
     assert fresh == [it.AZURE_GLOBAL, it.AZURE_ECC]
+
+
+def test_the_testing_modules_load_on_demand_and_never_load_pytest():
+    """``iothub_tls.testing`` is imported only when asked for, one module at a time, and
+    none of its modules needs pytest (test suites other than ours use them)."""
+    package = loaded(run_fresh("import iothub_tls.testing\nreport()"))
+    assert [m for m in package if m.startswith("iothub_tls.testing")] == ["iothub_tls.testing"]
+    assert _of(package, "cryptography", "pytest") == []
+    every = loaded(
+        run_fresh(
+            """
+            import pkgutil, importlib, iothub_tls.testing as t
+            for info in pkgutil.iter_modules(t.__path__):
+                importlib.import_module(f"iothub_tls.testing.{info.name}")
+            report()
+            """
+        )
+    )
+    assert {"iothub_tls.testing.pki", "iothub_tls.testing.server"} <= set(every)
+    assert "cryptography.x509" in every  # twin: the PKI does load the parser
+    assert _of(every, "pytest", "_pytest") == []

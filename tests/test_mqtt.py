@@ -59,12 +59,12 @@ from iothub_tls.mqtt import (
     RetryPolicy,
 )
 from iothub_tls.policy import STRONG_SUITES
+from iothub_tls.testing.faultproxy import FaultProxy
+from iothub_tls.testing.ports import free_port
+from iothub_tls.testing.server import TLSServer
 from tests.brokers import Mosquitto, MosquittoListener, require_binary
-from tests.conftest import HOST, PKI
+from tests.conftest import HOST, NOW, PKI, new_root
 from tests.descriptors import descriptors_taken_below
-from tests.faultproxy import FaultProxy
-from tests.pki import CA, NOW
-from tests.tlsserver import TLSServer
 
 pytestmark = pytest.mark.broker
 
@@ -884,7 +884,7 @@ def test_close_fails_pending_messages_loudly(hub: Hub) -> None:
 
 def test_certificate_change_during_reconnect_is_not_retried(hub: Hub, pki: PKI) -> None:
     proxy, client = connected_behind_proxy(hub)
-    impostor_root = CA("Impostor Root")
+    impostor_root = new_root("Impostor Root")
     with TLSServer([impostor_root.issue(HOST, "localhost")]) as impostor:
         proxy.target_port = impostor.port
         proxy.cut()
@@ -993,7 +993,7 @@ def test_tls_1_1_only_broker_is_refused(tmp_path: Path, pki: PKI) -> None:
 
 
 def test_wrong_root_is_refused(hub: Hub) -> None:
-    other = it.TlsPolicy(roots=it.RootSet.from_pem(CA("Some Other Root").cert_pem))
+    other = it.TlsPolicy(roots=it.RootSet.from_pem(new_root("Some Other Root").cert_pem))
     client = hub.sas_client(policy=other)
     error = refusal(client.connect)
     assert type(error) is errors.CertificateVerificationError
@@ -1062,7 +1062,7 @@ def test_wrong_sas_key_is_refused_as_not_authorized(hub: Hub) -> None:
 
 
 def test_x509_certificate_from_an_unknown_ca_is_refused(hub: Hub) -> None:
-    stranger_ca = CA("Stranger CA")
+    stranger_ca = new_root("Stranger CA")
     stranger = stranger_ca.issue(cn="device-x509", client=True, key_type="ec")
     client = hub.x509_client(
         identity=it.ClientIdentity.from_pem(stranger.cert_chain_pem, stranger.key_pem)
@@ -1148,9 +1148,7 @@ def test_tls_peer_sending_garbage_mqtt_fails(pki: PKI) -> None:
 
 
 def test_nothing_listening_is_a_connection_failure(pki: PKI) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     client = MqttDeviceClient.from_connection_string(
         f"HostName={HOST};DeviceId=d1;SharedAccessKey={new_key()}",
         policy=pki.policy(),

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 import iothub_tls as it
 from iothub_tls import roots as roots_module
 from iothub_tls.policy import CIPHER_SUITES, ECC_SUITES, STRONG_SUITES, WEAK_SUITES, iana_name
-from tests.pki import CA
+from tests.conftest import new_root
 
 # -- policy ----------------------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ def _tampered_package(tmp_path: Path, mutate) -> Path:
 
 
 def test_tampered_shipped_root_is_an_error(tmp_path, monkeypatch):
-    other = CA("DigiCert Global Root G2")  # same name, different key: a substitution
+    other = new_root("DigiCert Global Root G2")  # same name, different key: a substitution
     folder = _tampered_package(tmp_path, lambda _: other.cert_pem)
     monkeypatch.setattr(roots_module, "_read_shipped", lambda name: (folder / name).read_bytes())
     with pytest.raises(it.RootIntegrityError, match="was altered: reinstall"):
@@ -204,7 +204,7 @@ def test_bad_root_pem(data, message):
 
 
 def test_leaf_is_not_a_root():
-    leaf = CA().issue("example.test").cert
+    leaf = new_root().issue("example.test").cert
     with pytest.raises(it.RootStoreError, match="not a root certificate"):
         it.RootSet([leaf])
 
@@ -217,7 +217,7 @@ def test_root_file_errors(tmp_path):
     with pytest.raises(it.RootStoreError, match=r"bad\.pem"):
         it.RootSet.from_pem_file(bad)
     good = tmp_path / "private-root.pem"
-    good.write_bytes(CA("Private Root").cert_pem)
+    good.write_bytes(new_root("Private Root").cert_pem)
     assert it.RootSet.from_pem_file(good).common_names == ("Private Root",)
 
 
@@ -234,13 +234,13 @@ def test_root_pem_of_another_type_is_a_type_error(data):
 
 
 def test_root_pem_as_bytearray_or_memoryview():
-    pem = CA("Buffer Root").cert_pem
+    pem = new_root("Buffer Root").cert_pem
     for data in (bytearray(pem), memoryview(pem)):
         assert it.RootSet.from_pem(data).common_names == ("Buffer Root",)
 
 
 def test_root_with_a_corrupted_key_algorithm_is_refused_at_load():
-    root = CA("Odd Root")
+    root = new_root("Odd Root")
     der = root.cert.public_bytes(serialization.Encoding.DER)
     rsa_oid = bytes.fromhex("06092A864886F70D010101")  # rsaEncryption, only in the SPKI
     assert der.count(rsa_oid) == 1
@@ -261,7 +261,7 @@ def test_root_file_path_of_another_type_is_a_type_error(path):
 
 def test_root_file_int_path_does_not_touch_that_file_descriptor(tmp_path):
     other = tmp_path / "other.pem"
-    other.write_bytes(CA("Someone Else's Root").cert_pem)
+    other.write_bytes(new_root("Someone Else's Root").cert_pem)
     fd = os.open(other, os.O_RDONLY)
     try:
         with pytest.raises(TypeError):
@@ -285,4 +285,4 @@ def test_root_file_directory_and_oversized_file(tmp_path):
 
 def test_root_set_of_non_certificates_is_a_type_error():
     with pytest.raises(TypeError, match=r"holds cryptography x509\.Certificate objects, not bytes"):
-        it.RootSet([CA("Root").cert_pem])
+        it.RootSet([new_root("Root").cert_pem])

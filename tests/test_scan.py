@@ -20,10 +20,11 @@ import iothub_tls as it
 from iothub_tls.diagnostics import probe as scan
 from iothub_tls.diagnostics.probe import CertificateReport, Severity
 from iothub_tls.policy import CIPHER_SUITES, ECC_SUITES, STRONG_SUITES, WEAK_SUITES
-from tests.conftest import HOST
-from tests.pki import NOW, Issued, self_signed
+from iothub_tls.testing.pki import Issued, self_signed
+from iothub_tls.testing.ports import free_port
+from iothub_tls.testing.server import TLSServer
+from tests.conftest import HOST, KEYS, NOW
 from tests.scanners import sslscan
-from tests.tlsserver import TLSServer, free_port
 
 ROOT_CN = "iothub-tls Test Root G2"
 ISSUING_CN = "iothub-tls Test Issuing CA"
@@ -362,7 +363,7 @@ def test_server_refusing_handshakes_without_sni(pki, leaves):
 
 def test_server_with_another_certificate_without_sni(pki, leaves):
     server = SNIRequiredServer(
-        [leaves["rsa"]], default=self_signed("default.invalid"), ciphers=STRONG
+        [leaves["rsa"]], default=self_signed("default.invalid", key_pool=KEYS), ciphers=STRONG
     )
     try:
         result = probe(server.port, pki)
