@@ -432,9 +432,13 @@ def measure(
         time.sleep(1.0)
         result["received_by_subscriber"] = len(set(got))
         log = broker.log_path.read_text(errors="replace")
-        result["broker_protocol_errors"] = sum(
-            1 for line in log.splitlines() if "protocol error" in line.lower()
-        )
+        lines = log.splitlines()
+        errors = [i for i, line in enumerate(lines) if "protocol error" in line.lower()]
+        result["broker_protocol_errors"] = len(errors)
+        # the first few with the two lines before each: what the broker saw first
+        result["broker_protocol_error_lines"] = [
+            " | ".join(lines[max(0, i - 2) : i + 1]) for i in errors[:3]
+        ]
     finally:
         if child.poll() is None:
             child.kill()

@@ -726,26 +726,6 @@ def test_without_a_retry_policy_a_lost_connection_ends_the_client_until_connect(
     proxy.close()
 
 
-@pytest.mark.parametrize(
-    ("field", "value", "message"),
-    [
-        ("keepalive", 2, "keepalive must be an int between 5 and 1177"),
-        ("connect_timeout", 0, "connect_timeout must be > 0"),
-        ("handshake_timeout", float("nan"), "handshake_timeout must be a finite number"),
-        ("queue_size", 0, "queue_size must be an int >= 1"),
-        ("sas_ttl", 30, "sas_ttl must be at least 60 seconds"),
-        ("retry", 3, "retry must be a RetryPolicy"),
-        ("product_info", 7, "product_info must be a str or None"),
-    ],
-)
-def test_bad_options_raise_policy_error_like_the_other_transports(
-    field: str, value: object, message: str
-) -> None:
-    with pytest.raises(it.PolicyError, match=message) as caught:
-        MqttOptions(**{field: value})  # type: ignore[arg-type]
-    assert isinstance(caught.value, ValueError)
-
-
 def test_message_sent_while_offline_is_delivered_once_after_reconnecting(hub: Hub) -> None:
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")

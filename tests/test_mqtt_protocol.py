@@ -341,20 +341,24 @@ def test_what_is_never_retried() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "kind", "fragment"),
+    ("kwargs", "fragment"),
     [
-        ({"keepalive": 2000}, ValueError, "1177"),
-        ({"keepalive": 1.5}, ValueError, "keepalive"),
-        ({"connect_timeout": 0}, ValueError, "connect_timeout"),
-        ({"handshake_timeout": -1}, ValueError, "handshake_timeout"),
-        ({"queue_size": 0}, ValueError, "queue_size"),
-        ({"sas_ttl": 10}, ValueError, "at least 60"),
-        ({"retry": {"initial_delay": 1}}, TypeError, "RetryPolicy"),
+        ({"keepalive": 2000}, "keepalive must be an int between 5 and 1177"),
+        ({"keepalive": 1.5}, "keepalive"),
+        ({"connect_timeout": 0}, "connect_timeout must be > 0"),
+        ({"handshake_timeout": -1}, "handshake_timeout"),
+        ({"operation_timeout": float("nan")}, "operation_timeout must be a finite number"),
+        ({"queue_size": 0}, "queue_size must be an int >= 1"),
+        ({"sas_ttl": 10}, "at least 60"),
+        ({"retry": {"initial_delay": 1}}, "retry must be a RetryPolicy"),
+        ({"product_info": 7}, "product_info must be a str or None"),
     ],
 )
-def test_mqtt_options_validation(kwargs: dict[str, object], kind: type, fragment: str) -> None:
-    with pytest.raises(kind, match=fragment):
+def test_mqtt_options_validation(kwargs: dict[str, object], fragment: str) -> None:
+    """Bad options raise PolicyError (a ValueError), as AmqpOptions and HttpsOptions do."""
+    with pytest.raises(errors.PolicyError, match=fragment) as caught:
         MqttOptions(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(caught.value, ValueError)
 
 
 def test_mqtt_option_defaults_suit_iot_hub() -> None:
