@@ -36,20 +36,20 @@ class Refusal:
     """One row of a refusal table: how a refusal is recognised, what the message says
     happened, why it happens and what to do.
 
-    Attributes:
-        key: the row's name, unique in its table (the anchor on the documentation page).
-        signals: what selects the row, as the peer or OpenSSL shows it: OpenSSL reason
-            codes (``TLSV1_ALERT_PROTOCOL_VERSION``), verify error names, ``CONNACK 5``,
-            ``HTTP 401``.
-        error: the exception class raised.
-        says: what happened, as the message says it (lower case: it follows a colon).
-        cause: why it happens (a sentence).
-        fix: what to do about it (a sentence).
-        code: the number that selects the row, where there is one: the OpenSSL verify
-            code, the CONNACK return code, the HTTP status.
-        when: the condition that tells rows with the same signals apart.
-        exceptions: the Python exceptions that select the row, besides ``signals``.
-        retryable: whether the clients try again (with their back-off) after it.
+    :ivar key: the row's name, unique in its table (the anchor on the documentation page).
+    :ivar signals: what selects the row, as the peer or OpenSSL shows it: OpenSSL reason
+        codes (``TLSV1_ALERT_PROTOCOL_VERSION``), verify error names, ``CONNACK 5``,
+        ``HTTP 401``.
+    :ivar error: the exception class raised.
+    :ivar says: what happened, as the message says it (lower case: it follows a colon).
+    :ivar cause: why it happens (a sentence).
+    :ivar fix: what to do about it (a sentence).
+    :ivar code: the number that selects the row, where there is one: the OpenSSL verify
+        code, the CONNACK return code, the HTTP status.
+    :ivar when: the condition that tells rows with the same signals apart.
+    :ivar exceptions: the Python exceptions that select the row, besides ``signals``.
+    :ivar retryable: whether the clients try again (with their back-off) after it; said
+        by the CONNACK and HTTP tables, whose clients act on it.
     """
 
     key: str
@@ -99,7 +99,6 @@ TLS_REFUSALS: tuple[Refusal, ...] = (
     Refusal(
         key="certificate-expected",
         signals=_CIPHER_SIGNALS,
-        when="the server had agreed on a cipher suite before it ended the handshake",
         error=TLSHandshakeError,
         says="the server agreed on a cipher suite and then ended the handshake",
         cause="It most likely requires a device certificate that was not presented or that "
@@ -134,7 +133,6 @@ TLS_REFUSALS: tuple[Refusal, ...] = (
         says="the handshake did not complete in time",
         cause="The server accepted the TCP connection but did not finish the handshake",
         fix="Check that the port speaks TLS and that no proxy or firewall holds the connection",
-        retryable=True,
     ),
     Refusal(
         key="handshake-closed",
@@ -145,7 +143,6 @@ TLS_REFUSALS: tuple[Refusal, ...] = (
         cause="A server that only speaks TLS 1.0/1.1, accepts none of IoT Hub's "
         "recommended suites, or requires a client certificate may do this",
         fix=_PROBE,
-        retryable=True,
     ),
     Refusal(
         key="handshake-reset",
@@ -156,7 +153,6 @@ TLS_REFUSALS: tuple[Refusal, ...] = (
         cause="A server that only speaks TLS 1.0/1.1 or refuses every suite this device "
         "offers may do this; so may a firewall",
         fix=_PROBE,
-        retryable=True,
     ),
     Refusal(
         key="not-tls",
