@@ -39,10 +39,8 @@ docs_site = _load_hooks()
 
 def _require_mkdocs() -> None:
     try:
-        import material  # noqa: F401
-        import mkdocs  # noqa: F401
-        import mkdocstrings  # noqa: F401
-        import mkdocstrings_handlers.python  # noqa: F401
+        for name in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
+            importlib.import_module(name)
     except ImportError as exc:
         message = (
             f"the documentation site needs {exc.name}: pip install -e '.[docs]' "
@@ -234,7 +232,7 @@ def test_home_is_the_readme_with_links_kept_on_the_site(site: Path) -> None:
 def test_every_page_is_in_the_nav(site: Path) -> None:
     """No page of docs/ is left out of the navigation (strict mode warns about pages
     outside the nav only as INFO)."""
-    import yaml
+    from mkdocs.config import load_config
 
     def uris(node: Any) -> list[str]:
         if isinstance(node, str):
@@ -245,9 +243,7 @@ def test_every_page_is_in_the_nav(site: Path) -> None:
             return [u for value in node.values() for u in uris(value)]
         return []
 
-    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
-    # the !!python tags of other configs are not used here: safe_load reads it
-    nav = set(uris(yaml.safe_load(config)["nav"]))
+    nav = set(uris(load_config(str(ROOT / "mkdocs.yml"))["nav"]))
     pages = {p.relative_to(ROOT / "docs").as_posix() for p in (ROOT / "docs").rglob("*.md")}
     generated = {"index.md", "reference/index.md"} | {
         page for page, _title in docs_site.REFERENCE.values()
