@@ -8,6 +8,8 @@ The site adds no copy of any page. It generates, while it builds:
 * the tables of docs/troubleshooting.md from the library's refusal tables (the rows its
   error messages are made of), in place of the ``<!-- refusals: NAME -->`` comments.
 
+and shows the docstrings' Sphinx roles (``:class:`X```) as the code they name.
+
 tests/test_site.py checks the built site against the same sources.
 """
 
@@ -55,15 +57,22 @@ REFERENCE: dict[str, tuple[str, str]] = {
     ),
 }
 
-#: The refusal tables, by the name the troubleshooting page's comments use. A table is
-#: (module, attribute, which rows): "certificate" and "tls" split the TLS table into the
-#: rows about the server's certificate (those with a verify code or signal) and the rest.
+#: The refusal tables, by the name the troubleshooting page's comments use: (module,
+#: attribute). "tls", "certificate" and "policy" split the TLS table by the error raised:
+#: the server's certificate (CertificateVerificationError), the checks after the
+#: handshake (PolicyViolation) and the rest.
 TABLES: dict[str, tuple[str, str]] = {
     "tls": ("iothub_tls.tls.refusals", "TLS_REFUSALS"),
     "certificate": ("iothub_tls.tls.refusals", "TLS_REFUSALS"),
+    "policy": ("iothub_tls.tls.refusals", "TLS_REFUSALS"),
     "connack": ("iothub_tls.mqtt.conventions", "CONNACK_REFUSALS"),
     "http": ("iothub_tls.https.conventions", "HTTP_REFUSALS"),
 }
+#: Sphinx cross-reference roles in docstrings (``:class:`X```): markdown shows the role's
+#: name before the code; the reference drops it and keeps the code.
+_SPHINX_ROLE = re.compile(r":(?:class|meth|func|mod|data|attr|exc|obj|const):(?=<code>)")
+#: ``:class:`~a.b.Name``` shows ``Name``, as Sphinx does
+_SPHINX_SHORT = re.compile(r"<code>~\.?(?:\w+\.)*(?=\w+</code>)")
 _MARKER = re.compile(r"^<!-- refusals: (?P<table>[a-z]+) -->$", re.M)
 _REPO_DOC_LINK = re.compile(re.escape(REPOSITORY) + r"docs/(?P<page>[A-Za-z0-9_.-]+\.md)")
 
@@ -108,10 +117,11 @@ def reference_index() -> str:
 def _rows(table: str) -> list[Any]:
     module, attribute = TABLES[table]
     rows = list(getattr(importlib.import_module(module), attribute))
-    if table == "certificate":
-        return [row for row in rows if row.error.__name__ == "CertificateVerificationError"]
+    split = {"certificate": "CertificateVerificationError", "policy": "PolicyViolation"}
+    if table in split:
+        return [row for row in rows if row.error.__name__ == split[table]]
     if table == "tls":
-        return [row for row in rows if row.error.__name__ != "CertificateVerificationError"]
+        return [row for row in rows if row.error.__name__ not in split.values()]
     return rows
 
 
@@ -186,3 +196,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     if page.file.src_uri == "troubleshooting.md":
         return render_markers(markdown)
     return markdown
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    if page.file.src_uri.startswith("reference/"):
+        return _SPHINX_SHORT.sub("<code>", _SPHINX_ROLE.sub("", html))
+    return html

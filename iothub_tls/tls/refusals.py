@@ -23,12 +23,13 @@ from ..errors import (
     CipherSuiteError,
     HandshakeClosedError,
     HandshakeTimeoutError,
+    PolicyViolation,
     ProtocolVersionError,
     TLSHandshakeError,
 )
 from ..policy import CipherProfile, TlsPolicy, iana_name
 
-__all__ = ["TLS_REFUSALS", "Refusal", "explain_handshake_error"]
+__all__ = ["TLS_REFUSALS", "Refusal", "explain_handshake_error", "policy_violation"]
 
 
 @dataclass(frozen=True)
@@ -295,10 +296,58 @@ TLS_REFUSALS: tuple[Refusal, ...] = (
         cause="OpenSSL's verify message, quoted in the error, says which check failed",
         fix="Run iothub-tls probe HOST:PORT to see the chain the server sends",
     ),
+    # -- after the handshake: what the policy checks itself (PolicyViolation) -----------
+    Refusal(
+        key="ecc-only-not-ecdsa",
+        signals=(),
+        error=PolicyViolation,
+        says="the server presented a certificate that is not ECDSA",
+        cause="ECC-only mode needs an ECDSA certificate from the server; the check after the "
+        "handshake refuses any other kind the handshake let through",
+        fix="Use CipherProfile.STRONG for servers without an ECC certificate",
+    ),
+    Refusal(
+        key="fragment-length-not-honoured",
+        signals=(),
+        error=PolicyViolation,
+        says="the server did not honour max_fragment_length",
+        cause="This device requires it (require_max_fragment_length=True)",
+        fix="Set it to False to accept 16 KiB records, or use a server that supports RFC 6066 "
+        "max_fragment_length",
+    ),
+    Refusal(
+        key="system-anchor-not-allowed",
+        signals=(),
+        error=PolicyViolation,
+        says="the server's chain is anchored at a root the system store trusts but the "
+        "policy does not",
+        cause="Trust.SYSTEM takes the chain from the operating system's store, and it must "
+        "still end at one of the policy's roots",
+        fix="Add that root to TlsPolicy(roots=...) if the hub migrated to it",
+    ),
+    Refusal(
+        key="system-anchor-unreadable",
+        signals=(),
+        error=PolicyViolation,
+        says="the verified chain could not be read on this platform",
+        cause="Trust.SYSTEM needs the verified chain to check its anchor",
+        fix="Use Trust.PINNED",
+    ),
 )
 
 _ROWS = {row.key: row for row in TLS_REFUSALS}
+
 _BY_VERIFY_CODE = {row.code: row for row in TLS_REFUSALS if row.code is not None}
+
+
+def policy_violation(key: str, detail: str = "") -> PolicyViolation:
+    """The :class:`PolicyViolation` of row ``key`` of :data:`TLS_REFUSALS` (a check made
+    after the handshake): what happened, then ``detail`` (this connection's facts, e.g.
+    ``" (hub presented an RSA-2048 certificate)"``), the cause and the fix."""
+    row = _ROWS[key]
+    if row.error is not PolicyViolation:
+        raise ValueError(f"{key} is not a policy check")
+    return PolicyViolation(f"{row.says}{detail}. {row.explain()}")
 
 
 def _selects(key: str, reason: str) -> bool:
