@@ -17,6 +17,7 @@ from .device import (
     ConnectionState,
     DeviceClient,
     Message,
+    MethodHandler,
     MethodRequest,
     Settlement,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "Message",
     "MessageLockLostError",
     "MessageTooLargeError",
+    "MethodHandler",
     "MethodRequest",
     "MissingDependencyError",
     "NotAuthorizedError",

@@ -3,7 +3,7 @@ with ``await``.
 
 ::
 
-    from iothub_tls.aio import MqttDeviceClient
+    from iothub_tls.aio import MqttDeviceClient   # or AmqpDeviceClient
 
     async with MqttDeviceClient.from_connection_string(cs) as client:
         await client.send_telemetry(b'{"t": 21.5}', {"unit": "C"})
@@ -23,6 +23,7 @@ reconnection storm runs a bounded number of handshakes at a time.
 from __future__ import annotations
 
 from ._io.loop import HandshakeGate
+from .amqp.aio import AmqpDeviceClient
 from .mqtt.aio import MqttDeviceClient
 
-__all__ = ["HandshakeGate", "MqttDeviceClient"]
+__all__ = ["AmqpDeviceClient", "HandshakeGate", "MqttDeviceClient"]

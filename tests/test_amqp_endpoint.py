@@ -850,3 +850,75 @@ def test_client_and_endpoint_work_with_descriptor_numbers_above_1023(
             message.complete()
     assert message.payload == b"back down"
     assert [m.body for m in endpoint.received] == [b"high descriptor"]
+
+
+# -- one I/O thread for every connection ------------------------------------------------------
+
+
+def test_many_clients_run_on_the_one_shared_io_thread(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI
+) -> None:
+    """No thread per connection: twenty connected devices add at most the shared I/O
+    thread, the callback thread and the name-resolver thread to the process (the
+    endpoint's own threads, which serve each connection, are told apart by name)."""
+    from iothub_tls._io.loop import shared_loop
+
+    def library_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if not t.name.lower().startswith("amqp-")}
+
+    before = library_threads()
+    ids = [f"dev-many-{n}" for n in range(20)]
+    for device_id in ids:
+        registry.add_sas_device(device_id)
+    clients = [client_for(endpoint, pki, sas_string(registry, d)) for d in ids]
+    states: list[it.ConnectionState] = []
+    clients[0].on_connection_state_change = lambda state, reason: states.append(state)
+    try:
+        for client in clients:
+            client.connect()
+        for client in clients:
+            client.send_telemetry(b"from one of many")
+        wait_for(lambda: it.ConnectionState.CONNECTED in states)  # a callback ran too
+        added = library_threads() - before
+        assert {t.name for t in added} <= {
+            "iothub-tls-io",
+            "iothub-tls-callbacks",
+            "iothub-tls-resolve_0",
+        }, sorted(t.name for t in added)
+        io = shared_loop()
+        assert io.thread.name == "iothub-tls-io" and io.thread.is_alive()
+        # every connection is driven by the shared loop, none by a thread of its own
+        assert all(c.connection._aio._loop is io.loop for c in clients)
+        assert not [t for t in threading.enumerate() if t.name.startswith("iothub-tls-amqp")]
+    finally:
+        for client in clients:
+            client.close()
+    assert len(endpoint.received) == len(ids)
+
+
+def test_a_failing_message_handler_does_not_take_the_connection_down(
+    endpoint: AmqpEndpoint, registry: DeviceRegistry, pki: PKI, caplog: pytest.LogCaptureFixture
+) -> None:
+    cs = it.ConnectionString.parse(sas_string(registry))
+    seen: list[bytes] = []
+
+    def handler(message: AmqpMessage) -> None:
+        seen.append(message.body)
+        if message.body == b"first":
+            raise RuntimeError("handler bug")
+
+    conn = AmqpConnection(
+        "127.0.0.1",
+        endpoint.port,
+        policy=pki.policy(),
+        server_hostname=HOST,
+        cbs_token_provider=SasTokenProvider.from_connection_string(cs),
+        options=QUICK,
+    )
+    conn.receiver("/devices/dev-sas/messages/devicebound", credit=5, on_message=handler)
+    with conn:
+        endpoint.enqueue_c2d("dev-sas", b"first")
+        endpoint.enqueue_c2d("dev-sas", b"second")
+        wait_for(lambda: seen == [b"first", b"second"])
+        assert conn.connected and conn.reconnects == 0
+    assert any("handler bug" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)

@@ -127,9 +127,10 @@ def test_patch_reported_refuses_a_patch_that_is_not_json(
         with pytest.raises(TypeError, match="not JSON-serialisable"):
             client.patch_reported({"when": object()})
         # the hub's side of the same rule: a PATCH body that is not a JSON object is a 400
-        channel = client._twin_channel
+        # (the twin channel lives on the I/O loop, under the asyncio client)
+        channel = client._aio._twin_channel
         with pytest.raises(it.DeliveryError, match=r"twin PATCH as malformed \(status 400\)"):
-            channel.request(amqpc.TwinOperation.PATCH, b"[1, 2]", None)
+            client._run(channel.request(amqpc.TwinOperation.PATCH, b"[1, 2]", None))
         assert client.patch_reported({"ok": True}) == 2  # the twin links stay usable
 
 
@@ -388,7 +389,7 @@ def test_twin_request_without_an_answer_times_out(
                 it.OperationTimeoutError, match=r"answer to the twin PATCH did not arrive"
             ):
                 client.patch_reported({"a": 1}, timeout=0.5)
-            assert len(client._twin_channel.pending) == 0  # nothing left behind
+            assert len(client._aio._twin_channel.pending) == 0  # nothing left behind
             proxy.muted = False
 
 

@@ -1435,5 +1435,5 @@ def test_an_expired_ready_made_token_asks_for_a_fresh_one():
     clock[0] += 61
     with pytest.raises(AuthenticationError, match="cannot be renewed without the device key"):
         provider.token()
-    with pytest.raises(AuthenticationError, match="give the client a fresh token"):
+    with pytest.raises(AuthenticationError, match="build a new client from a connection string"):
         provider.renew()

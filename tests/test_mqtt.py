@@ -704,6 +704,48 @@ def test_reconnect_backoff_grows_while_connections_do_not_stay_up(
     proxy.close()
 
 
+def test_without_a_retry_policy_a_lost_connection_ends_the_client_until_connect(
+    hub: Hub,
+) -> None:
+    observer = hub.peer("observer")
+    observer.subscribe("devices/device-sas/messages/events/#")
+    states: list[it.ConnectionState] = []
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, retry=None))
+    client.on_connection_state_change = lambda state, _reason: states.append(state)
+    proxy.cut()
+    wait_for(lambda: it.ConnectionState.DISCONNECTED in states, "the client to notice the loss")
+    time.sleep(0.5)  # FAST's back-off would have reconnected by now
+    assert not client.connected and client.reconnect_count == 0
+    with pytest.raises(errors.ClientError, match="connect"):
+        client.send_telemetry(b"while down")
+
+    client.connect()  # the application decides when to try again
+    client.send_telemetry(b"after connect()")
+    assert observer.expect()[1] == b"after connect()"
+    client.close()
+    proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("keepalive", 2, "keepalive must be an int between 5 and 1177"),
+        ("connect_timeout", 0, "connect_timeout must be > 0"),
+        ("handshake_timeout", float("nan"), "handshake_timeout must be a finite number"),
+        ("queue_size", 0, "queue_size must be an int >= 1"),
+        ("sas_ttl", 30, "sas_ttl must be at least 60 seconds"),
+        ("retry", 3, "retry must be a RetryPolicy"),
+        ("product_info", 7, "product_info must be a str or None"),
+    ],
+)
+def test_bad_options_raise_policy_error_like_the_other_transports(
+    field: str, value: object, message: str
+) -> None:
+    with pytest.raises(it.PolicyError, match=message) as caught:
+        MqttOptions(**{field: value})  # type: ignore[arg-type]
+    assert isinstance(caught.value, ValueError)
+
+
 def test_message_sent_while_offline_is_delivered_once_after_reconnecting(hub: Hub) -> None:
     observer = hub.peer("observer")
     observer.subscribe("devices/device-sas/messages/events/#")

@@ -26,3 +26,7 @@ CLASSES: tuple[type[DeviceClient], ...] = (MqttDeviceClient, AmqpDeviceClient, H
 
 def mqtt_aio(client: aio.MqttDeviceClient) -> AsyncDeviceClient:
     return client
+
+
+def amqp_aio(client: aio.AmqpDeviceClient) -> AsyncDeviceClient:
+    return client

@@ -1,19 +1,18 @@
-"""Direct methods over AMQP: the method link pair of one :class:`AmqpConnection`.
+"""Direct methods over AMQP: the method link pair of one asyncio
+:class:`~iothub_tls.amqp.aio.AmqpConnection`.
 
 Requests arrive on the receiver link (accepted at once); each is handed to
-``on_request(name, request_id, payload, respond)``, and ``respond(status, body)`` sends
-the answer on the sender link with the request's correlation-id. The wire conventions
-are in :mod:`.conventions`; the links are declared on first use and re-attached after
-every reconnection like the connection's other links.
+``on_request(name, request_id, payload, respond)``, and ``respond(status, body)`` (on
+the loop) sends the answer on the sender link with the request's correlation-id. The
+wire conventions are in :mod:`.conventions`; the links are declared on first use and
+re-attached after every reconnection like the connection's other links.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ClientError, OperationTimeoutError
@@ -21,7 +20,7 @@ from . import conventions as amqpc
 from .message import AmqpMessage
 
 if TYPE_CHECKING:
-    from .client import AmqpConnection
+    from .connection import AmqpConnection
 
 __all__ = ["MethodChannel", "RequestHandler"]
 
@@ -31,8 +30,8 @@ SENDER = "link-snd-methods"
 RECEIVER = "link-rcv-methods"
 
 RequestHandler = Callable[[str, str, bytes, Callable[[int, bytes], None]], None]
-"""``on_request(name, request_id, payload, respond)``: called on the I/O thread, so it
-must only hand the call on; ``respond(status, body)`` may be called from any thread."""
+"""``on_request(name, request_id, payload, respond)``: called on the loop, so it must
+only hand the call on; ``respond(status, body)`` must be called on the loop."""
 
 
 class MethodChannel:
@@ -50,28 +49,33 @@ class MethodChannel:
         self.address = address
         self._client_version = client_version
         self._on_request = on_request
-        self._lock = threading.Lock()
         self._declared = False
 
-    def attach(self, timeout: float) -> None:
-        """Declare the method links (once); on a live connection, wait until the hub
-        attached both (from then on it routes method calls to this device)."""
-        with self._lock:
-            declare, self._declared = not self._declared, True
+    def declare(self) -> None:
+        """Declare the method links (once); on a live connection they attach at once,
+        else at connect. From then on the hub routes method calls to this device."""
+        if self._declared:
+            return
+        self._declared = True
+        properties = amqpc.link_properties(
+            amqpc.LinkKind.METHODS, str(uuid.uuid4()), self._client_version
+        )
         connection = self._connection
-        if declare:
-            properties = amqpc.link_properties(
-                amqpc.LinkKind.METHODS, str(uuid.uuid4()), self._client_version
-            )
-            connection.sender(self.address, name=SENDER, properties=properties)
-            connection.receiver(
-                self.address,
-                name=RECEIVER,
-                credit=10,
-                properties=properties,
-                on_message=self._on_message,
-            )
-        if connection._running and not connection._wait_attached((SENDER, RECEIVER), timeout):
+        connection.sender(self.address, name=SENDER, properties=properties)
+        connection.receiver(
+            self.address,
+            name=RECEIVER,
+            credit=10,
+            properties=properties,
+            on_message=self._on_message,
+        )
+
+    async def attach(self, timeout: float) -> None:
+        """Declare the method links and, on a live connection, wait until the hub
+        attached both."""
+        self.declare()
+        connection = self._connection
+        if connection._running and not await connection._wait_attached((SENDER, RECEIVER), timeout):
             connection._raise_if_dead()
             raise OperationTimeoutError(
                 connection._timeout_text(
@@ -99,9 +103,11 @@ class MethodChannel:
             logger.warning("the answer to method %r was not sent: %s", name, exc)
             return
 
-        def settled(outcome: Future[None]) -> None:
+        def settled(outcome: Any) -> None:
+            if outcome.cancelled():
+                return
             error = outcome.exception()
             if error is not None:
                 logger.warning("the hub did not take the answer to method %r: %s", name, error)
 
-        sent.future.add_done_callback(settled)
+        sent.waiter.add_done_callback(settled)

@@ -1,24 +1,21 @@
-"""The device twin over AMQP: the twin link pair of one :class:`AmqpConnection`, the
-requests waiting for their answers, and the desired-properties subscription.
+"""The device twin over AMQP: the twin link pair of one asyncio
+:class:`~iothub_tls.amqp.aio.AmqpConnection`, the requests waiting for their answers, and
+the desired-properties subscription.
 
 Wire conventions (addresses, annotations, correlation) are in :mod:`.conventions`;
 this module keeps the bookkeeping: requests by correlation-id with their deadlines,
 answers matched to them, requests sent again after a reconnection when the answer
 was lost with the old connection, and the subscription renewed on every new
-connection. User threads wait here; the connection's I/O thread only completes
-futures (it never blocks in this module).
+connection. Everything here runs on the connection's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..device import twin_error
@@ -27,7 +24,8 @@ from . import conventions as amqpc
 from .message import AmqpMessage
 
 if TYPE_CHECKING:
-    from .client import AmqpConnection, _Send
+    from .connection import AmqpConnection
+    from .links import Outgoing
 
 __all__ = ["PendingRequests", "TwinChannel"]
 
@@ -44,26 +42,22 @@ class Pending:
     operation: amqpc.TwinOperation
     correlation_id: str
     message: AmqpMessage
-    deadline: float  # time.monotonic()
-    answer: Future[amqpc.TwinResponse] = field(default_factory=Future)
-    sent: _Send | None = None  # the last transfer of the request
+    deadline: float  # the loop's time
+    answer: asyncio.Future[amqpc.TwinResponse]
+    sent: Outgoing | None = None  # the last transfer of the request
 
 
 class PendingRequests:
-    """Twin requests by correlation-id, each with a deadline. Thread-safe: user threads
-    add and remove, the I/O thread answers."""
+    """Twin requests by correlation-id, each with a deadline (on the loop only)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._pending: dict[str, Pending] = {}
 
     def add(self, request: Pending) -> None:
-        with self._lock:
-            self._pending[request.correlation_id] = request
+        self._pending[request.correlation_id] = request
 
     def pop(self, correlation_id: str) -> Pending | None:
-        with self._lock:
-            return self._pending.pop(correlation_id, None)
+        return self._pending.pop(correlation_id, None)
 
     def answer(self, response: amqpc.TwinResponse) -> bool:
         """Complete the request ``response`` answers; False when none waits for it."""
@@ -76,32 +70,34 @@ class PendingRequests:
 
     def expire(self, now: float) -> list[Pending]:
         """Remove and return the requests whose deadline passed."""
-        with self._lock:
-            gone = [r for r in self._pending.values() if r.deadline <= now]
-            for request in gone:
-                del self._pending[request.correlation_id]
+        gone = [r for r in self._pending.values() if r.deadline <= now]
+        for request in gone:
+            del self._pending[request.correlation_id]
         return gone
 
     def unanswered(self) -> list[Pending]:
         """Requests sent (the hub settled their transfer) and not answered yet."""
-        with self._lock:
-            return [
-                r
-                for r in self._pending.values()
-                if r.sent is not None and r.sent.future.done() and not r.answer.done()
-            ]
+        return [
+            r
+            for r in self._pending.values()
+            if r.sent is not None and r.sent.waiter.done() and not r.answer.done()
+        ]
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._pending)
+        return len(self._pending)
+
+
+def _fail(answer: asyncio.Future[Any], error: BaseException) -> None:
+    if not answer.done():
+        answer.set_exception(error)
 
 
 class TwinChannel:
     """The twin links of one device on ``connection``, attached on first use and kept
     attached across reconnections.
 
-    :param on_desired: called on the I/O thread with each desired-properties patch; it
-        must only hand the patch on (to a callback thread).
+    :param on_desired: called on the loop with each desired-properties patch; it must
+        only hand the patch on.
     """
 
     def __init__(
@@ -116,7 +112,6 @@ class TwinChannel:
         self.address = address
         self._client_version = client_version
         self._on_desired = on_desired
-        self._lock = threading.Lock()
         self._declared = False
         self._desired_wanted = False
         self.pending = PendingRequests()
@@ -124,25 +119,31 @@ class TwinChannel:
 
     # -- links --------------------------------------------------------------------------
 
-    def attach(self, timeout: float) -> None:
-        """Declare the twin links (once) and, on a live connection, wait until the hub
-        attached both: the receiver first, so that no answer can precede it."""
-        with self._lock:
-            declare, self._declared = not self._declared, True
+    def declare(self) -> None:
+        """Declare the twin links (once): the receiver first, so that no answer can
+        precede it. On a live connection they attach at once, else at connect."""
+        if self._declared:
+            return
+        self._declared = True
+        properties = amqpc.link_properties(
+            amqpc.LinkKind.TWIN, str(uuid.uuid4()), self._client_version
+        )
         connection = self._connection
-        if declare:
-            properties = amqpc.link_properties(
-                amqpc.LinkKind.TWIN, str(uuid.uuid4()), self._client_version
-            )
-            connection.receiver(
-                self.address,
-                name=RECEIVER,
-                credit=10,
-                properties=properties,
-                on_message=self._on_message,
-            )
-            connection.sender(self.address, name=SENDER, properties=properties)
-        if connection._running and not connection._wait_attached((RECEIVER, SENDER), timeout):
+        connection.receiver(
+            self.address,
+            name=RECEIVER,
+            credit=10,
+            properties=properties,
+            on_message=self._on_message,
+        )
+        connection.sender(self.address, name=SENDER, properties=properties)
+
+    async def attach(self, timeout: float) -> None:
+        """Declare the twin links and, on a live connection, wait until the hub
+        attached both."""
+        self.declare()
+        connection = self._connection
+        if connection._running and not await connection._wait_attached((RECEIVER, SENDER), timeout):
             connection._raise_if_dead()
             raise OperationTimeoutError(
                 connection._timeout_text(f"the attach of the twin links {self.address}", timeout)
@@ -150,7 +151,7 @@ class TwinChannel:
 
     # -- requests -----------------------------------------------------------------------
 
-    def request(
+    async def request(
         self, operation: amqpc.TwinOperation, body: bytes | None, timeout: float | None
     ) -> amqpc.TwinResponse:
         """Send a twin request and wait for the hub's answer.
@@ -161,23 +162,25 @@ class TwinChannel:
         """
         connection = self._connection
         connection._raise_if_dead()
+        loop = asyncio.get_running_loop()
         wait = connection.operation_timeout if timeout is None else timeout
-        deadline = time.monotonic() + wait
-        self.attach(wait)
+        deadline = loop.time() + wait
+        await self.attach(wait)
         correlation_id = str(uuid.uuid4())
         request = Pending(
             operation,
             correlation_id,
             amqpc.twin_request(operation, correlation_id, body),
             deadline,
+            loop.create_future(),
         )
         self.pending.add(request)
         try:
             self._send(request)
-            response = self._wait(request, deadline, wait)
+            response = await self._wait(request, deadline, wait)
         finally:
             self.pending.pop(correlation_id)
-            if request.sent is not None and not request.sent.future.done():
+            if request.sent is not None and not request.sent.waiter.done():
                 connection._abandon(request.sent)
         error = twin_error(response.status, operation.value, response.body)
         if error is not None:
@@ -189,57 +192,66 @@ class TwinChannel:
         sent = self._connection._post(SENDER, request.message)
         request.sent = sent
 
-        def settled(outcome: Future[None]) -> None:
+        def settled(outcome: Any) -> None:
+            if outcome.cancelled():
+                return
             error = outcome.exception()
-            if error is not None and not request.answer.done():
+            if error is not None:
                 if isinstance(error, DeliveryError):
                     error = DeliveryError(f"the hub refused the twin {request.operation}: {error}")
-                request.answer.set_exception(error)
+                _fail(request.answer, error)
 
-        sent.future.add_done_callback(settled)
+        sent.waiter.add_done_callback(settled)
 
-    def _wait(self, request: Pending, deadline: float, wait: float) -> amqpc.TwinResponse:
+    async def _wait(self, request: Pending, deadline: float, wait: float) -> amqpc.TwinResponse:
         connection = self._connection
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise OperationTimeoutError(
-                    connection._timeout_text(
-                        f"the hub's answer to the twin {request.operation.value}", wait
-                    )
-                )
-            try:
-                return request.answer.result(min(remaining, 0.5))
-            except FutureTimeout:
-                connection._raise_if_dead()  # no answer can come any more
+        remaining = deadline - asyncio.get_running_loop().time()
+        waits: set[asyncio.Future[Any]] = {request.answer}
+        if connection._finished is not None:
+            waits.add(connection._finished)
+        done, _ = await asyncio.wait(
+            waits, timeout=max(remaining, 0.0), return_when="FIRST_COMPLETED"
+        )
+        if request.answer in done:
+            return request.answer.result()
+        if done:
+            connection._raise_if_dead()  # no answer can come any more
+        raise OperationTimeoutError(
+            connection._timeout_text(
+                f"the hub's answer to the twin {request.operation.value}", wait
+            )
+        )
 
     # -- desired properties -------------------------------------------------------------
 
-    def subscribe_desired(self, timeout: float) -> None:
+    def want_desired(self) -> bool:
+        """Mark desired-property updates as wanted (the links are declared); False when
+        they already were."""
+        if self._desired_wanted:
+            return False
+        self._desired_wanted = True
+        self.declare()
+        return True
+
+    async def subscribe_desired(self, timeout: float) -> None:
         """Ask for desired-property updates (PUT): now on a live connection, else when
         :meth:`resume` runs after connect; again after every reconnection. Idempotent."""
-        with self._lock:
-            wanted, self._desired_wanted = self._desired_wanted, True
-        if wanted:
+        if not self.want_desired():
             return
         if not self._connection._running:
-            self.attach(timeout)  # declared now, attached (and subscribed) on connect
-            return
+            return  # subscribed by resume() at connect
         try:
-            self.request(amqpc.TwinOperation.PUT, None, timeout)
+            await self.request(amqpc.TwinOperation.PUT, None, timeout)
         except BaseException:
-            with self._lock:
-                self._desired_wanted = False
+            self._desired_wanted = False
             raise
 
-    def resume(self, timeout: float) -> None:
+    async def resume(self, timeout: float) -> None:
         """After connect(): subscribe to desired-property updates if they are wanted."""
-        with self._lock:
-            wanted = self._desired_wanted
-        if wanted:
-            self.request(amqpc.TwinOperation.PUT, None, timeout)
+        if self._desired_wanted:
+            await self.request(amqpc.TwinOperation.PUT, None, timeout)
 
-    # -- the I/O thread -----------------------------------------------------------------
+    # -- from the connection ------------------------------------------------------------
 
     def _on_message(self, message: AmqpMessage) -> None:
         parsed = amqpc.parse_twin_message(message)
@@ -259,37 +271,36 @@ class TwinChannel:
         and the desired-properties subscription is renewed."""
         if not reconnected:
             return
-        for request in self.pending.expire(time.monotonic()):
-            if not request.answer.done():
-                request.answer.set_exception(
-                    OperationTimeoutError(
-                        f"the hub did not answer the twin {request.operation.value}"
-                    )
-                )
+        loop = asyncio.get_running_loop()
+        for request in self.pending.expire(loop.time()):
+            _fail(
+                request.answer,
+                OperationTimeoutError(f"the hub did not answer the twin {request.operation.value}"),
+            )
         for request in self.pending.unanswered():
             self._resend(request)
-        with self._lock:
-            wanted = self._desired_wanted
-        if wanted:
-            self._renew_subscription()
+        if self._desired_wanted:
+            self._renew_subscription(loop)
 
     def _resend(self, request: Pending) -> None:
         try:
             self._send(request)
         except ClientError as exc:
-            if not request.answer.done():
-                request.answer.set_exception(exc)
+            _fail(request.answer, exc)
 
-    def _renew_subscription(self) -> None:
+    def _renew_subscription(self, loop: asyncio.AbstractEventLoop) -> None:
         correlation_id = str(uuid.uuid4())
         request = Pending(
             amqpc.TwinOperation.PUT,
             correlation_id,
             amqpc.twin_request(amqpc.TwinOperation.PUT, correlation_id),
-            time.monotonic() + self._connection.operation_timeout,
+            loop.time() + self._connection.operation_timeout,
+            loop.create_future(),
         )
 
-        def answered(answer: Future[amqpc.TwinResponse]) -> None:
+        def answered(answer: asyncio.Future[amqpc.TwinResponse]) -> None:
+            if answer.cancelled():
+                return
             error = answer.exception()
             if error is None:
                 response = answer.result()
@@ -303,4 +314,4 @@ class TwinChannel:
             self._send(request)
         except ClientError as exc:
             self.pending.pop(correlation_id)
-            request.answer.set_exception(exc)
+            _fail(request.answer, exc)

@@ -423,8 +423,9 @@ class SasTokenProvider:
     def _expired(self) -> Exception:
         return AuthenticationError(
             f"the SharedAccessSignature for {self._resource_uri} expired (or was refused) at "
-            f"{self._token.expiry}: it cannot be renewed without the device key; give the "
-            "client a fresh token, or the SharedAccessKey so that tokens are made as needed"
+            f"{self._token.expiry}: it cannot be renewed without the device key; build a new "
+            "client from a connection string with a fresh SharedAccessSignature, or with the "
+            "SharedAccessKey so that tokens are made as needed"
         )
 
     def _make(self, now: float) -> SasToken:

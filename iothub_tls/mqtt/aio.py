@@ -361,7 +361,8 @@ class MqttDeviceClient(AsyncClientBase):
     async def _supervise(self) -> None:
         assert self._first is not None
         first = self._first
-        backoff = Backoff(self._options.retry)
+        retry = self._options.retry
+        backoff = Backoff(retry) if retry is not None else None
         try:
             while True:
                 self._set_state(ConnectionState.CONNECTING)
@@ -379,10 +380,12 @@ class MqttDeviceClient(AsyncClientBase):
                         logger.error("reconnecting is pointless, giving up: %s", exc)
                         self._finish(exc)
                         return
-                    delay = backoff.next_delay()
-                    if delay is None:
+                    delay = backoff.next_delay() if backoff is not None else None
+                    if backoff is None or delay is None:
                         logger.error(
-                            "giving up after %d reconnection attempts: %s", backoff.attempts, exc
+                            "giving up after %d reconnection attempts: %s",
+                            backoff.attempts if backoff is not None else 1,
+                            exc,
                         )
                         self._finish(exc)
                         return
@@ -396,7 +399,8 @@ class MqttDeviceClient(AsyncClientBase):
                         self._finish(None)
                         return
                     continue
-                backoff.connected()
+                if backoff is not None:
+                    backoff.connected()
                 self._set_state(ConnectionState.CONNECTED)
                 if not first.done():
                     first.set_result(None)
@@ -414,10 +418,19 @@ class MqttDeviceClient(AsyncClientBase):
                     self._drop_link()
                 self._requeue()
                 self._set_state(ConnectionState.DISCONNECTED, self._lost_error(reason, fault))
-                backoff.lost()  # a healthy connection starts the schedule again
+                if backoff is not None:
+                    backoff.lost()  # a healthy connection starts the schedule again
                 if reason == "renew":
                     logger.info("reconnecting with a fresh SAS token")
                     continue
+                if backoff is None:
+                    error = ConnectionFailedError(
+                        f"lost the connection to {self._server_hostname}; not reconnecting "
+                        "(MqttOptions.retry is None): call connect() again"
+                    )
+                    logger.error("%s", error)
+                    self._finish(error)
+                    return
                 delay = backoff.next_delay()
                 if delay is None:
                     error = ConnectionFailedError(

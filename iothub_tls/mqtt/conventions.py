@@ -117,9 +117,9 @@ _METHODS_RESPONSE_PREFIX = "$iothub/methods/res/"
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {value!r}")
+        raise PolicyError(f"{name} must be a finite number, not {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
+        raise PolicyError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,12 @@ class MqttOptions:
         with a fresh token when 80 % of it has passed.
     :param retry: the back-off between reconnection attempts, a
         :class:`~iothub_tls.RetryPolicy` (default: waits of up to 1 s doubling to
-        60 s, never giving up, starting again after a connection healthy for 60 s).
+        60 s, never giving up, starting again after a connection healthy for 60 s), or
+        None not to reconnect: a lost connection then ends the client (state
+        ``DISCONNECTED``, pending messages fail) until :meth:`connect` is called again.
+
+    A value outside these ranges raises :class:`~iothub_tls.PolicyError` (a
+    ``ValueError``), as the other transports' options do.
     :param product_info: appended to the ``DeviceClientType`` sent to the hub.
     """
 
@@ -150,7 +155,7 @@ class MqttOptions:
     operation_timeout: float = 30.0
     queue_size: int = 1000
     sas_ttl: float = 3600.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    retry: RetryPolicy | None = field(default_factory=RetryPolicy)
     product_info: str | None = None
 
     def __post_init__(self) -> None:
@@ -159,7 +164,7 @@ class MqttOptions:
             or not isinstance(self.keepalive, int)
             or not 5 <= self.keepalive <= 1177
         ):
-            raise ValueError(
+            raise PolicyError(
                 f"keepalive must be an int between 5 and 1177 seconds (IoT Hub closes "
                 f"idle connections after 1.5 x keepalive, at most 1767 s), not "
                 f"{self.keepalive!r}"
@@ -169,17 +174,19 @@ class MqttOptions:
         _positive("operation_timeout", self.operation_timeout)
         _positive("sas_ttl", self.sas_ttl)
         if self.sas_ttl < 60:
-            raise ValueError(f"sas_ttl must be at least 60 seconds, not {self.sas_ttl!r}")
+            raise PolicyError(f"sas_ttl must be at least 60 seconds, not {self.sas_ttl!r}")
         if (
             isinstance(self.queue_size, bool)
             or not isinstance(self.queue_size, int)
             or self.queue_size < 1
         ):
-            raise ValueError(f"queue_size must be an int >= 1, not {self.queue_size!r}")
-        if not isinstance(self.retry, RetryPolicy):
-            raise TypeError(f"retry must be a RetryPolicy, not {type(self.retry).__name__}")
+            raise PolicyError(f"queue_size must be an int >= 1, not {self.queue_size!r}")
+        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
+            raise PolicyError(
+                f"retry must be a RetryPolicy (or None not to reconnect), not {self.retry!r}"
+            )
         if self.product_info is not None and not isinstance(self.product_info, str):
-            raise TypeError("product_info must be a str or None")
+            raise PolicyError(f"product_info must be a str or None, not {self.product_info!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -358,8 +365,8 @@ def check_message_size(topic: str, payload: bytes) -> None:
     if size > MAX_MESSAGE_BYTES:
         raise MessageTooLargeError(
             f"the message is {size} bytes with its properties; IoT Hub accepts at most "
-            f"{MAX_MESSAGE_BYTES} bytes per device-to-cloud message: split it or upload "
-            "large data as a file"
+            f"{MAX_MESSAGE_BYTES} bytes per device-to-cloud message: split it, or put "
+            "large data in storage of your own and send a reference to it"
         )
 
 
