@@ -2,8 +2,9 @@
 the local hub, the transport pages present their modules' public names, and no page
 describes a surface that is gone.
 
-Examples are the ```` ```python ```` blocks of the pages in ``PAGES``. An HTML comment
-right before a block (invisible on the rendered page) can prepare and check it::
+Examples are the ```` ```python ```` blocks of the pages in ``PAGES`` (README.md and
+every page of docs/). An HTML comment right before a block (invisible on the rendered
+page) can prepare and check it::
 
     <!-- doctest
     before: _svc.c2d(b"reboot")            # run first, in the example's namespace
@@ -18,15 +19,24 @@ SAS device ``thermostat-1``) and ``key`` (its key) defined. The clients it build
 through the public factories connect to the hub's door for their transport and pin the
 hub's root (instead of Azure's), unless the example gives ``host``, ``port`` or its own
 roots: that is the only difference between the local hub and IoT Hub that examples do not
-spell out.
+spell out. A skipped example (a real hub's name, hardware, another SDK) is still compiled:
+a syntax error fails.
+
+Shell examples (```` ```sh ```` blocks, and the ``$`` lines of ```` ```console ````
+blocks) are not run, but every ``iothub-tls`` command they show is parsed by the real
+command-line parser: a command or option that does not exist fails.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import inspect
+import io
 import json
 import re
+import shlex
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -50,11 +60,7 @@ from iothub_tls.mqtt import MqttDeviceClient
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = (
     "README.md",
-    "docs/clients.md",
-    "docs/migration.md",
-    "docs/mqtt.md",
-    "docs/amqp.md",
-    "docs/https.md",
+    *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "docs").glob("*.md"))),
 )
 HUB_HOST = "myhub.azure-devices.net"
 DEVICE = "thermostat-1"
@@ -205,6 +211,20 @@ class Service:
         shutil.copyfile(self._registered.certfile, certfile)
         shutil.copyfile(self._registered.keyfile, keyfile)
 
+    def write_root(self, path: str) -> None:
+        """The hub's root certificate, where the example reads it."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.hub.root_pem_path, path)
+
+    def write_fleet_logs(self, csv_path: str, jsonl_gz_path: str) -> None:
+        """Connection logs of a made-up fleet (tests/fleetlogs.py): the guidance's query
+        exported as CSV, and archived resource logs (JSON lines, gzip)."""
+        from tests import fleetlogs
+
+        fleet = fleetlogs.Fleet(16)
+        fleetlogs.write_kql_csv(Path(csv_path), fleet, 400)
+        fleetlogs.write_azure_jsonl(Path(jsonl_gz_path), fleet, 400, compress=True)
+
 
 @pytest.fixture
 def hub(registered: Registered) -> Iterator[LocalHub]:
@@ -283,11 +303,157 @@ def test_example_runs(
                 client.close()
 
 
+@pytest.mark.parametrize(
+    "example",
+    [pytest.param(e, id=f"{e.page.split('/')[-1]}:{e.line}") for p in PAGES for e in _parse(p)],
+)
+def test_example_compiles(example: Example) -> None:
+    """Every example, the skipped ones too, is valid Python (and so are its comments'
+    ``before`` and ``after``): a syntax error fails even where the example cannot run."""
+    where = f"{example.page}:{example.line}"
+    compile(example.code, where, "exec")
+    for variant in example.variants:
+        compile(_rename(example.code, example.transport, variant), f"{where}-{variant}", "exec")
+    compile(example.before, f"{where} (before)", "exec")
+    compile(example.after, f"{where} (after)", "exec")
+
+
 def test_examples_are_found() -> None:
     """The parser sees the blocks (a broken fence would silently drop examples)."""
     for page in PAGES:
         text = (ROOT / page).read_text(encoding="utf-8")
         assert len(_parse(page)) == text.count("```python\n"), page
+
+
+# -- shell examples: the iothub-tls commands they show exist -----------------------------
+
+_SHELL_BLOCK = re.compile(r"^```(?P<lang>console|sh|shell|bash)\n(?P<body>.*?)^```", re.S | re.M)
+_SUBSTITUTION = re.compile(r"\$\(([^()]*)\)")
+_ENDS_COMMAND = {"|", "||", "&", "&&", ";", "(", ")"}
+_REDIRECTS = {">", ">>", "<", "2>", "&>"}
+
+
+@dataclass(frozen=True)
+class ShellCommand:
+    page: str
+    line: int
+    argv: tuple[str, ...]  # after ``iothub-tls`` (or ``python -m iothub_tls``)
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.split('/')[-1]}:{self.line}:{' '.join(self.argv[:2])}"
+
+
+def _cli_argv(words: list[str]) -> tuple[str, ...] | None:
+    """The arguments of an ``iothub-tls`` command line, or None for another program."""
+    if words and Path(words[0]).name == "iothub-tls":
+        return tuple(words[1:])
+    if (
+        len(words) >= 3
+        and Path(words[0]).name.startswith("python")
+        and words[1:3]
+        == [
+            "-m",
+            "iothub_tls",
+        ]
+    ):
+        return tuple(words[3:])
+    return None
+
+
+def _commands_in(line: str) -> Iterator[tuple[str, ...]]:
+    """The ``iothub-tls`` commands of one shell line: each command of a pipeline or a
+    list, and those inside ``$(...)``; comments and redirections left out."""
+    for inner in _SUBSTITUTION.findall(line):
+        yield from _commands_in(inner)
+    lexer = shlex.shlex(_SUBSTITUTION.sub("SUBSTITUTED", line), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    words: list[str] = []
+    redirected = False
+    for token in [*lexer, ";"]:
+        if redirected:
+            redirected = False
+        elif token in _REDIRECTS:
+            redirected = True  # the next word is a file
+        elif token in _ENDS_COMMAND:
+            argv = _cli_argv(words)
+            if argv is not None:
+                yield argv
+            words = []
+        else:
+            words.append(token)
+
+
+def _shell_commands(page: str) -> list[ShellCommand]:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    found = []
+    for block in _SHELL_BLOCK.finditer(text):
+        console = block.group("lang") == "console"
+        first = text.count("\n", 0, block.start("body")) + 1
+        lines = block.group("body").splitlines()
+        index = 0
+        while index < len(lines):
+            number, line = first + index, lines[index]
+            while line.endswith("\\") and index + 1 < len(lines):  # a continued line
+                index += 1
+                line = line[:-1] + " " + lines[index]
+            index += 1
+            if console:  # a prompt line is a command, the rest is its output
+                if not line.startswith("$ "):
+                    continue
+                line = line[2:]
+            found += [ShellCommand(page, number, argv) for argv in _commands_in(line)]
+    return found
+
+
+_COMMANDS = [c for page in PAGES for c in _shell_commands(page)]
+
+
+def _spelled_out(parser: argparse.ArgumentParser) -> None:
+    """Options must be written in full in the docs: no abbreviation accepted (argparse
+    takes ``--intermed`` for ``--intermediate`` by default)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _spelled_out(sub)
+
+
+@pytest.mark.parametrize("command", _COMMANDS, ids=lambda c: c.id)
+def test_shell_example_is_a_real_command(command: ShellCommand) -> None:
+    """The command line shown parses with the real parser: the command, its actions
+    and options exist, and the arguments fit them."""
+    from iothub_tls.cli import build_parser
+
+    parser = build_parser()
+    _spelled_out(parser)
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            args = parser.parse_args(list(command.argv))
+        except SystemExit as exc:  # argparse's answer to --help (0) or a usage error (2)
+            assert exc.code == 0, (
+                f"{command.page}:{command.line}: iothub-tls {shlex.join(command.argv)}\n"
+                f"{errors.getvalue()}"
+            )
+            return
+    assert getattr(args, "_command", None), f"{command.page}:{command.line}: no command"
+
+
+def test_shell_examples_are_found() -> None:
+    """The finder sees every prompt line that runs iothub-tls (a broken fence or a
+    changed prompt would silently drop commands)."""
+    prompts = sum(
+        line.startswith(("$ iothub-tls ", "iothub-tls "))
+        for page in PAGES
+        for block in _SHELL_BLOCK.finditer((ROOT / page).read_text(encoding="utf-8"))
+        for line in block.group("body").splitlines()
+    )
+    assert prompts > 20
+    assert len(_COMMANDS) >= prompts
+    assert ("hub", "--state", ".iothub-tls-hub", "connection-string", "thermostat-1") in {
+        c.argv for c in _COMMANDS
+    }  # inside $(...)
 
 
 # -- names and the old surface -------------------------------------------------------------

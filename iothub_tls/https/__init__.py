@@ -4,6 +4,8 @@ adapter that keeps the pinning: ``pip install 'iothub-tls[https]'``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .client import (
     API_VERSION,
     BadRequestError,
@@ -21,6 +23,9 @@ from .client import (
     UnexpectedResponseError,
 )
 from .client import __getattr__ as __getattr__  # HardenedAdapter, built lazily
+
+if TYPE_CHECKING:
+    from .client import HardenedAdapter as HardenedAdapter
 
 __all__ = [
     "API_VERSION",

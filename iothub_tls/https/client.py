@@ -805,8 +805,15 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
 if TYPE_CHECKING:
 
     class HardenedAdapter(HTTPAdapter):
-        """See :func:`_hardened_adapter_class` (the class is built on first use, so
-        importing this module does not import ``requests``)."""
+        """A ``requests`` transport adapter whose TLS is a :class:`HardenedSSLContext`:
+        ``session.mount("https://", HardenedAdapter(policy, identity=identity))``.
+
+        Certificate verification stays required and requests' CA bundle stays away, so
+        the trust anchors are exactly the policy's roots; ``verify=False``, a ``verify``
+        path and ``cert=`` raise :class:`PolicyError`. The class is built on first use
+        (by ``_hardened_adapter_class``), so importing this module does not import
+        ``requests``.
+        """
 
         ssl_context: HardenedSSLContext
 

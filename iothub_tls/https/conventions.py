@@ -48,11 +48,13 @@ from ..errors import (
     ThrottledError,
     UnexpectedResponseError,
 )
+from ..tls.refusals import Refusal
 
 __all__ = [
     "API_VERSION",
     "APP_PROPERTY_PREFIX",
     "BATCH_CONTENT_TYPE",
+    "HTTP_REFUSALS",
     "MAX_MESSAGE_BYTES",
     "BadRequestError",
     "C2DMessage",
@@ -148,16 +150,90 @@ def error_body(code: str, message: str, tracking_id: str) -> bytes:
     ).encode("utf-8")
 
 
-_REMEDIES = {
-    401: "check the device's SharedAccessKey (or its X.509 certificate and registered "
-    "thumbprint), the DeviceId and the device clock (SAS tokens carry an expiry)",
-    403: "the hub refused the operation for this identity (daily message quota reached, "
-    "hub suspended, or a policy without DeviceConnect permission)",
-    404: "register the device in the hub, or check the DeviceId of the connection string",
-    412: "the message lock expired or the message was already settled; it will be "
-    "delivered again, receive it again and settle it within one minute",
-    413: "keep a message (body + properties) and a batch under 256 KB",
-}
+#: What each unsuccessful status of the device API means: :func:`error_for_status` builds
+#: its errors from these rows (a 5xx status takes the 500 row), and the documentation's
+#: troubleshooting page lists them.
+HTTP_REFUSALS: tuple[Refusal, ...] = (
+    Refusal(
+        key="http-400",
+        code=400,
+        signals=("HTTP 400",),
+        error=BadRequestError,
+        says="bad request",
+        cause="The hub could not read the request: a property, an id or a body it does not accept",
+        fix="The hub's error code, quoted in the message, names what it refused",
+    ),
+    Refusal(
+        key="http-401",
+        code=401,
+        signals=("HTTP 401",),
+        error=AuthenticationError,
+        says="unauthorized",
+        cause="The SAS token or the certificate does not authenticate this device (the "
+        "client renews a SAS token once before it gives up)",
+        fix="Check the device's SharedAccessKey (or its X.509 certificate and registered "
+        "thumbprint), the DeviceId and the device clock (SAS tokens carry an expiry)",
+    ),
+    Refusal(
+        key="http-403",
+        code=403,
+        signals=("HTTP 403",),
+        error=NotAuthorizedError,
+        says="forbidden",
+        cause="The hub refused the operation for this identity (daily message quota reached, "
+        "hub suspended, or a policy without DeviceConnect permission)",
+        fix="Check the hub's quota and state, and the permissions of the key's policy",
+    ),
+    Refusal(
+        key="http-404",
+        code=404,
+        signals=("HTTP 404",),
+        error=DeviceNotFoundError,
+        says="not found",
+        cause="The hub has no such device",
+        fix="Register the device in the hub, or check the DeviceId of the connection string",
+    ),
+    Refusal(
+        key="http-412",
+        code=412,
+        signals=("HTTP 412",),
+        error=MessageLockLostError,
+        says="precondition failed",
+        cause="The message lock expired or the message was already settled",
+        fix="It will be delivered again: receive it again and settle it within one minute",
+    ),
+    Refusal(
+        key="http-413",
+        code=413,
+        signals=("HTTP 413",),
+        error=MessageTooLargeError,
+        says="payload too large",
+        cause="The message (body and properties) or the batch is over 256 KB",
+        fix="Keep a message and a batch under 256 KB",
+    ),
+    Refusal(
+        key="http-429",
+        code=429,
+        signals=("HTTP 429",),
+        error=ThrottledError,
+        says="too many requests",
+        cause="The hub throttles the device or the hub (its tier's quotas)",
+        fix="The client retries after the wait the hub asks for (Retry-After); send less "
+        "often or raise the hub's tier",
+        retryable=True,
+    ),
+    Refusal(
+        key="http-5xx",
+        code=500,
+        signals=("HTTP 500", "HTTP 5xx"),
+        error=HubServerError,
+        says="server error",
+        cause="The hub failed to serve the request",
+        fix="The client retries with its RetryPolicy; if it persists, check the hub's health",
+        retryable=True,
+    ),
+)
+_BY_STATUS = {row.code: row for row in HTTP_REFUSALS}
 
 
 def error_for_status(
@@ -167,37 +243,24 @@ def error_for_status(
     operation: str,
     retry_after: float | None = None,
 ) -> ClientError:
-    """The exception for an unsuccessful response to ``operation``."""
+    """The exception for an unsuccessful response to ``operation``: the row of
+    :data:`HTTP_REFUSALS` for ``status`` (any 5xx status takes the 500 row)."""
     said = f"{info.code}: {info.message}" if info.code else info.message or "no detail"
     text = f"{operation} failed with HTTP {status} ({said})"
-    if status in _REMEDIES:
-        text += f"; {_REMEDIES[status]}"
-    cls: type[ClientError]
-    if status == 400:
-        cls = BadRequestError
-    elif status == 401:
-        cls = AuthenticationError
-    elif status == 403:
-        cls = NotAuthorizedError
-    elif status == 404:
-        cls = DeviceNotFoundError
-    elif status == 412:
-        cls = MessageLockLostError
-    elif status == 413:
-        cls = MessageTooLargeError
-    elif status == 429:
-        cls = ThrottledError
-        text += (
-            f"; retries exhausted, the hub asked to wait {retry_after:g} s"
-            if retry_after is not None
-            else "; retries exhausted"
-        )
-    elif status >= 500:
-        cls = HubServerError
-        text += "; retries exhausted"
+    row = _BY_STATUS.get(500 if status >= 500 else status)
+    if row is None:
+        exc: ClientError = UnexpectedResponseError(text)
     else:
-        cls = UnexpectedResponseError
-    exc = cls(text)
+        text += f"; {row.says}. {row.explain()}"
+        if row.retryable:
+            text += (
+                f"; retries exhausted, the hub asked to wait {retry_after:g} s"
+                if retry_after is not None
+                else "; retries exhausted"
+            )
+        made = row.error(text)
+        assert isinstance(made, ClientError)
+        exc = made
     # Plain attributes, also on AuthenticationError / NotAuthorizedError instances.
     vars(exc).update(status=status, error_code=info.code, tracking_id=info.tracking_id)
     if status == 429:

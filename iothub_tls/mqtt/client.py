@@ -144,7 +144,8 @@ class MqttDeviceClient(SyncFacade):
         and frees its place in the queue at once.
 
         :raises QueueFullError: ``MqttOptions.queue_size`` messages are already pending.
-        :raises TypeError, ValueError: for a malformed payload or property.
+        :raises TypeError: for a payload or property of the wrong type.
+        :raises ValueError: for a malformed payload or property.
         """
         aio = self._aio
         message = Message.coerce(

@@ -37,9 +37,11 @@ from ..errors import (
     ProtocolVersionError,
     QueueFullError,
 )
+from ..tls.refusals import Refusal
 
 __all__ = [
     "API_VERSION",
+    "CONNACK_REFUSALS",
     "MAX_MESSAGE_BYTES",
     "METHODS_FILTER",
     "MQTT_PORT",
@@ -629,55 +631,79 @@ class RequestTracker(Generic[T]):
 # --------------------------------------------------------------------------------------
 
 
+#: What each refusing CONNACK return code means (MQTT 3.1.1 section 3.2.2.3, as IoT Hub
+#: uses them): :func:`connack_error` builds its errors from these rows, and the
+#: documentation's troubleshooting page lists them.
+CONNACK_REFUSALS: tuple[Refusal, ...] = (
+    Refusal(
+        key="connack-1",
+        code=1,
+        signals=("CONNACK 1",),
+        error=ConnectionFailedError,
+        says="unacceptable protocol version",
+        cause="The endpoint does not speak MQTT 3.1.1",
+        fix="Check the host name and port",
+    ),
+    Refusal(
+        key="connack-2",
+        code=2,
+        signals=("CONNACK 2",),
+        error=AuthenticationError,
+        says="identifier rejected",
+        cause="The MQTT client id is not the identity the hub expects",
+        fix="The client id must be the device id, or device_id/module_id for a module",
+    ),
+    Refusal(
+        key="connack-3",
+        code=3,
+        signals=("CONNACK 3",),
+        error=ConnectionFailedError,
+        says="server unavailable",
+        cause="The hub cannot take the connection for now",
+        fix="Nothing to change: the client is retrying with its RetryPolicy",
+        retryable=True,
+    ),
+    Refusal(
+        key="connack-4",
+        code=4,
+        signals=("CONNACK 4",),
+        error=AuthenticationError,
+        says="bad user name or password",
+        cause="The SAS token was not made with the device's key, or it has expired",
+        fix="Check the device's SharedAccessKey and that the device clock is right (SAS "
+        "tokens expire)",
+    ),
+    Refusal(
+        key="connack-5",
+        code=5,
+        signals=("CONNACK 5",),
+        error=ConnectRefusedError,
+        says="not authorized",
+        cause="IoT Hub answers this for a wrong or expired SAS token, a device that is "
+        "disabled or not registered, and an X.509 certificate whose thumbprint or CA is not "
+        "registered",
+        fix="Check the key or certificate, the device id and the device clock",
+    ),
+)
+_CONNACK = {row.code: row for row in CONNACK_REFUSALS}
+
+
 def connack_error(code: int, host: str) -> tuple[ClientError, bool] | None:
     """None when CONNACK ``code`` accepts the connection, else (error, retryable).
 
-    IoT Hub uses the MQTT 3.1.1 codes (section 3.2.2.3). Only 3, *server unavailable*,
-    is worth retrying; the others need the device's configuration to change.
+    IoT Hub uses the MQTT 3.1.1 codes (section 3.2.2.3); :data:`CONNACK_REFUSALS` says
+    what each means. Only 3, *server unavailable*, is worth retrying; the others need the
+    device's configuration to change.
     """
     if code == 0:
         return None
     where = f"{host} refused the MQTT connection"
-    if code == 1:
-        return (
-            ConnectionFailedError(
-                f"{where}: unacceptable protocol version (CONNACK 1); the endpoint does "
-                "not speak MQTT 3.1.1 — check the host name and port"
-            ),
-            False,
-        )
-    if code == 2:
-        return (
-            AuthenticationError(
-                f"{where}: identifier rejected (CONNACK 2); the client id must be the "
-                "device id, or device_id/module_id for a module"
-            ),
-            False,
-        )
-    if code == 3:
-        return (
-            ConnectionFailedError(f"{where}: server unavailable (CONNACK 3); retrying"),
-            True,
-        )
-    if code == 4:
-        return (
-            AuthenticationError(
-                f"{where}: bad user name or password (CONNACK 4); check the device's "
-                "SharedAccessKey and that the device clock is right (SAS tokens expire)"
-            ),
-            False,
-        )
-    if code == 5:
-        return (
-            ConnectRefusedError(
-                f"{where}: not authorized (CONNACK 5). IoT Hub answers this for a wrong "
-                "or expired SAS token, a device that is disabled or not registered, and "
-                "an X.509 certificate whose thumbprint or CA is not registered: check "
-                "the key or certificate, the device id and the device clock"
-            ),
-            False,
-        )
-    return (ConnectionFailedError(f"{where}: unknown CONNACK code {code}"), False)
+    row = _CONNACK.get(code)
+    if row is None:
+        return (ConnectionFailedError(f"{where}: unknown CONNACK code {code}"), False)
+    error = row.error(f"{where}: {row.says} (CONNACK {code}). {row.explain()}")
+    assert isinstance(error, ClientError)
+    return (error, row.retryable)
 
 
 _CERTIFICATE_ALERT = re.compile(

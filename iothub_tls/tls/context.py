@@ -22,7 +22,7 @@ from ..policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust
 from ..roots import spki_sha256
 from ._openssl import shim
 from .info import TlsInfo, inspect_connection, verified_chain_der
-from .refusals import explain_handshake_error
+from .refusals import explain_handshake_error, policy_violation
 from .sessions import (
     TICKET_READS,
     Key,
@@ -247,20 +247,17 @@ class HardenedSSLContext(ssl.SSLContext):
             info = replace(info, chain=remembered.chain, anchor=remembered.anchor)
         policy = self._policy
         if policy.ecc_only and info.server_key_type != "EC":
-            raise PolicyViolation(
-                f"ECC-only mode needs an ECDSA certificate from the server, but "
-                f"{info.sni} presented an {info.server_key_type}-{info.server_key_bits} "
-                "certificate; use CipherProfile.STRONG for servers without an ECC "
-                "certificate"
+            raise policy_violation(
+                "ecc-only-not-ecdsa",
+                f" ({info.sni} presented an {info.server_key_type}-{info.server_key_bits} "
+                "certificate)",
             )
         if policy.require_max_fragment_length and (
             info.max_fragment_length != policy.max_fragment_length
         ):
-            raise PolicyViolation(
-                f"the server did not honour max_fragment_length={policy.max_fragment_length} "
-                f"(negotiated: {info.max_fragment_length or 'none'}); this device requires "
-                "it (require_max_fragment_length=True). Set it to False to accept 16 KiB "
-                "records, or use a server that supports RFC 6066 max_fragment_length"
+            raise policy_violation(
+                "fragment-length-not-honoured",
+                f"={policy.max_fragment_length} (negotiated: {info.max_fragment_length or 'none'})",
             )
         if policy.trust is Trust.SYSTEM and not info.session_reused:
             self._check_system_anchor(conn, info)
@@ -276,17 +273,13 @@ class HardenedSSLContext(ssl.SSLContext):
 
         chain = verified_chain_der(conn)
         if not chain:
-            raise PolicyViolation(
-                "Trust.SYSTEM needs the verified chain to check its anchor, and it could "
-                "not be read on this platform; use Trust.PINNED"
-            )
+            raise policy_violation("system-anchor-unreadable")
         anchor = x509.load_der_x509_certificate(chain[-1])
         if spki_sha256(anchor) not in self._pinned_spki:
-            raise PolicyViolation(
-                f"the server's chain is anchored at {info.anchor!r}, which the system store "
-                f"trusts but the policy does not (allowed roots: "
-                f"{', '.join(self._policy.roots.common_names)}). Add that root to "
-                "TlsPolicy(roots=...) if the hub migrated to it"
+            raise policy_violation(
+                "system-anchor-not-allowed",
+                f" ({info.anchor!r}; the policy's roots: "
+                f"{', '.join(self._policy.roots.common_names)})",
             )
 
     # -- refusals that explain themselves -----------------------------------------------
