@@ -23,6 +23,7 @@ reconnection storm runs a bounded number of handshakes at a time.
 from __future__ import annotations
 
 from ._io.loop import HandshakeGate
+from .https.aio import HttpsDeviceClient
 from .mqtt.aio import MqttDeviceClient
 
-__all__ = ["HandshakeGate", "MqttDeviceClient"]
+__all__ = ["HandshakeGate", "HttpsDeviceClient", "MqttDeviceClient"]

@@ -267,12 +267,27 @@ def test_client_repr_has_no_secret():
     assert client.tls_info is None
 
 
-def test_missing_urllib3_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "urllib3", None)
-    with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[https\]'"):
-        HttpsDeviceClient.from_connection_string(
-            f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}"
-        )
+def test_the_client_needs_no_http_library(monkeypatch, pki, dual_hub, lib_registry):
+    # Its HTTP/1.1 is its own (iothub_tls.https.http11): urllib3, requests and h11 may be
+    # missing, and the client still talks to the hub.
+    for name in ("urllib3", "requests", "h11"):
+        monkeypatch.setitem(sys.modules, name, None)
+    key = lib_registry.get(DEVICE).primary_key
+    client = HttpsDeviceClient.from_connection_string(
+        f"HostName={HOST};DeviceId={DEVICE};SharedAccessKey={key}",
+        policy=pki.policy(),
+        host="127.0.0.1",
+        port=dual_hub.port,
+    )
+    before = len(dual_hub.received)
+    with client:
+        client.send_telemetry(b"without urllib3")
+    assert dual_hub.received[before].body == b"without urllib3"
+    # The requests adapter does need requests, and names the extra that brings it.
+    from iothub_tls.https import adapter
+
+    with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[requests\]'"):
+        adapter._hardened_adapter_class()
 
 
 def test_importing_the_module_imports_neither_requests_nor_urllib3():

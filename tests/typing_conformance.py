@@ -26,3 +26,7 @@ CLASSES: tuple[type[DeviceClient], ...] = (MqttDeviceClient, AmqpDeviceClient, H
 
 def mqtt_aio(client: aio.MqttDeviceClient) -> AsyncDeviceClient:
     return client
+
+
+def https_aio(client: aio.HttpsDeviceClient) -> AsyncDeviceClient:
+    return client
