@@ -114,6 +114,7 @@ class _Channel(asyncio.Protocol):
         self.reader = ResponseReader()
         self.waiter: asyncio.Future[Response] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
         self.lost: asyncio.Future[None] = loop.create_future()
         #: requests sent on this connection
         self.requests_sent = 0
@@ -140,7 +141,6 @@ class _Channel(asyncio.Protocol):
         if response is None:
             return
         waiter, self.waiter = self.waiter, None
-        self._cancel_timer()
         if not response.keep_alive:
             self.close()
         if waiter is not None and not waiter.done():
@@ -153,7 +153,6 @@ class _Channel(asyncio.Protocol):
             response = self.reader.eof()
             if response is not None:  # a body that ended with the connection
                 self.waiter = None
-                self._cancel_timer()
                 if not waiter.done():
                     waiter.set_result(response)
         return False  # close the transport
@@ -177,17 +176,31 @@ class _Channel(asyncio.Protocol):
         assert self.transport is not None and not self.closed
         self.reader.start(method)
         self.requests_sent += 1
-        waiter = self.waiter = self.loop.create_future()
+        loop = self.loop
+        waiter = self.waiter = loop.create_future()
         self.transport.write(data)
-        self.timer = self.loop.call_later(timeout, self._timed_out)
+        self.deadline = deadline = loop.time() + timeout
+        # One timer per connection, not one per request: it stays armed while requests
+        # come and go, and moves on to the current request's deadline when it fires.
+        timer = self.timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self.timer = loop.call_at(deadline, self._check_deadline)
         return waiter
 
-    def _timed_out(self) -> None:
+    def _check_deadline(self) -> None:
         self.timer = None
-        waiter, self.waiter = self.waiter, None
+        waiter = self.waiter
+        if waiter is None:
+            return  # idle: armed again by the next request
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._check_deadline)
+            return
+        self.waiter = None
         # A late response would be read as the answer to the next request: drop it all.
         self.abort()
-        if waiter is not None and not waiter.done():
+        if not waiter.done():
             waiter.set_exception(_TimedOut())
 
     def _fail(self, exc: BaseException) -> None:
@@ -481,8 +494,11 @@ class HttpsDeviceClient(AsyncClientBase):
             addresses = [(socket.AF_INET6 if ":" in host else socket.AF_INET, (host, port))]
         failures: list[str] = []
         for family, address in addresses:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setblocking(False)
+            # A request is one small write: send it now, not when the last one's ACK
+            # comes (Nagle). asyncio sets this for the sockets it makes, not for ours.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 await asyncio.wait_for(
                     loop.sock_connect(sock, address), max(deadline - loop.time(), 0.001)

@@ -155,23 +155,30 @@ class HttpsDeviceClient(SyncFacade):
         self._aio: AsyncHttpsDeviceClient
 
     def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
-        """``coro`` on the shared loop, waited for: one wake-up each way (a request is a
-        round trip of a few dozen microseconds of CPU, so the hop is kept lean)."""
+        """``coro`` on the shared loop, waited for. A request costs a few dozen
+        microseconds of CPU, so the hop is kept lean: one wake-up of the loop, one of
+        this thread (no concurrent future, no done-callback round)."""
         io = self._io
         if io.on_loop_thread:
             return io.run(coro)  # refused there, with the reason
         done = _thread.allocate_lock()
         done.acquire()
-        started: list[asyncio.Task[_T]] = []
+        result: list[_T] = []
+        error: list[BaseException] = []
 
-        def start() -> None:
-            task = io.loop.create_task(coro)
-            started.append(task)
-            task.add_done_callback(lambda _: done.release())
+        async def run() -> None:
+            try:
+                result.append(await coro)
+            except BaseException as exc:  # handed to the caller, raised there
+                error.append(exc)
+            finally:
+                done.release()
 
-        io.call_soon(start)
+        io.loop.call_soon_threadsafe(io.loop.create_task, run())
         done.acquire()
-        return started[0].result()
+        if error:
+            raise error[0]
+        return result[0]
 
     # -- what it is ---------------------------------------------------------------------
 

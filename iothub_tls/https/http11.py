@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 __all__ = ["HttpProtocolError", "RequestWriter", "Response", "ResponseReader"]
 
@@ -31,9 +30,9 @@ __all__ = ["HttpProtocolError", "RequestWriter", "Response", "ResponseReader"]
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A header value or request target may not break the message apart.
 _BREAKS = re.compile(r"[\r\n\x00]")
-# The status line: HTTP-version SP 3DIGIT SP [reason-phrase] (RFC 9112 4); some servers
-# omit the space before an empty reason.
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: ([^\r\n]*))?")
+# Header names seen in responses -> lower case (checked once: a name that is in here is
+# a token). Bounded: a server cannot grow it without limit.
+_LOWER: dict[str, str] = {}
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 #: Largest response head (status line and headers) accepted.
@@ -47,24 +46,35 @@ class HttpProtocolError(ValueError):
     """The server's bytes are not a valid HTTP/1.1 response."""
 
 
-@dataclass(frozen=True)
 class Response:
     """A complete response. ``headers`` keeps the names as sent (look them up without
     regard to case); repeated headers are joined with ``", "`` (RFC 9110 5.3).
     ``keep_alive`` is False when the connection cannot carry another request."""
 
-    status: int
-    reason: str
-    headers: dict[str, str]
-    body: bytes
-    keep_alive: bool
+    __slots__ = ("body", "headers", "keep_alive", "reason", "status")
+
+    def __init__(
+        self, status: int, reason: str, headers: dict[str, str], body: bytes, keep_alive: bool
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason!r} {len(self.body)} bytes>"
 
 
 class RequestWriter:
     """Requests as bytes, with ``base_headers`` (Host, User-Agent...) in each."""
 
     def __init__(self, base_headers: Mapping[str, str]) -> None:
-        self._base = "".join(_header_line(n, v) for n, v in base_headers.items())
+        for name, value in base_headers.items():
+            _check_header(name, value)
+        self._base = "".join(f"{n}: {v}\r\n" for n, v in base_headers.items())
+        self._base_lines = len(base_headers)
+        self._names: set[str] = set()  # header names already found to be tokens
 
     def encode(
         self, method: str, target: str, headers: Mapping[str, str], body: bytes = b""
@@ -75,27 +85,42 @@ class RequestWriter:
         :raises ValueError: a method or target that is not one, a header name that is
             not a token, a value with CR, LF or NUL, or text outside ASCII.
         """
-        if not _TOKEN.fullmatch(method) or not target.startswith("/") or _BREAKS.search(target):
+        if not _TOKEN.fullmatch(method) or not target.startswith("/"):
             raise ValueError(f"not a valid request: {method!r} {target!r}")
         parts = [method, " ", target, " HTTP/1.1\r\n", self._base]
+        names = self._names
         for name, value in headers.items():
-            parts.append(_header_line(name, value))
+            if name not in names:
+                _check_header(name, "")
+                if len(names) < 1024:
+                    names.add(name)
+            parts += (name, ": ", value, "\r\n")
+        lines = 3 + self._base_lines + len(headers)  # request line, CL, the empty line
         if body or method in ("POST", "PUT"):
-            parts.append(f"Content-Length: {len(body)}\r\n")
-        parts.append("\r\n")
+            parts.append(f"Content-Length: {len(body)}\r\n\r\n")
+        else:
+            parts.append("\r\n")
+            lines -= 1
+        text = "".join(parts)
+        # Every line break is one of ours: a CR, LF or NUL in the target or a value would
+        # split the request (header injection). One scan of the whole head finds it.
+        if text.count("\n") != lines or text.count("\r") != lines or "\x00" in text:
+            if _BREAKS.search(target):
+                raise ValueError(f"not a valid request target: {target!r}")
+            for name, value in headers.items():
+                _check_header(name, value)
         try:
-            head = "".join(parts).encode("ascii")
+            head = text.encode("ascii")
         except UnicodeEncodeError as exc:
             raise ValueError(f"a request header is not ASCII text: {exc}") from None
         return head + body if body else head
 
 
-def _header_line(name: str, value: str) -> str:
+def _check_header(name: str, value: str) -> None:
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"header name {name!r} is not an HTTP token")
     if _BREAKS.search(value):
         raise ValueError(f"the value of header {name!r} holds CR, LF or NUL")
-    return f"{name}: {value}\r\n"
 
 
 # Reading states.
@@ -248,34 +273,44 @@ class ResponseReader:
         says what comes next)."""
         if end > self._max_head:
             raise HttpProtocolError(f"the response head is larger than {self._max_head} bytes")
-        lines = data[:end].split(b"\r\n")
-        matched = _STATUS_LINE.fullmatch(lines[0])
-        if matched is None:
-            raise HttpProtocolError(f"not an HTTP/1.x status line: {lines[0][:60]!r}")
-        minor, code, reason = matched.groups()
-        status = int(code)
+        lines = data[:end].decode("latin-1").split("\r\n")
+        first = lines[0]
+        if (
+            first[:7] != "HTTP/1."
+            or first[7:8] not in ("0", "1")
+            or first[8:9] != " "
+            or not first[9:12].isdigit()
+            or not first[9:12].isascii()
+            or first[12:13] not in ("", " ")
+        ):
+            raise HttpProtocolError(f"not an HTTP/1.x status line: {first[:60]!r}")
+        status = int(first[9:12])
         headers: dict[str, str] = {}
         length: str | None = None
         coding: str | None = None
         connection = ""
+        known = _LOWER
         for raw in lines[1:]:
-            if raw[:1] in (b" ", b"\t"):
+            if raw[:1] in (" ", "\t"):
                 # obs-fold (RFC 9112 5.2): a recipient replaces it with a space.
                 if not headers:
                     raise HttpProtocolError("the first header line starts with whitespace")
                 last = next(reversed(headers))
-                headers[last] += " " + raw.strip(b" \t").decode("latin-1")
+                headers[last] += " " + raw.strip(" \t")
                 continue
-            name_bytes, colon, value_bytes = raw.partition(b":")
-            name = name_bytes.decode("latin-1")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise HttpProtocolError(f"malformed header line {raw[:60]!r}")
-            value = value_bytes.strip(b" \t").decode("latin-1")
+            name, colon, value = raw.partition(":")
+            lowered = known.get(name)
+            if lowered is None or not colon:
+                if not colon or not _TOKEN.fullmatch(name):
+                    raise HttpProtocolError(f"malformed header line {raw[:60]!r}")
+                lowered = name.lower()
+                if len(known) < 512:
+                    known[name] = lowered
+            value = value.strip(" \t")
             if name in headers:
                 headers[name] += ", " + value
             else:
                 headers[name] = value
-            lowered = name.lower()
             if lowered == "content-length":
                 length = value if length is None else length + "," + value
             elif lowered == "transfer-encoding":
@@ -289,10 +324,10 @@ class ResponseReader:
             if status == 101:
                 raise HttpProtocolError("the server switched protocols (101) unasked")
             return None  # an interim response: the final one follows (state stays _HEAD)
-        tokens = {t.strip() for t in connection.split(",")}
-        keep_alive = "keep-alive" in tokens if minor == b"0" else "close" not in tokens
+        tokens = {t.strip() for t in connection.split(",")} if connection else set()
+        keep_alive = "keep-alive" in tokens if first[7] == "0" else "close" not in tokens
         self._status = status
-        self._reason = (reason or b"").decode("latin-1")
+        self._reason = first[13:]
         self._headers = headers
         self._keep_alive = keep_alive
         self._body = bytearray()
