@@ -116,6 +116,8 @@ class _Channel(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.lost: asyncio.Future[None] = loop.create_future()
+        #: the TCP socket under the TLS transport (to look at without reading)
+        self.sock: socket.socket | None = None
         #: requests sent on this connection
         self.requests_sent = 0
         self._done = False
@@ -222,6 +224,36 @@ class _Channel(asyncio.Protocol):
         self._done = True
         if self.transport is not None:
             self.transport.abort()
+
+    async def settle(self) -> None:
+        """Before a request on a connection that sat idle: make sure it is still there.
+
+        asyncio learns that a connection ended one or two loop iterations after the
+        bytes that say so arrived; a request sent in between would go out on a dead
+        connection. So look at the socket (without reading): the peer's close is
+        noticed now, and bytes waiting (a TLS alert refusing the device certificate, a
+        session ticket) are given to the TLS layer first, so that a refusal is reported
+        as one."""
+        after: int | None = None  # loop turns still to give once waiting bytes were read
+        for _ in range(12):
+            if self.closed or self.sock is None:
+                return
+            try:
+                waiting = self.sock.recv(1, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                if not after:
+                    return  # alive (and whatever had arrived was handled)
+                after -= 1  # read just now: a close it caused takes two more turns
+            except OSError as exc:  # reset (or closed under us)
+                self.fault = self.fault or exc
+                self._done = True
+                return
+            else:
+                if not waiting:  # the peer closed, with nothing before its FIN
+                    self._done = True
+                    return
+                after = 2
+            await asyncio.sleep(0)  # let the loop hand the bytes to the TLS layer
 
     async def wait_closed(self, timeout: float) -> None:
         try:
@@ -408,19 +440,31 @@ class HttpsDeviceClient(AsyncClientBase):
         session)."""
         self._stop_polling()
         poller, self._poller = self._poller, None
+        bound = self._options.operation_timeout + 1
         waiting: set[asyncio.Task[Any]] = set(self._settling)
         if poller is not None and not poller.done() and poller is not asyncio.current_task():
             waiting.add(poller)
         if waiting:
-            _, late = await asyncio.wait(waiting, timeout=self._options.operation_timeout + 1)
+            _, late = await asyncio.wait(waiting, timeout=bound)
             for task in late:
                 task.cancel()
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            channel.close()
-            await channel.wait_closed(2.0)
         if self._state is not ConnectionState.CLOSED:
-            self._set_state(ConnectionState.CLOSED)
+            self._set_state(ConnectionState.CLOSED)  # from here on, requests are refused
+        # A request under way (another task's) ends first, or within its timeout.
+        lock = self._lock()
+        try:
+            await asyncio.wait_for(lock.acquire(), bound)
+            locked = True
+        except (TimeoutError, asyncio.TimeoutError):
+            locked = False
+        try:
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                channel.close()
+                await channel.wait_closed(2.0)
+        finally:
+            if locked:
+                lock.release()
         self._closed_event().set()
 
     def _closed_event(self) -> asyncio.Event:
@@ -459,6 +503,7 @@ class HttpsDeviceClient(AsyncClientBase):
             deadline = loop.time() + self._options.connect_timeout
             sock = await self._dial(deadline, waited)
             channel = _Channel(loop)
+            channel.sock = sock
             try:
                 await self._handshake(sock, channel, deadline, waited)
             except BaseException:
@@ -666,7 +711,11 @@ class HttpsDeviceClient(AsyncClientBase):
         data = self._writer.encode(request.method, request.path, headers, request.body)
         wait = self._options.operation_timeout if timeout is None else timeout
         async with self._lock():
+            if self.state is ConnectionState.CLOSED:  # closed while waiting for its turn
+                raise ClientError("the client was closed")
             channel = self._channel
+            if channel is not None:
+                await channel.settle()
             if channel is None or channel.closed:
                 if channel is not None:
                     refusal = self._refusal(channel.fault)
@@ -841,8 +890,8 @@ class HttpsDeviceClient(AsyncClientBase):
         """Settle a received message: in the background on the client's loop (the loop
         cannot wait), else waiting for the hub's answer."""
         loop = self._loop
-        if loop is None or loop.is_closed():
-            raise ClientError("the client is not connected: call connect() first")
+        if loop is None or not loop.is_running():
+            raise ClientError("cannot settle the message: the client's event loop is not running")
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:

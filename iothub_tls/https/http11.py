@@ -222,7 +222,7 @@ class ResponseReader:
                 self._state = _CHUNK_END
             elif state == _CHUNK_END:
                 if len(buffer) < 2:
-                    if buffer[:1] not in (b"", b"\r"):
+                    if bytes(buffer[:1]) not in (b"", b"\r"):
                         raise HttpProtocolError("a chunk's data is not followed by CRLF")
                     return None
                 if buffer[:2] != b"\r\n":
