@@ -27,6 +27,7 @@ import random
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -82,17 +83,27 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-class _Lost(Exception):
-    """The connection ended before the response was complete; ``fault`` is why (None:
-    the server closed it)."""
+class _Lost:
+    """Outcome: the connection ended before the response was complete; ``fault`` is why
+    (None: the server closed it)."""
+
+    __slots__ = ("fault",)
 
     def __init__(self, fault: BaseException | None) -> None:
-        super().__init__(fault)
         self.fault = fault
 
 
-class _TimedOut(Exception):
-    """No complete response within the operation's timeout."""
+class _TimedOut:
+    """Outcome: no complete response within the operation's timeout."""
+
+    __slots__ = ()
+
+
+_TIMED_OUT = _TimedOut()
+
+#: What a request comes to: its response, or why there is none.
+Outcome = Response | _Lost | _TimedOut
+Answer = Callable[[Outcome], None]
 
 
 class _Broken(Exception):
@@ -105,6 +116,43 @@ class _Broken(Exception):
         self.reused = reused
 
 
+class _Turns:
+    """One exchange at a time on the connection, in arrival order. Unlike
+    ``asyncio.Lock`` it can also be taken from a plain callback (:meth:`try_take`)."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        if self._busy:
+            return False
+        self._busy = True
+        return True
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed over as we were cancelled: pass it on
+            elif waiter in self._waiting:
+                self._waiting.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # still busy: the turn is handed over
+                return
+        self._busy = False
+
+
 class _Channel(asyncio.Protocol):
     """One kept-alive TLS connection: a request out, its response in."""
 
@@ -112,7 +160,7 @@ class _Channel(asyncio.Protocol):
         self.loop = loop
         self.transport: asyncio.Transport | None = None
         self.reader = ResponseReader()
-        self.waiter: asyncio.Future[Response] | None = None
+        self.answer: Answer | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -142,21 +190,20 @@ class _Channel(asyncio.Protocol):
             return
         if response is None:
             return
-        waiter, self.waiter = self.waiter, None
+        answer, self.answer = self.answer, None
         if not response.keep_alive:
             self.close()
-        if waiter is not None and not waiter.done():
-            waiter.set_result(response)
+        if answer is not None:
+            answer(response)
 
     def eof_received(self) -> bool:
         self._done = True
-        waiter = self.waiter
-        if waiter is not None:
+        answer = self.answer
+        if answer is not None:
             response = self.reader.eof()
             if response is not None:  # a body that ended with the connection
-                self.waiter = None
-                if not waiter.done():
-                    waiter.set_result(response)
+                self.answer = None
+                answer(response)
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -164,23 +211,23 @@ class _Channel(asyncio.Protocol):
         if exc is not None and self.fault is None:
             self.fault = exc
         self._cancel_timer()
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(_Lost(self.fault))
+        answer, self.answer = self.answer, None
+        if answer is not None:
+            answer(_Lost(self.fault))
         if not self.lost.done():
             self.lost.set_result(None)
 
     # -- requests -----------------------------------------------------------------------
 
-    def send(self, method: str, data: bytes, timeout: float) -> asyncio.Future[Response]:
-        """Write one request; its response as a future (which fails with :class:`_Lost`
-        or :class:`_TimedOut`)."""
+    def send(self, method: str, data: bytes, timeout: float, answer: Answer) -> None:
+        """Write one request; ``answer`` is called (on the loop, once) with its response,
+        or with why there is none (:class:`_Lost`, :class:`_TimedOut`)."""
         assert self.transport is not None and not self.closed
         self.reader.start(method)
         self.requests_sent += 1
-        loop = self.loop
-        waiter = self.waiter = loop.create_future()
+        self.answer = answer
         self.transport.write(data)
+        loop = self.loop
         self.deadline = deadline = loop.time() + timeout
         # One timer per connection, not one per request: it stays armed while requests
         # come and go, and moves on to the current request's deadline when it fires.
@@ -189,21 +236,19 @@ class _Channel(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
             self.timer = loop.call_at(deadline, self._check_deadline)
-        return waiter
 
     def _check_deadline(self) -> None:
         self.timer = None
-        waiter = self.waiter
-        if waiter is None:
+        answer = self.answer
+        if answer is None:
             return  # idle: armed again by the next request
         if self.loop.time() < self.deadline:
             self.timer = self.loop.call_at(self.deadline, self._check_deadline)
             return
-        self.waiter = None
+        self.answer = None
         # A late response would be read as the answer to the next request: drop it all.
         self.abort()
-        if not waiter.done():
-            waiter.set_exception(_TimedOut())
+        answer(_TIMED_OUT)
 
     def _fail(self, exc: BaseException) -> None:
         self.fault = exc
@@ -224,6 +269,19 @@ class _Channel(asyncio.Protocol):
         self._done = True
         if self.transport is not None:
             self.transport.abort()
+
+    def alive(self) -> bool:
+        """True when nothing says the connection ended, and no bytes wait to be read
+        (:meth:`settle` handles those)."""
+        if self.closed or self.sock is None:
+            return False
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return False
 
     async def settle(self) -> None:
         """Before a request on a connection that sat idle: make sure it is still there.
@@ -353,7 +411,7 @@ class HttpsDeviceClient(AsyncClientBase):
         # loop side
         self._loop: asyncio.AbstractEventLoop | None = None
         self._channel: _Channel | None = None
-        self._busy: asyncio.Lock | None = None
+        self._turns = _Turns()
         self._tls_info: TlsInfo | None = None
         self._closed: asyncio.Event | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -416,9 +474,12 @@ class HttpsDeviceClient(AsyncClientBase):
         try:
             while True:
                 try:
-                    async with self._lock():
+                    await self._turns.take()
+                    try:
                         if self._channel is None or self._channel.closed:
                             self._channel = await self._open("connect")
+                    finally:
+                        self._turns.give()
                     break
                 except (ConnectionFailedError, HandshakeClosedError) as exc:
                     if attempt >= self._max_attempts:
@@ -451,31 +512,25 @@ class HttpsDeviceClient(AsyncClientBase):
         if self._state is not ConnectionState.CLOSED:
             self._set_state(ConnectionState.CLOSED)  # from here on, requests are refused
         # A request under way (another task's) ends first, or within its timeout.
-        lock = self._lock()
         try:
-            await asyncio.wait_for(lock.acquire(), bound)
-            locked = True
+            await asyncio.wait_for(self._turns.take(), bound)
+            taken = True
         except (TimeoutError, asyncio.TimeoutError):
-            locked = False
+            taken = False
         try:
             channel, self._channel = self._channel, None
             if channel is not None:
                 channel.close()
                 await channel.wait_closed(2.0)
         finally:
-            if locked:
-                lock.release()
+            if taken:
+                self._turns.give()
         self._closed_event().set()
 
     def _closed_event(self) -> asyncio.Event:
         if self._closed is None:
             self._closed = asyncio.Event()
         return self._closed
-
-    def _lock(self) -> asyncio.Lock:
-        if self._busy is None:
-            self._busy = asyncio.Lock()
-        return self._busy
 
     def _drop_channel(self) -> None:
         channel, self._channel = self._channel, None
@@ -644,15 +699,25 @@ class HttpsDeviceClient(AsyncClientBase):
         operation: str,
         expected: tuple[int, ...],
         timeout: float | None = None,
+        first: Response | _Broken | None = None,
     ) -> Response:
+        """The request until it succeeds, or fails for good (retries, token renewal and
+        error mapping as :class:`~.options.HttpsOptions` says). ``first``: the outcome of
+        a first attempt made already (:meth:`_submit`)."""
         renewed = False
         replaced_stale = False
         attempt = 1
         while True:
-            try:
-                response = await self._exchange(request, operation, timeout)
-            except _Broken as broken:
-                exc = broken.error
+            outcome: Response | _Broken
+            if first is not None:
+                outcome, first = first, None
+            else:
+                try:
+                    outcome = await self._exchange(request, operation, timeout)
+                except _Broken as broken:
+                    outcome = broken
+            if isinstance(outcome, _Broken):
+                exc = outcome.error
                 self._lost(exc)
                 # HandshakeClosedError: the peer closed or reset the connection (or let
                 # it stall) during the handshake without a TLS alert, i.e. before any
@@ -660,7 +725,7 @@ class HttpsDeviceClient(AsyncClientBase):
                 # certificates, policy violations) are other classes and not caught.
                 if not isinstance(exc, ConnectionFailedError | HandshakeClosedError):
                     raise exc from exc.__cause__
-                if broken.reused and not replaced_stale and isinstance(exc, ConnectionFailedError):
+                if outcome.reused and not replaced_stale and isinstance(exc, ConnectionFailedError):
                     # A kept-alive connection that sat idle can be dead without our
                     # knowing (a NAT or load balancer forgot it): that says nothing about
                     # the hub. Send once more, at once, on a new connection.
@@ -674,6 +739,7 @@ class HttpsDeviceClient(AsyncClientBase):
                 await self._sleep(delay)
                 attempt += 1
                 continue
+            response = outcome
             self._set_state(ConnectionState.CONNECTED)
             status = response.status
             if status in expected:
@@ -698,6 +764,12 @@ class HttpsDeviceClient(AsyncClientBase):
                     continue
             raise proto.error_for_status(status, info, operation=operation, retry_after=retry_after)
 
+    def _encode(self, request: proto.HttpRequest) -> bytes:
+        headers = request.headers
+        if self._tokens is not None:
+            headers = {**headers, "Authorization": self._tokens.token()}
+        return self._writer.encode(request.method, request.path, headers, request.body)
+
     async def _exchange(
         self, request: proto.HttpRequest, operation: str, timeout: float | None
     ) -> Response:
@@ -705,12 +777,10 @@ class HttpsDeviceClient(AsyncClientBase):
         is gone). Failures come as :class:`_Broken`, translated."""
         if self._state is ConnectionState.CLOSED:
             raise ClientError("the client is not connected: call connect() first")
-        headers = request.headers
-        if self._tokens is not None:
-            headers = {**headers, "Authorization": self._tokens.token()}
-        data = self._writer.encode(request.method, request.path, headers, request.body)
-        wait = self._options.operation_timeout if timeout is None else timeout
-        async with self._lock():
+        data = self._encode(request)
+        wait = max(self._options.operation_timeout if timeout is None else timeout, 0.001)
+        await self._turns.take()
+        try:
             if self.state is ConnectionState.CLOSED:  # closed while waiting for its turn
                 raise ClientError("the client was closed")
             channel = self._channel
@@ -721,7 +791,7 @@ class HttpsDeviceClient(AsyncClientBase):
                     refusal = self._refusal(channel.fault)
                     if refusal is not None:  # TLS 1.3: refused after the handshake
                         self._channel = None
-                        raise _Broken(refusal, False) from None
+                        raise _Broken(refusal, False)
                 try:
                     channel = self._channel = await self._open(operation)
                 except (ConnectionFailedError, HandshakeClosedError) as exc:
@@ -729,22 +799,103 @@ class HttpsDeviceClient(AsyncClientBase):
                 except IoTHubTLSError as exc:  # a refusal
                     raise _Broken(exc, False) from None
             reused = channel.requests_sent > 0
+            answered: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+            channel.send(request.method, data, wait, answered.set_result)
             try:
-                return await channel.send(request.method, data, max(wait, 0.001))
-            except _Lost as lost:
-                doing = f"{request.method} {request.path.split('?')[0]}"
-                error = self._translate(lost.fault, doing)
-                if error is not lost.fault and error.__cause__ is None:
-                    error.__cause__ = lost.fault  # the original, chained
-                raise _Broken(error, reused) from None
-            except _TimedOut:
-                raise OperationTimeoutError(
-                    f"{operation}: no response from {self._target} within {wait:g} s"
-                    + overload_hint(self._lag, 0.0)
-                ) from None
+                outcome = await answered
             except asyncio.CancelledError:
                 channel.abort()  # its response would answer the next request
                 raise
+        finally:
+            self._turns.give()
+        return self._response(outcome, request, operation, wait, reused)
+
+    def _response(
+        self, outcome: Outcome, request: proto.HttpRequest, operation: str, wait: float,
+        reused: bool,
+    ) -> Response:  # fmt: skip
+        """The response, else the failure raised: :class:`_Broken` (translated) for a
+        lost connection, OperationTimeoutError for no answer in time."""
+        if isinstance(outcome, Response):
+            return outcome
+        if isinstance(outcome, _Lost):
+            doing = f"{request.method} {request.path.split('?')[0]}"
+            error = self._translate(outcome.fault, doing)
+            if error is not outcome.fault and error.__cause__ is None:
+                error.__cause__ = outcome.fault  # the original, chained
+            raise _Broken(error, reused)
+        raise OperationTimeoutError(
+            f"{operation}: no response from {self._target} within {wait:g} s"
+            + overload_hint(self._lag, 0.0)
+        )
+
+    def _submit(
+        self,
+        request: proto.HttpRequest,
+        operation: str,
+        expected: tuple[int, ...],
+        timeout: float | None,
+        finished: Callable[[Response | BaseException], None],
+    ) -> None:
+        """:meth:`_call` started from a plain callback on the loop (the synchronous
+        facade hands each request over this way): ``finished`` is called on the loop
+        with the response or the error.
+
+        When the kept-alive connection is there and free, the request goes out from
+        this callback and its answer is taken in the connection's: no task, no extra
+        turn of the loop, which is most of a synchronous request's cost beyond TLS.
+        Anything but the expected answer continues in :meth:`_call` (as a task) from
+        where this first attempt left it."""
+        channel = self._channel
+        if (
+            self._state is not ConnectionState.CONNECTED
+            or channel is None
+            or not channel.alive()
+            or not self._turns.try_take()
+        ):
+            self._finish_in_task(self._call(request, operation, expected, timeout), finished)
+            return
+        try:
+            data = self._encode(request)
+        except BaseException as exc:
+            self._turns.give()
+            finished(exc)
+            return
+        wait = max(self._options.operation_timeout if timeout is None else timeout, 0.001)
+        reused = channel.requests_sent > 0
+
+        def answered(outcome: Outcome) -> None:
+            self._turns.give()
+            first: Response | _Broken
+            try:
+                first = self._response(outcome, request, operation, wait, reused)
+            except _Broken as broken:
+                first = broken
+            except BaseException as exc:  # no answer in time
+                finished(exc)
+                return
+            if isinstance(first, Response) and first.status in expected:
+                self._set_state(ConnectionState.CONNECTED)
+                finished(first)
+                return
+            self._finish_in_task(self._call(request, operation, expected, timeout, first), finished)
+
+        channel.send(request.method, data, wait, answered)
+
+    def _finish_in_task(
+        self,
+        call: Awaitable[Response],
+        finished: Callable[[Response | BaseException], None],
+    ) -> None:
+        async def run() -> None:
+            try:
+                response = await call
+            except BaseException as exc:  # handed over, raised by the caller
+                finished(exc)
+            else:
+                finished(response)
+
+        asyncio.get_running_loop().create_task(run())
 
     def _refusal(self, fault: BaseException | None) -> AuthenticationError | None:
         """The error for a TLS alert by which the hub refused the device certificate."""

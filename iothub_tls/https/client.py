@@ -62,6 +62,7 @@ from ..errors import (
 )
 from ..policy import TlsPolicy
 from ..tls.context import HardenedSSLContext
+from . import conventions as proto
 from .aio import HttpsDeviceClient as AsyncHttpsDeviceClient
 from .conventions import API_VERSION
 from .options import HttpsOptions
@@ -217,21 +218,44 @@ class HttpsDeviceClient(SyncFacade):
         returns once the hub accepted it. ``payload`` is bytes, text or a
         :class:`~iothub_tls.Message`. ``timeout`` is the wait for each response
         (default ``HttpsOptions.operation_timeout``)."""
-        self._run(
-            self._aio.send_telemetry(
-                payload,
-                properties,
-                message_id=message_id,
-                correlation_id=correlation_id,
-                content_type=content_type,
-                content_encoding=content_encoding,
-                timeout=timeout,
-            )
+        message = Message.coerce(
+            payload,
+            properties,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            content_type=content_type,
+            content_encoding=content_encoding,
         )
+        aio = self._aio
+        request = proto.events_request(aio.device_id, message, aio.options.api_version)
+        self._send(request, "send telemetry", timeout)
 
     def send_batch(self, messages: Iterable[Message], timeout: float | None = None) -> None:
         """Send several messages in one request (at most 256 KB in all)."""
-        self._run(self._aio.send_batch(list(messages), timeout))
+        aio = self._aio
+        request = proto.batch_request(aio.device_id, messages, aio.options.api_version)
+        self._send(request, "send batch", timeout)
+
+    def _send(self, request: proto.HttpRequest, operation: str, timeout: float | None) -> None:
+        """A request built here (its refusals raised in this thread), sent from the loop
+        (:meth:`AsyncHttpsDeviceClient._submit`), its outcome waited for."""
+        io = self._io
+        if io.on_loop_thread:  # refused there, with the reason
+            io.run(self._aio._call(request, operation, (204, 200), timeout))
+        done = _thread.allocate_lock()
+        done.acquire()
+        outcome: list[Any] = []
+
+        def finished(result: Any) -> None:
+            outcome.append(result)
+            done.release()
+
+        io.loop.call_soon_threadsafe(
+            self._aio._submit, request, operation, (204, 200), timeout, finished
+        )
+        done.acquire()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
 
     # -- cloud-to-device ----------------------------------------------------------------
 
