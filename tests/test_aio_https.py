@@ -6,6 +6,7 @@ the shared loop add no thread per client."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from iothub_tls.aio import HandshakeGate, HttpsDeviceClient
 from iothub_tls.https import HttpsDeviceClient as SyncHttpsDeviceClient
 from iothub_tls.https import HttpsOptions, MessageLockLostError
 from iothub_tls.hub.hub import HubOptions, LocalHub
-from tests.conftest import HOST
+from tests.conftest import HOST, PKI
+from tests.tlsserver import TLSServer
 
 WAIT = 10.0
 FAST = HttpsOptions(c2d_poll_interval=0.05, operation_timeout=5.0)
@@ -246,6 +248,61 @@ def test_refusals_are_the_same_as_the_synchronous_client(hub: LocalHub) -> None:
             await client.send_telemetry(b"x")
 
     asyncio.run(main())
+
+
+def test_a_server_that_never_answers_is_a_timeout(pki: PKI) -> None:
+    options = HttpsOptions(operation_timeout=0.3)
+    with TLSServer([pki.rsa_leaf], payload=b"") as server:  # TLS, then silence
+
+        async def main() -> None:
+            client = HttpsDeviceClient.from_symmetric_key(
+                HOST, "dev", "a2V5", policy=pki.policy(), host="127.0.0.1",
+                port=server.port, options=options,
+            )  # fmt: skip
+            async with client:
+                with pytest.raises(
+                    it.OperationTimeoutError, match=r"send telemetry: no response from .* 0\.3 s"
+                ):
+                    await client.send_telemetry(b"x")
+                # not retried, and the connection is dropped: a late answer to the first
+                # request must not be read as the answer to the next one
+                assert len(server.accepted) == 1
+                with pytest.raises(it.OperationTimeoutError):
+                    await client.send_telemetry(b"y")
+            assert len(server.wait_accepted(2)) == 2
+
+        asyncio.run(main())
+
+
+def test_the_synchronous_client_times_out_the_same_way(pki: PKI) -> None:
+    options = HttpsOptions(operation_timeout=0.3)
+    with TLSServer([pki.rsa_leaf], payload=b"") as server:
+        client = SyncHttpsDeviceClient.from_symmetric_key(
+            HOST, "dev", "a2V5", policy=pki.policy(), host="127.0.0.1", port=server.port,
+            options=options,
+        )  # fmt: skip
+        with client:
+            with pytest.raises(it.OperationTimeoutError, match="no response from"):
+                client.send_telemetry(b"x")
+            with pytest.raises(it.OperationTimeoutError, match="no response from"):
+                client.send_telemetry(b"y", timeout=0.2)
+        assert len(server.wait_accepted(2)) == 2
+
+
+def test_a_server_that_does_not_speak_http_is_a_connection_failure(pki: PKI) -> None:
+    options = HttpsOptions(retry=it.RetryPolicy(initial_delay=0.01, max_attempts=2))
+    greeting = b"SSH-2.0-OpenSSH_9.6\r\n"  # what a wrong port might say after TLS
+    with TLSServer([pki.rsa_leaf], payload=greeting) as server:
+        client = SyncHttpsDeviceClient.from_symmetric_key(
+            HOST, "dev", "a2V5", policy=pki.policy(), host="127.0.0.1", port=server.port,
+            options=options,
+        )  # fmt: skip
+        with client:
+            with pytest.raises(
+                it.ConnectionFailedError, match=r"did not answer with valid HTTP/1\.1"
+            ) as err:
+                client.send_telemetry(b"x")
+        assert not isinstance(err.value, ssl.SSLError)
 
 
 # -- the synchronous facade on the shared loop --------------------------------------------------

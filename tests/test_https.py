@@ -313,6 +313,8 @@ def test_bytes_beyond_the_response_end_end_keep_alive():
     ("data", "message"),
     [
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "not an HTTP/1.x response"),  # no need to wait
+        (b"HTX", "not an HTTP/1.x response"),
         (b"HTTP/2 200\r\n\r\n", "not an HTTP/1.x status line"),
         (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
         (b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", "malformed header line"),

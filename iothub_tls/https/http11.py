@@ -35,6 +35,8 @@ _BREAKS = re.compile(r"[\r\n\x00]")
 _LOWER: dict[str, str] = {}
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
+_STATUS_START = b"HTTP/1."
+
 #: Largest response head (status line and headers) accepted.
 MAX_HEAD_BYTES = 64 * 1024
 #: Largest response body accepted: a cloud-to-device message is at most 64 KB, an error
@@ -200,6 +202,9 @@ class ResponseReader:
             if state == _HEAD:
                 end = buffer.find(b"\r\n\r\n")
                 if end < 0:
+                    start = bytes(buffer[:7])
+                    if not _STATUS_START.startswith(start):  # a server that is no HTTP/1
+                        raise HttpProtocolError(f"not an HTTP/1.x response: {start!r}...")
                     if len(buffer) > self._max_head:
                         raise HttpProtocolError(
                             f"the response head is larger than {self._max_head} bytes"
