@@ -305,6 +305,35 @@ def test_a_server_that_does_not_speak_http_is_a_connection_failure(pki: PKI) -> 
         assert not isinstance(err.value, ssl.SSLError)
 
 
+def test_turns_go_in_arrival_order_and_survive_cancellation() -> None:
+    from iothub_tls.https.channel import Turns
+
+    async def main() -> None:
+        turns = Turns()
+        order: list[str] = []
+
+        async def exchange(name: str) -> None:
+            await turns.take()
+            try:
+                order.append(name)
+                await asyncio.sleep(0.01)
+            finally:
+                turns.give()
+
+        assert turns.try_take()  # a plain callback holds it
+        tasks = [asyncio.create_task(exchange(n)) for n in ("a", "b", "c", "d")]
+        await asyncio.sleep(0)
+        tasks[1].cancel()  # gave up while waiting: never runs
+        assert not turns.try_take()
+        turns.give()  # "a" is handed the turn...
+        tasks[0].cancel()  # ...and cancelled before it ran: the turn goes on to "c"
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert order == ["c", "d"]
+        assert turns.try_take()  # free again
+
+    asyncio.run(main())
+
+
 # -- the synchronous facade on the shared loop --------------------------------------------------
 
 ALLOWED = {"iothub-tls-io", "iothub-tls-callbacks", "iothub-tls-resolve_0"}

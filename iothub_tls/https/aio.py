@@ -27,7 +27,6 @@ import random
 import socket
 import ssl
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -50,7 +49,8 @@ from ..policy import TlsPolicy
 from ..tls.context import HardenedSSLContext, create_ssl_context
 from ..tls.info import TlsInfo
 from . import conventions as proto
-from .http11 import HttpProtocolError, RequestWriter, Response, ResponseReader
+from .channel import Channel, Lost, Outcome, Turns
+from .http11 import HttpProtocolError, RequestWriter, Response
 from .options import HttpsOptions
 
 __all__ = ["HttpsDeviceClient"]
@@ -83,29 +83,6 @@ def _chain(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-class _Lost:
-    """Outcome: the connection ended before the response was complete; ``fault`` is why
-    (None: the server closed it)."""
-
-    __slots__ = ("fault",)
-
-    def __init__(self, fault: BaseException | None) -> None:
-        self.fault = fault
-
-
-class _TimedOut:
-    """Outcome: no complete response within the operation's timeout."""
-
-    __slots__ = ()
-
-
-_TIMED_OUT = _TimedOut()
-
-#: What a request comes to: its response, or why there is none.
-Outcome = Response | _Lost | _TimedOut
-Answer = Callable[[Outcome], None]
-
-
 class _Broken(Exception):
     """An exchange failed: ``error`` (translated) and whether the connection had served
     a request before (a kept-alive connection that may have died while idle)."""
@@ -114,217 +91,6 @@ class _Broken(Exception):
         super().__init__(error)
         self.error = error
         self.reused = reused
-
-
-class _Turns:
-    """One exchange at a time on the connection, in arrival order. Unlike
-    ``asyncio.Lock`` it can also be taken from a plain callback (:meth:`try_take`)."""
-
-    def __init__(self) -> None:
-        self._busy = False
-        self._waiting: deque[asyncio.Future[None]] = deque()
-
-    def try_take(self) -> bool:
-        if self._busy:
-            return False
-        self._busy = True
-        return True
-
-    async def take(self) -> None:
-        if self.try_take():
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiting.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self.give()  # handed over as we were cancelled: pass it on
-            elif waiter in self._waiting:
-                self._waiting.remove(waiter)
-            raise
-
-    def give(self) -> None:
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)  # still busy: the turn is handed over
-                return
-        self._busy = False
-
-
-class _Channel(asyncio.Protocol):
-    """One kept-alive TLS connection: a request out, its response in."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.transport: asyncio.Transport | None = None
-        self.reader = ResponseReader()
-        self.answer: Answer | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.deadline = 0.0
-        self.lost: asyncio.Future[None] = loop.create_future()
-        #: the TCP socket under the TLS transport (to look at without reading)
-        self.sock: socket.socket | None = None
-        #: requests sent on this connection
-        self.requests_sent = 0
-        self._done = False
-        #: why it ended, when it ended with an error
-        self.fault: BaseException | None = None
-
-    @property
-    def closed(self) -> bool:
-        """No further request may go out on it."""
-        return self._done or self.transport is None or self.transport.is_closing()
-
-    # -- asyncio.Protocol ---------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            response = self.reader.feed(data)
-        except HttpProtocolError as exc:
-            self._fail(exc)
-            return
-        if response is None:
-            return
-        answer, self.answer = self.answer, None
-        if not response.keep_alive:
-            self.close()
-        if answer is not None:
-            answer(response)
-
-    def eof_received(self) -> bool:
-        self._done = True
-        answer = self.answer
-        if answer is not None:
-            response = self.reader.eof()
-            if response is not None:  # a body that ended with the connection
-                self.answer = None
-                answer(response)
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._done = True
-        if exc is not None and self.fault is None:
-            self.fault = exc
-        self._cancel_timer()
-        answer, self.answer = self.answer, None
-        if answer is not None:
-            answer(_Lost(self.fault))
-        if not self.lost.done():
-            self.lost.set_result(None)
-
-    # -- requests -----------------------------------------------------------------------
-
-    def send(self, method: str, data: bytes, timeout: float, answer: Answer) -> None:
-        """Write one request; ``answer`` is called (on the loop, once) with its response,
-        or with why there is none (:class:`_Lost`, :class:`_TimedOut`)."""
-        assert self.transport is not None and not self.closed
-        self.reader.start(method)
-        self.requests_sent += 1
-        self.answer = answer
-        self.transport.write(data)
-        loop = self.loop
-        self.deadline = deadline = loop.time() + timeout
-        # One timer per connection, not one per request: it stays armed while requests
-        # come and go, and moves on to the current request's deadline when it fires.
-        timer = self.timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
-            self.timer = loop.call_at(deadline, self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self.timer = None
-        answer = self.answer
-        if answer is None:
-            return  # idle: armed again by the next request
-        if self.loop.time() < self.deadline:
-            self.timer = self.loop.call_at(self.deadline, self._check_deadline)
-            return
-        self.answer = None
-        # A late response would be read as the answer to the next request: drop it all.
-        self.abort()
-        answer(_TIMED_OUT)
-
-    def _fail(self, exc: BaseException) -> None:
-        self.fault = exc
-        self.abort()
-
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def close(self) -> None:
-        """No more requests; close cleanly (TLS close_notify) once the writes are out."""
-        self._done = True
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def abort(self) -> None:
-        self._done = True
-        if self.transport is not None:
-            self.transport.abort()
-
-    def alive(self) -> bool:
-        """True when nothing says the connection ended, and no bytes wait to be read
-        (:meth:`settle` handles those)."""
-        if self.closed or self.sock is None:
-            return False
-        try:
-            self.sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return True
-        except OSError:
-            return False
-        return False
-
-    async def settle(self) -> None:
-        """Before a request on a connection that sat idle: make sure it is still there.
-
-        asyncio learns that a connection ended one or two loop iterations after the
-        bytes that say so arrived; a request sent in between would go out on a dead
-        connection. So look at the socket (without reading): the peer's close is
-        noticed now, and bytes waiting (a TLS alert refusing the device certificate, a
-        session ticket) are given to the TLS layer first, so that a refusal is reported
-        as one."""
-        after: int | None = None  # loop turns still to give once waiting bytes were read
-        for _ in range(12):
-            if self.closed or self.sock is None:
-                return
-            try:
-                waiting = self.sock.recv(1, socket.MSG_PEEK)
-            except (BlockingIOError, InterruptedError):
-                if not after:
-                    return  # alive (and whatever had arrived was handled)
-                after -= 1  # read just now: a close it caused takes two more turns
-            except OSError as exc:  # reset (or closed under us)
-                self.fault = self.fault or exc
-                self._done = True
-                return
-            else:
-                if not waiting:  # the peer closed, with nothing before its FIN
-                    self._done = True
-                    return
-                after = 2
-            await asyncio.sleep(0)  # let the loop hand the bytes to the TLS layer
-
-    async def wait_closed(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(asyncio.shield(self.lost), timeout)
-        except (TimeoutError, asyncio.TimeoutError):
-            self.abort()
-
-    @property
-    def tls_info(self) -> TlsInfo | None:
-        if self.transport is None:
-            return None
-        found = getattr(self.transport.get_extra_info("ssl_object"), "tls_info", None)
-        return found if isinstance(found, TlsInfo) else None
 
 
 class HttpsDeviceClient(AsyncClientBase):
@@ -410,8 +176,8 @@ class HttpsDeviceClient(AsyncClientBase):
         self._lag = lag
         # loop side
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._channel: _Channel | None = None
-        self._turns = _Turns()
+        self._channel: Channel | None = None
+        self._turns = Turns()
         self._tls_info: TlsInfo | None = None
         self._closed: asyncio.Event | None = None
         self._poller: asyncio.Task[None] | None = None
@@ -539,7 +305,7 @@ class HttpsDeviceClient(AsyncClientBase):
 
     # -- the connection -----------------------------------------------------------------
 
-    async def _open(self, doing: str) -> _Channel:
+    async def _open(self, doing: str) -> Channel:
         """A new connection (TCP, then TLS with the hardened context), through the
         handshake gate. Raises the core's TLS errors as they are, and
         ConnectionFailedError / HandshakeClosedError for transport faults."""
@@ -557,7 +323,7 @@ class HttpsDeviceClient(AsyncClientBase):
             waited = loop.time() - queued
             deadline = loop.time() + self._options.connect_timeout
             sock = await self._dial(deadline, waited)
-            channel = _Channel(loop)
+            channel = Channel(loop)
             channel.sock = sock
             try:
                 await self._handshake(sock, channel, deadline, waited)
@@ -626,7 +392,7 @@ class HttpsDeviceClient(AsyncClientBase):
         raise error
 
     async def _handshake(
-        self, sock: socket.socket, channel: _Channel, deadline: float, waited: float
+        self, sock: socket.socket, channel: Channel, deadline: float, waited: float
     ) -> None:
         """TLS on the connected socket. A connection closed or reset during the
         handshake (no TLS alert: no policy decision was made) is HandshakeClosedError,
@@ -818,7 +584,7 @@ class HttpsDeviceClient(AsyncClientBase):
         lost connection, OperationTimeoutError for no answer in time."""
         if isinstance(outcome, Response):
             return outcome
-        if isinstance(outcome, _Lost):
+        if isinstance(outcome, Lost):
             doing = f"{request.method} {request.path.split('?')[0]}"
             error = self._translate(outcome.fault, doing)
             if error is not outcome.fault and error.__cause__ is None:
