@@ -162,10 +162,17 @@ class HttpsDeviceClient(AsyncClientBase):
         self.ssl_context: HardenedSSLContext = create_ssl_context(policy, identity=identity)
         self._identity = identity
         self._tokens: SasTokenProvider | None = sas_token_provider
+        # The token text of our own key's provider, kept while it needs no renewal
+        # (making the text costs more than the rest of a request's headers). A provider
+        # given to us is asked every time: it may do what it likes.
+        self._token_text: str | None = None
+        self._own_tokens = False
         if self._tokens is None and not cs.x509:
             self._tokens = SasTokenProvider.from_connection_string(
                 cs, ttl=options.sas_ttl, clock=clock
             )
+            # (a ready-made token is asked every time: it says when it has expired)
+            self._own_tokens = self._tokens.renewable
         agent = f"iothub-tls/{__version__}"
         if options.product_info:
             agent += f" {options.product_info}"
@@ -514,6 +521,7 @@ class HttpsDeviceClient(AsyncClientBase):
                 # The hub refused the token (expired by its clock, key rolled): try once
                 # with a fresh one before reporting the failure.
                 self._tokens.renew()
+                self._token_text = None
                 renewed = True
                 continue
             headers = response.headers
@@ -532,8 +540,12 @@ class HttpsDeviceClient(AsyncClientBase):
 
     def _encode(self, request: proto.HttpRequest) -> bytes:
         headers = request.headers
-        if self._tokens is not None:
-            headers = {**headers, "Authorization": self._tokens.token()}
+        tokens = self._tokens
+        if tokens is not None:
+            text = self._token_text
+            if text is None or not self._own_tokens or tokens.needs_renewal():
+                text = self._token_text = tokens.token()
+            headers = {**headers, "Authorization": text}
         return self._writer.encode(request.method, request.path, headers, request.body)
 
     async def _exchange(
