@@ -2,7 +2,7 @@
 
 IoT Hub's device REST API (telemetry, batches, cloud-to-device receive / complete /
 reject / abandon) over one kept-alive TLS connection, driven by the event loop it runs on
-(any asyncio loop, uvloop included); no thread of its own. The connection comes from
+(any asyncio event loop); no thread of its own. The connection comes from
 ``loop.create_connection(ssl=<the hardened context>)``, so the policy's checks and
 refusals are the core's own, and a new connection resumes the previous TLS session. The
 HTTP/1.1 messages are written and read by :mod:`.http11`; what they mean comes from
