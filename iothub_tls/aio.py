@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from ._io.loop import HandshakeGate
 from .amqp.aio import AmqpDeviceClient
+from .https.aio import HttpsDeviceClient
 from .mqtt.aio import MqttDeviceClient
 
-__all__ = ["AmqpDeviceClient", "HandshakeGate", "MqttDeviceClient"]
+__all__ = ["AmqpDeviceClient", "HandshakeGate", "HttpsDeviceClient", "MqttDeviceClient"]

@@ -390,12 +390,12 @@ def test_sas_token_is_renewed_before_it_expires(endpoints, registry, client_for)
     endpoint = endpoints(clock=hub_clock)
     client = client_for(endpoint, sas_cs(registry), sas_ttl=60, clock=device_clock)
     client.send_telemetry(b"1")
-    first_expiry = client._tokens.expires_at
+    first_expiry = client._aio._tokens.expires_at
     # 55 s later the first token has 5 s left (< 20 % of 60 s): a new one is made...
     hub_clock.advance(55)
     device_clock.advance(55)
     client.send_telemetry(b"2")
-    assert client._tokens.expires_at > first_expiry
+    assert client._aio._tokens.expires_at > first_expiry
     # ...so at 70 s, when the first token is long expired at the hub, sends still work.
     hub_clock.advance(15)
     device_clock.advance(15)
@@ -482,7 +482,7 @@ def test_disabled_device_is_refused(endpoint, registry, client_for):
 def test_x509_thumbprint_device_sends_without_authorization(endpoint, devices, client_for):
     ident = identity(devices.x509)
     client = client_for(endpoint, x509_cs("dev-x509"), identity=ident)
-    assert client._tokens is None  # no SAS: no Authorization header
+    assert client._aio._tokens is None  # no SAS: no Authorization header
     client.send_telemetry(b"mtls", properties={"k": "v"})
     seen = endpoint.received[-1]
     assert (seen.device_id, seen.auth_type) == ("dev-x509", "selfSigned")

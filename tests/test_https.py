@@ -13,6 +13,8 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import iothub_tls as it
 from iothub_tls.https import (
@@ -31,6 +33,7 @@ from iothub_tls.https import (
     UnexpectedResponseError,
 )
 from iothub_tls.https import conventions as proto
+from iothub_tls.https.http11 import HttpProtocolError, RequestWriter, ResponseReader
 from iothub_tls.hub import DeviceRegistry, HttpsEndpoint, HubTlsProfile, ServerCredential
 from tests.conftest import HOST, PKI
 
@@ -194,6 +197,192 @@ def test_retry_after_header_forms():
     assert proto.parse_retry_after("soon") is None
 
 
+# -- HTTP/1.1 without I/O (iothub_tls.https.http11) ----------------------------------------
+
+BASE = {"Host": HOST, "User-Agent": "iothub-tls/test", "Accept": "application/json"}
+BASE_ACCEPT = "Accept: application/json"
+
+
+def test_request_is_one_piece_with_content_length():
+    writer = RequestWriter(BASE)
+    request = proto.events_request("dev", Message(b"body", {"k": "v"}))
+    data = writer.encode(request.method, request.path, request.headers, request.body)
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /devices/dev/messages/events?api-version=2021-04-12 HTTP/1.1"
+    assert lines[1:4] == [
+        f"Host: {HOST}",
+        "User-Agent: iothub-tls/test",
+        "Accept: application/json",
+    ]
+    assert "iothub-app-k: v" in lines and lines[-1] == "Content-Length: 4"
+    assert body == b"body"
+    # POST without a body still says so; GET and DELETE carry no Content-Length
+    assert writer.encode("POST", "/a", {}).endswith(b"Content-Length: 0\r\n\r\n")
+    assert b"Content-Length" not in writer.encode("DELETE", "/a", {"If-Match": '"x"'})
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "headers", "message"),
+    [
+        ("POST", "/a", {"X": "v\r\nInjected: yes"}, "header 'X' holds CR, LF or NUL"),
+        ("POST", "/a", {"X": "v\nInjected: yes"}, "header 'X' holds CR, LF or NUL"),
+        ("POST", "/a", {"X": "v\rx"}, "header 'X' holds CR, LF or NUL"),
+        ("POST", "/a", {"X": "v\x00"}, "header 'X' holds CR, LF or NUL"),
+        ("POST", "/a", {"Bad Name": "v"}, "not an HTTP token"),
+        ("POST", "/a", {"X": "é"}, "not ASCII"),
+        ("POST", "/a HTTP/1.1\r\nX: y", {}, "not a valid request target"),
+        ("GET /", "/a", {}, "not a valid request"),
+        ("POST", "a", {}, "not a valid request"),
+    ],
+)
+def test_request_writer_refuses_what_would_split_the_request(method, target, headers, message):
+    with pytest.raises(ValueError, match=message):
+        RequestWriter(BASE).encode(method, target, headers, b"x")
+    with pytest.raises(ValueError, match="holds CR, LF or NUL"):
+        RequestWriter({"Host": "h\r\nX: y"})
+
+
+def _read(data: bytes, method: str = "GET", pieces: int = 1):
+    reader = ResponseReader()
+    reader.start(method)
+    size = max(1, len(data) // pieces)
+    found = None
+    for start in range(0, len(data), size):
+        got = reader.feed(data[start : start + size])
+        if got is not None:
+            assert found is None, "two responses"
+            found = got
+    return found, reader
+
+
+@pytest.mark.parametrize("pieces", [1, 3, 1000])
+def test_response_framings(pieces):
+    # Content-Length
+    ok, _ = _read(b'HTTP/1.1 200 OK\r\nETag: "t"\r\nContent-Length: 5\r\n\r\nhello', pieces=pieces)
+    assert (ok.status, ok.reason, ok.headers["ETag"], ok.body, ok.keep_alive) == (
+        200, "OK", '"t"', b"hello", True
+    )  # fmt: skip
+    # 204 and HEAD: no body, whatever the headers say
+    empty, reader = _read(b"HTTP/1.1 204 No Content\r\nServer: x\r\n\r\n", pieces=pieces)
+    assert (empty.status, empty.body, empty.keep_alive) == (204, b"", True)
+    assert not reader.waiting
+    head, _ = _read(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD", pieces)
+    assert head.body == b""
+    # chunked, with an extension and a trailer; an interim 100 first
+    chunked, _ = _read(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;name=x\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: 1\r\n\r\n",
+        pieces=pieces,
+    )
+    assert (chunked.status, chunked.body, chunked.keep_alive) == (200, b"hello world", True)
+    # Connection: close, HTTP/1.0, and folded and repeated headers
+    closing, _ = _read(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nX: a\r\nX: b\r\nY: one\r\n two\r\n"
+        b"Content-Length: 0\r\n\r\n",
+        pieces=pieces,
+    )
+    assert closing.keep_alive is False
+    assert (closing.headers["X"], closing.headers["Y"]) == ("a, b", "one two")
+    old, _ = _read(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx", pieces=pieces)
+    assert old.keep_alive is False
+
+
+def test_a_body_read_to_the_close():
+    reader = ResponseReader()
+    reader.start("GET")
+    assert reader.feed(b"HTTP/1.1 200 OK\r\n\r\npart one, ") is None
+    assert reader.feed(b"part two") is None
+    response = reader.eof()
+    assert response is not None and response.body == b"part one, part two"
+    assert response.keep_alive is False
+    # a response cut short by the close is no response
+    reader = ResponseReader()
+    reader.start("GET")
+    assert reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort") is None
+    assert reader.eof() is None
+
+
+def test_bytes_beyond_the_response_end_end_keep_alive():
+    response, reader = _read(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert response.status == 204 and response.keep_alive is False
+    reader.start("GET")  # the connection is not reused; the reader starts clean
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", "not an HTTP/1.x response"),  # no need to wait
+        (b"HTX", "not an HTTP/1.x response"),
+        (b"HTTP/2 200\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\nNo colon here\r\n\r\n", "malformed header line"),
+        (b"HTTP/1.1 200 OK\r\nBad Name: v\r\n\r\n", "malformed header line"),
+        (b"HTTP/1.1 200 OK\r\n folded first\r\n\r\n", "starts with whitespace"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-length: 2\r\n\r\n", "Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n", "too large"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nxy", "not followed by CRLF"),
+        (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", "switched protocols"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000, "head is larger"),
+    ],
+)  # fmt: skip
+def test_malformed_responses_are_refused(data, message):
+    reader = ResponseReader()
+    reader.start("GET")
+    with pytest.raises(HttpProtocolError, match=message):
+        reader.feed(data)
+
+
+def test_bytes_nobody_asked_for_are_refused():
+    reader = ResponseReader()
+    with pytest.raises(HttpProtocolError, match="sent 8 bytes unasked"):
+        reader.feed(b"HTTP/1.1")
+    with pytest.raises(HttpProtocolError, match="unasked"):
+        reader.start("GET")  # they are not the answer to the next request either
+
+
+@given(
+    status=st.sampled_from([200, 400, 401, 404, 412, 429, 503]),
+    headers=st.dictionaries(
+        st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,20}", fullmatch=True).filter(
+            lambda n: n.lower() not in ("content-length", "transfer-encoding", "connection")
+        ),
+        st.from_regex(r"[ -~]{0,40}", fullmatch=True).map(str.strip),
+        max_size=8,
+    ),
+    body=st.binary(max_size=3000),
+    chunked=st.booleans(),
+    cuts=st.lists(st.integers(min_value=1, max_value=4000), max_size=6),
+)
+def test_any_response_reads_the_same_however_it_arrives(status, headers, body, chunked, cuts):
+    lines = [f"HTTP/1.1 {status} Reason", *(f"{k}: {v}" for k, v in headers.items())]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 700]), body[i : i + 700])
+                          for i in range(0, len(body), 700)) + b"0\r\n\r\n"  # fmt: skip
+    else:
+        lines.append(f"Content-Length: {len(body)}")
+        framed = body
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode() + framed
+    reader = ResponseReader()
+    reader.start("GET")
+    pieces, start = [], 0
+    for cut in sorted(set(cuts)):
+        pieces.append(data[start:cut])
+        start = max(start, cut)
+    pieces.append(data[start:])
+    results = [reader.feed(piece) for piece in pieces if piece]
+    (response,) = [r for r in results if r is not None]
+    assert results[-1] is response  # complete only when the last byte arrived
+    assert (response.status, response.body, response.keep_alive) == (status, body, True)
+    got = {k: v for k, v in response.headers.items() if k.lower() != "transfer-encoding"}
+    got.pop("Content-Length", None)
+    assert got == headers
+
+
 # -- messages refused before sending -------------------------------------------------------------
 
 
@@ -267,12 +456,27 @@ def test_client_repr_has_no_secret():
     assert client.tls_info is None
 
 
-def test_missing_urllib3_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "urllib3", None)
-    with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[https\]'"):
-        HttpsDeviceClient.from_connection_string(
-            f"HostName={HOST};DeviceId=d;SharedAccessKey={KEY}"
-        )
+def test_the_client_needs_no_http_library(monkeypatch, pki, dual_hub, lib_registry):
+    # Its HTTP/1.1 is its own (iothub_tls.https.http11): urllib3, requests and h11 may be
+    # missing, and the client still talks to the hub.
+    for name in ("urllib3", "requests", "h11"):
+        monkeypatch.setitem(sys.modules, name, None)
+    key = lib_registry.get(DEVICE).primary_key
+    client = HttpsDeviceClient.from_connection_string(
+        f"HostName={HOST};DeviceId={DEVICE};SharedAccessKey={key}",
+        policy=pki.policy(),
+        host="127.0.0.1",
+        port=dual_hub.port,
+    )
+    before = len(dual_hub.received)
+    with client:
+        client.send_telemetry(b"without urllib3")
+    assert dual_hub.received[before].body == b"without urllib3"
+    # The requests adapter does need requests, and names the extra that brings it.
+    from iothub_tls.https import adapter
+
+    with pytest.raises(it.MissingDependencyError, match=r"pip install 'iothub-tls\[requests\]'"):
+        adapter._hardened_adapter_class()
 
 
 def test_importing_the_module_imports_neither_requests_nor_urllib3():

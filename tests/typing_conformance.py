@@ -30,3 +30,7 @@ def mqtt_aio(client: aio.MqttDeviceClient) -> AsyncDeviceClient:
 
 def amqp_aio(client: aio.AmqpDeviceClient) -> AsyncDeviceClient:
     return client
+
+
+def https_aio(client: aio.HttpsDeviceClient) -> AsyncDeviceClient:
+    return client

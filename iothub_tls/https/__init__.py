@@ -1,10 +1,11 @@
 """HTTPS device client for IoT Hub (443) on the hardened context, and a requests
-adapter that keeps the pinning: ``pip install 'iothub-tls[https]'``.
+adapter that keeps the pinning (``pip install 'iothub-tls[requests]'`` for it). The
+asyncio client is :class:`iothub_tls.aio.HttpsDeviceClient`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .client import (
     API_VERSION,
@@ -22,10 +23,9 @@ from .client import (
     ThrottledError,
     UnexpectedResponseError,
 )
-from .client import __getattr__ as __getattr__  # HardenedAdapter, built lazily
 
 if TYPE_CHECKING:
-    from .client import HardenedAdapter as HardenedAdapter
+    from .adapter import HardenedAdapter as HardenedAdapter
 
 __all__ = [
     "API_VERSION",
@@ -44,3 +44,13 @@ __all__ = [
     "ThrottledError",
     "UnexpectedResponseError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "HardenedAdapter":  # built on first use: importing this imports no requests
+        from .adapter import __getattr__ as build
+
+        adapter = build(name)
+        globals()[name] = adapter
+        return adapter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import email.utils
+import functools
 import json
 import re
 import time
@@ -360,12 +361,14 @@ class HttpRequest:
     body: bytes = b""
 
 
+@functools.lru_cache(maxsize=1024)  # every request of a device builds the same few paths
 def device_path(device_id: str, *segments: str) -> str:
     """``/devices/{id}/...`` with the device id and each segment URL-encoded (as the
     SDKs do: ``/`` and every reserved character are escaped)."""
     return "/".join(["", "devices", quote(device_id, safe=""), *segments])
 
 
+@functools.lru_cache(maxsize=64)
 def _query(api_version: str, *flags: str) -> str:
     return "?api-version=" + quote(api_version, safe="") + "".join("&" + f for f in flags)
 
