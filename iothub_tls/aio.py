@@ -3,7 +3,7 @@ with ``await``.
 
 ::
 
-    from iothub_tls.aio import MqttDeviceClient   # or AmqpDeviceClient
+    from iothub_tls.aio import MqttDeviceClient   # or AmqpDeviceClient, HttpsDeviceClient
 
     async with MqttDeviceClient.from_connection_string(cs) as client:
         await client.send_telemetry(b'{"t": 21.5}', {"unit": "C"})
@@ -12,8 +12,9 @@ with ``await``.
 
 The clients run on the application's event loop (any asyncio loop; uvloop works the same:
 ``uvloop.run(main())`` or ``asyncio.run(main(), loop_factory=uvloop.new_event_loop)``),
-start no thread of their own, and never block the loop: TLS handshakes are asyncio's,
-name resolution is the loop's ``getaddrinfo``. Callbacks (``on_c2d``,
+start no thread of their own, and never block the loop: TLS runs over the loop's
+transports (MQTT and AMQP in the library's own layer over memory BIOs, HTTPS in
+asyncio's), name resolution is the loop's ``getaddrinfo``. Callbacks (``on_c2d``,
 ``on_connection_state_change``, ``on_desired_update``, ``on_background_exception``) and
 method handlers run on the loop and may be coroutine functions. A process with many
 devices should share one :class:`HandshakeGate` (``gate=``) among its clients, so a

@@ -459,6 +459,10 @@ def test_client_repr_has_no_secret():
 def test_the_client_needs_no_http_library(monkeypatch, pki, dual_hub, lib_registry):
     # Its HTTP/1.1 is its own (iothub_tls.https.http11): urllib3, requests and h11 may be
     # missing, and the client still talks to the hub.
+    # Submodules too: an earlier test may have imported requests.adapters, which Python
+    # would then find in sys.modules without importing its parent.
+    for name in [m for m in sys.modules if m.split(".")[0] in ("urllib3", "requests", "h11")]:
+        monkeypatch.setitem(sys.modules, name, None)
     for name in ("urllib3", "requests", "h11"):
         monkeypatch.setitem(sys.modules, name, None)
     key = lib_registry.get(DEVICE).primary_key
