@@ -828,6 +828,21 @@ def test_blocking_send_times_out_while_offline_and_withdraws_the_message(hub: Hu
     proxy.close()
 
 
+def test_withdrawn_blocking_send_gives_its_place_in_the_queue_back(hub: Hub) -> None:
+    options = MqttOptions(queue_size=1, retry=RetryPolicy(initial_delay=0.05, max_delay=0.2))
+    proxy, client = connected_behind_proxy(hub, options=options)
+    go_offline(proxy, client)
+    with pytest.raises(errors.OperationTimeoutError, match="withdrawn and will not be sent"):
+        client.send_telemetry(b"never", timeout=0.2)
+    # the one place is free again at once: a full queue would refuse this
+    queued = client.send_telemetry_async(b"queued")
+    with pytest.raises(QueueFullError, match="queue_size=1"):
+        client.send_telemetry_async(b"one too many")
+    proxy.refusing = False
+    assert queued.result(WAIT) is None
+    proxy.close()
+
+
 def test_close_fails_pending_messages_loudly(hub: Hub) -> None:
     proxy, client = connected_behind_proxy(hub)
     go_offline(proxy, client)

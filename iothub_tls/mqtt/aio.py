@@ -29,6 +29,7 @@ from .._io.backoff import Backoff
 from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag, overload_hint, wait_for
 from .._io.tls import open_tls
+from .._io.waiter import ThreadWaiter
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..device import (
     C2DMessage,
@@ -83,7 +84,9 @@ __all__ = ["MqttDeviceClient"]
 
 logger = logging.getLogger("iothub_tls.mqtt")
 
-Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any]
+#: What a sender waits on: an asyncio future (asyncio senders), a concurrent future
+#: (``send_telemetry_async``) or a ThreadWaiter (a blocking ``send_telemetry``).
+Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any] | ThreadWaiter
 
 
 def _resolve(waiter: Waiter, result: Any = None, error: BaseException | None = None) -> None:
@@ -864,17 +867,19 @@ class MqttDeviceClient(AsyncClientBase):
         return item
 
     def _outgoing_threadsafe(
-        self, topic: str, payload: bytes, waiter: concurrent.futures.Future[None]
+        self, topic: str, payload: bytes, waiter: concurrent.futures.Future[None] | ThreadWaiter
     ) -> _Outgoing:
         """A message of a synchronous sender (any thread), its place taken already:
-        cancelling ``waiter`` withdraws it at once, before or after it reaches the loop."""
+        cancelling a future ``waiter`` withdraws it at once, before or after it reaches
+        the loop (a ThreadWaiter's sender calls :meth:`_cancelled` itself)."""
         item = _Outgoing(topic, payload, waiter)
+        if isinstance(waiter, concurrent.futures.Future):
 
-        def withdrawn(done: concurrent.futures.Future[Any]) -> None:
-            if done.cancelled():
-                self._cancelled(item)
+            def withdrawn(done: concurrent.futures.Future[Any]) -> None:
+                if done.cancelled():
+                    self._cancelled(item)
 
-        waiter.add_done_callback(withdrawn)
+            waiter.add_done_callback(withdrawn)
         return item
 
     def _enqueue_item(self, item: _Outgoing) -> None:
@@ -912,19 +917,20 @@ class MqttDeviceClient(AsyncClientBase):
         while outbox:
             item = outbox.popleft()
             waiter = item.waiter
-            if isinstance(waiter, concurrent.futures.Future):
-                # (a message sent again after a reconnection is running already)
-                if not waiter.running() and not waiter.set_running_or_notify_cancel():
-                    self._release(item)  # the sender timed out and withdrew it
+            if isinstance(waiter, asyncio.Future):
+                if waiter.done():
+                    self._release(item)
                     continue
-            elif waiter.done():
-                self._release(item)
+            # a synchronous sender's (a message sent again after a reconnection is
+            # running already)
+            elif not waiter.running() and not waiter.set_running_or_notify_cancel():
+                self._release(item)  # the sender timed out and withdrew it
                 continue
             packet_id = self._packet_id()
             item.sent = True
             self._inflight[packet_id] = item
             chunks.append(packets.publish(item.topic, item.payload, 1, packet_id))
-        loop_time = asyncio.get_running_loop().time()
+        loop_time = asyncio.get_running_loop().time() if self._twin_waiting else 0.0
         while self._twin_waiting:
             request = self._twin_waiting.popleft()
             if request.waiter.done():
