@@ -157,6 +157,29 @@ def inspect_connection(sslobj: ssl.SSLSocket | ssl.SSLObject) -> TlsInfo:
     )
 
 
+def resumed_info(sslobj: ssl.SSLSocket | ssl.SSLObject, created: TlsInfo) -> TlsInfo:
+    """The :class:`TlsInfo` of a connection that resumed the session whose first
+    handshake ``created`` describes: a resumed handshake exchanges no certificate, so
+    the server's key, the chain and the anchor are ``created``'s (the session holds that
+    handshake's certificate); version, suite, fragment length and name are read here."""
+    version = sslobj.version()
+    cipher = sslobj.cipher()
+    if version is None or cipher is None:
+        raise ValueError("the TLS handshake has not completed on this connection")
+    return TlsInfo(
+        version=version,
+        cipher=cipher[0],
+        iana_cipher=iana_name(cipher[0]),
+        server_key_type=created.server_key_type,
+        server_key_bits=created.server_key_bits,
+        anchor=created.anchor,
+        chain=created.chain,
+        sni=sslobj.server_hostname,
+        max_fragment_length=negotiated_fragment_length(sslobj),
+        session_reused=True,
+    )
+
+
 def _unwrap(obj: Any) -> Any:
     """Find the SSLSocket / SSLObject inside the objects users hold."""
     for _ in range(4):
