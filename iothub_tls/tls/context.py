@@ -241,7 +241,8 @@ class HardenedSSLContext(ssl.SSLContext):
     def _after_handshake(self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key) -> TlsInfo:
         """Inspect a completed handshake, enforce what OpenSSL cannot, remember the
         session. Raises PolicyViolation (the caller closes the connection)."""
-        offered: Remembered | None = conn.__dict__.get("_iothub_offered_entry")
+        # (popped: a long-lived connection must not keep a superseded session alive)
+        offered: Remembered | None = conn.__dict__.pop("_iothub_offered_entry", None)
         if offered is not None and conn.session_reused:
             # The server resumed the session we offered: no certificate was exchanged,
             # the server's key, chain and anchor are those of the handshake that created
