@@ -1315,15 +1315,19 @@ def test_clients_work_with_descriptor_numbers_above_1023(hub: Hub) -> None:
 def test_a_place_in_the_queue_is_free_when_send_returns(hub: Hub) -> None:
     # Acknowledgements are settled in batches; the queue count must be given back
     # before the sender wakes, or back-to-back sends would see a full queue.
-    client = hub.sas_client(options=dataclasses.replace(FAST, queue_size=1))
-    client.connect()
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, queue_size=1))
     for i in range(200):
         client.send_telemetry(f"n={i}".encode())
-    futures = [client.send_telemetry_async(b"x")]
+    # The one place is still a bound: a message the hub has not acknowledged holds it
+    # (offline, so that its PUBACK cannot come back before the next send is tried).
+    go_offline(proxy, client)
+    pending = client.send_telemetry_async(b"x")
     with pytest.raises(QueueFullError):
         client.send_telemetry_async(b"y")
-    futures[0].result(WAIT)
+    proxy.refusing = False
+    pending.result(WAIT)
     client.send_telemetry(b"z")
+    proxy.close()
 
 
 def client_threads() -> list[str]:

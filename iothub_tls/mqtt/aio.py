@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import secrets
+import os
 import threading
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._io.aiobase import AsyncClientBase
@@ -30,7 +30,7 @@ from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag, overload_hint, wait_for
 from .._io.tls import open_tls
 from .._io.waiter import ThreadWaiter
-from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from ..auth import ConnectionString, SasTokenProvider
 from ..device import (
     C2DMessage,
     ConnectionState,
@@ -79,6 +79,9 @@ from .conventions import (
     twin_patch_topic,
     username,
 )
+
+if TYPE_CHECKING:
+    from ..auth import ClientIdentity
 
 __all__ = ["MqttDeviceClient"]
 
@@ -251,7 +254,7 @@ class MqttDeviceClient(AsyncClientBase):
         self._connack: asyncio.Future[packets.ConnAck] | None = None
         self._subacks: dict[int, asyncio.Future[packets.SubAck]] = {}
         self._twin_waiting: deque[_TwinRequest] = deque()
-        self._twins: RequestTracker[_TwinRequest] = RequestTracker(secrets.token_hex(3))
+        self._twins: RequestTracker[_TwinRequest] = RequestTracker(os.urandom(3).hex())
         self._ping_due = False
         self._ping_outstanding = False
         self._keepalive: asyncio.TimerHandle | None = None

@@ -24,18 +24,22 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .._io.backoff import RetryPolicy
 from .._io.facade import SyncFacade
 from .._io.loop import shared_loop
 from .._io.waiter import ThreadWaiter
-from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from ..auth import ConnectionString, SasTokenProvider
 from ..device import C2DMessage, Message
 from ..errors import OperationTimeoutError
 from ..policy import TlsPolicy
 from ..tls.context import HardenedSSLContext
 from .aio import MqttDeviceClient as AsyncMqttDeviceClient
 from .conventions import ConnectRefusedError, MqttOptions, QueueFullError
+
+if TYPE_CHECKING:
+    from ..auth import ClientIdentity
 
 __all__ = [
     "C2DMessage",

@@ -130,9 +130,33 @@ class OpenSSLShim:
             )
         }
         self.lib = lib
+        # The server's key without a certificate parser: names differ between OpenSSL
+        # 3.x and 1.1.1, so these are optional (without them the caller parses).
+        self._peer_key = self._optional_peer_key(lib)
         self._ctx_offset = object.__basicsize__
         self._ssl_offset = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
         self.version = ssl.OPENSSL_VERSION
+
+    @classmethod
+    def _optional_peer_key(cls, lib: ctypes.CDLL) -> tuple[Any, bool, Any, Any, Any] | None:
+        """(get peer certificate, whether it returns a reference to free, X509_get0_pubkey,
+        the key's base id, its bits), or None where this libssl has no such functions."""
+        vp = ctypes.c_void_p
+        try:
+            try:  # OpenSSL 3.x
+                cert = cls._bind(lib, "SSL_get0_peer_certificate", vp, [vp])
+                owned = False
+                base_id = cls._bind(lib, "EVP_PKEY_get_base_id", ctypes.c_int, [vp])
+                bits = cls._bind(lib, "EVP_PKEY_get_bits", ctypes.c_int, [vp])
+            except OSError:  # OpenSSL 1.1.1
+                cert = cls._bind(lib, "SSL_get_peer_certificate", vp, [vp])
+                owned = True
+                base_id = cls._bind(lib, "EVP_PKEY_base_id", ctypes.c_int, [vp])
+                bits = cls._bind(lib, "EVP_PKEY_bits", ctypes.c_int, [vp])
+            pubkey = cls._bind(lib, "X509_get0_pubkey", vp, [vp])
+        except OSError:
+            return None
+        return cert, owned, pubkey, base_id, bits
 
     @staticmethod
     def _bind(lib: ctypes.CDLL, name: str, restype: Any, argtypes: list[Any]) -> Any:
@@ -305,6 +329,25 @@ class OpenSSLShim:
             self.openssl_errors()
             raise OSError("OpenSSL could not decode a certificate of the chain")
         return int(cert)
+
+    def peer_key(self, sslobj: Any) -> tuple[int, int] | None:
+        """(OpenSSL base id, bits) of the key in the server's certificate, read from
+        the connection without parsing the certificate again; None when the connection
+        has no peer certificate or this libssl lacks the functions."""
+        if self._peer_key is None:
+            return None
+        get_cert, owned, get_pubkey, get_base_id, get_bits = self._peer_key
+        cert = get_cert(self.ssl_pointer(sslobj))
+        if not cert:
+            return None
+        try:
+            key = get_pubkey(cert)
+            if not key:
+                return None
+            return int(get_base_id(key)), int(get_bits(key))
+        finally:
+            if owned:
+                self._f["X509_free"](cert)
 
     def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
         """Fragment length the server agreed to, in bytes, or None."""
