@@ -20,7 +20,6 @@ import os
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
@@ -116,12 +115,20 @@ class _Outgoing:
         self.counted = True
 
 
-@dataclass
 class _TwinRequest:
-    operation: str  # "GET" or "PATCH"
-    payload: bytes
-    waiter: asyncio.Future[tuple[bytes, int | None]]
-    deadline: float
+    __slots__ = ("deadline", "operation", "payload", "waiter")
+
+    def __init__(
+        self,
+        operation: str,  # "GET" or "PATCH"
+        payload: bytes,
+        waiter: asyncio.Future[tuple[bytes, int | None]],
+        deadline: float,
+    ) -> None:
+        self.operation = operation
+        self.payload = payload
+        self.waiter = waiter
+        self.deadline = deadline
 
 
 def _settle_mqtt(message: C2DMessage, how: Settlement) -> None:

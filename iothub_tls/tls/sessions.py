@@ -18,7 +18,6 @@ import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FeatureUnavailableError
@@ -62,14 +61,21 @@ class NativeSession:
         return "<NativeSession>"
 
 
-@dataclass
 class Remembered:
-    # The session (a native copy through the shim, or Python's SSLSession without it).
-    # It holds the resumption secret: never in a repr.
-    session: NativeSession | ssl.SSLSession = field(repr=False)
-    # The report of the handshake that created it: a resumed handshake exchanges no
-    # certificate, so the server's key, the chain and the anchor are those of this one.
-    info: TlsInfo
+    """A remembered session and the report of the handshake that created it."""
+
+    __slots__ = ("info", "session")
+
+    def __init__(self, session: NativeSession | ssl.SSLSession, info: TlsInfo) -> None:
+        # The session (a native copy through the shim, or Python's SSLSession without
+        # it). It holds the resumption secret: never in a repr.
+        self.session = session
+        # A resumed handshake exchanges no certificate: the server's key, the chain
+        # and the anchor of a resumed connection are those of this report.
+        self.info = info
+
+    def __repr__(self) -> str:
+        return f"Remembered(info={self.info!r})"
 
     @property
     def chain(self) -> tuple[str, ...]:
