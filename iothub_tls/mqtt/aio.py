@@ -241,6 +241,8 @@ class MqttDeviceClient(AsyncClientBase):
         self._username = username(
             cs.host_name, cs.client_id, device_client_type=client_type, model_id=model_id
         )
+        # the topic of a message without properties (most telemetry)
+        self._plain_topic = telemetry_topic(cs.device_id, cs.module_id)
         self._gate = gate or HandshakeGate()
         self._lag = lag
         # connection state (loop only)
@@ -964,6 +966,40 @@ class MqttDeviceClient(AsyncClientBase):
         self._release(item)
         return True
 
+    def _outgoing(
+        self,
+        payload: bytes | str | Message,
+        properties: Mapping[str, str] | None,
+        message_id: str | None,
+        correlation_id: str | None,
+        content_type: str | None,
+        content_encoding: str | None,
+    ) -> tuple[str, bytes]:
+        """(topic, payload) of a telemetry message given as ``send_telemetry`` takes
+        it; TypeError, ValueError or MessageTooLargeError for one that cannot be sent."""
+        if (
+            type(payload) is bytes
+            and properties is None
+            and message_id is None
+            and correlation_id is None
+            and content_type is None
+            and content_encoding is None
+        ):
+            # bytes without properties (most telemetry): nothing to check or encode
+            # but the size, on the topic without a property bag
+            topic = self._plain_topic
+            check_message_size(topic, payload)
+            return topic, payload
+        message = Message.coerce(
+            payload,
+            properties,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            content_type=content_type,
+            content_encoding=content_encoding,
+        )
+        return self._topic_for(message), message.payload
+
     def _topic_for(self, message: Message) -> str:
         topic = telemetry_topic(
             self._cs.device_id,
@@ -996,17 +1032,11 @@ class MqttDeviceClient(AsyncClientBase):
         error says so). :raises QueueFullError: too many messages pending. :raises
         DeliveryError: the client was closed or gave up first.
         """
-        message = Message.coerce(
-            payload,
-            properties,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            content_type=content_type,
-            content_encoding=content_encoding,
+        topic, data = self._outgoing(
+            payload, properties, message_id, correlation_id, content_type, content_encoding
         )
-        topic = self._topic_for(message)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = self._enqueue(topic, message.payload, waiter)
+        item = self._enqueue(topic, data, waiter)
         limit = self._options.operation_timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(asyncio.shield(waiter), limit)

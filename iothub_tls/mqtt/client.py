@@ -152,20 +152,12 @@ class MqttDeviceClient(SyncFacade):
         :raises TypeError, ValueError: for a malformed payload or property.
         """
         aio = self._aio
-        message = Message.coerce(
-            payload,
-            properties,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            content_type=content_type,
-            content_encoding=content_encoding,
+        topic, data = aio._outgoing(
+            payload, properties, message_id, correlation_id, content_type, content_encoding
         )
-        topic = aio._topic_for(message)
         aio._reserve()  # QueueFullError here, in the caller's thread
         waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._io.call_soon(
-            aio._enqueue_item, aio._outgoing_threadsafe(topic, message.payload, waiter)
-        )
+        self._io.call_soon(aio._enqueue_item, aio._outgoing_threadsafe(topic, data, waiter))
         return waiter
 
     def send_telemetry(
@@ -192,20 +184,14 @@ class MqttDeviceClient(SyncFacade):
         :raises QueueFullError: too many messages pending.
         """
         aio = self._aio
-        message = Message.coerce(
-            payload,
-            properties,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            content_type=content_type,
-            content_encoding=content_encoding,
+        topic, data = aio._outgoing(
+            payload, properties, message_id, correlation_id, content_type, content_encoding
         )
-        topic = aio._topic_for(message)
         aio._reserve()  # QueueFullError here, in the caller's thread
         # The blocked caller needs no more than a ThreadWaiter (see _io/waiter.py): a
         # lighter hand-over between the I/O thread and this one than a Future.
         waiter = ThreadWaiter()
-        item = aio._outgoing_threadsafe(topic, message.payload, waiter)
+        item = aio._outgoing_threadsafe(topic, data, waiter)
         limit = aio.options.operation_timeout if timeout is None else timeout
         self._io.call_soon(aio._enqueue_item, item)
         if not waiter.wait(limit):

@@ -324,57 +324,74 @@ class Decoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Packet]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         packets: list[Packet] = []
-        while True:
-            header = self._header()
-            if header is None:
-                return packets
-            kind, flags, length, offset = header
-            if len(self._buf) < offset + length:
-                return packets
-            body = bytes(self._buf[offset : offset + length])
-            del self._buf[: offset + length]
-            allowed = _FROM_SERVER if self.from_server else _FROM_CLIENT
-            if kind not in allowed:
-                sender = "a server" if self.from_server else "a client"
-                raise MqttProtocolError(f"unexpected packet type {kind} from {sender}")
-            packets.append(_parse(kind, flags, body))
+        size = len(buf)
+        start = 0  # where the next packet begins; what is before it is consumed
+        try:
+            while size - start >= 2:
+                header = self._header(buf, start, size)
+                if header is None:
+                    break
+                kind, flags, length, offset = header
+                end = offset + length
+                if size < end:
+                    break
+                body = bytes(buf[offset:end])
+                start = end
+                if kind not in (_FROM_SERVER if self.from_server else _FROM_CLIENT):
+                    sender = "a server" if self.from_server else "a client"
+                    raise MqttProtocolError(f"unexpected packet type {kind} from {sender}")
+                packets.append(_parse(kind, flags, body))
+        finally:
+            if start:
+                del buf[:start]
+        return packets
 
-    def _header(self) -> tuple[int, int, int, int] | None:
-        if len(self._buf) < 2:
-            return None
+    def _header(self, buf: bytearray, start: int, size: int) -> tuple[int, int, int, int] | None:
+        """(type, flags, remaining length, where the body begins) of the packet at
+        ``start``; None while its header is incomplete."""
         length, multiplier = 0, 1
-        for i in range(1, 5):
-            if i >= len(self._buf):
+        for i in range(start + 1, start + 5):
+            if i >= size:
                 return None
-            byte = self._buf[i]
+            byte = buf[i]
             length += (byte & 0x7F) * multiplier
             if not byte & 0x80:
                 if length > self.max_packet:
                     raise MqttProtocolError(
                         f"packet of {length} bytes exceeds the {self.max_packet} byte limit"
                     )
-                return self._buf[0] >> 4, self._buf[0] & 0x0F, length, i + 1
+                first = buf[start]
+                return first >> 4, first & 0x0F, length, i + 1
             multiplier *= 128
         raise MqttProtocolError("malformed remaining length (MQTT 2.2.3)")
 
 
-def _frame(first: int, body: bytes) -> bytes:
-    out = bytearray([first])
-    n = len(body)
-    while True:
-        byte = n % 128
-        n //= 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    return bytes(out) + body
+def _frame(first: int, *parts: bytes) -> bytes:
+    """The fixed header (type and flags, remaining length: MQTT 2.2.3) and the body."""
+    n = sum(len(part) for part in parts)
+    if n < 0x80:  # (most packets: one length byte)
+        header = bytes((first, n))
+    else:
+        out = bytearray([first])
+        while True:
+            byte = n % 128
+            n //= 128
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                break
+        header = bytes(out)
+    return b"".join((header, *parts))
+
+
+_ID = struct.Struct("!H")  # packet ids and string lengths: two bytes, big-endian
 
 
 def _text(value: str) -> bytes:
     raw = value.encode("utf-8")
-    return struct.pack("!H", len(raw)) + raw
+    return _ID.pack(len(raw)) + raw
 
 
 def connack(return_code: int, session_present: bool = False) -> bytes:
@@ -382,8 +399,9 @@ def connack(return_code: int, session_present: bool = False) -> bytes:
 
 
 def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int | None = None) -> bytes:
-    body = _text(topic) + (struct.pack("!H", packet_id or 0) if qos else b"") + payload
-    return _frame((PUBLISH << 4) | (qos << 1), body)
+    if qos:
+        return _frame((PUBLISH << 4) | (qos << 1), _text(topic), _ID.pack(packet_id or 0), payload)
+    return _frame(PUBLISH << 4, _text(topic), payload)
 
 
 def puback(packet_id: int) -> bytes:
