@@ -1,6 +1,7 @@
 """MQTT devices for the benchmarks: the product's client, and raw paho as the baseline.
 
-:func:`device` is the one place the benchmarks make an ``MqttDeviceClient``; every MQTT
+:func:`device` (and :func:`aio_device` for the asyncio client) is the one place the
+benchmarks make an ``MqttDeviceClient``; every MQTT
 benchmark (resumption, throughput, gateway) goes through it. :class:`RawPahoDevice` is
 what an application would write with paho-mqtt alone and the same hardened context.
 """
@@ -30,6 +31,21 @@ def device(port: int, device_id: str, policy: it.TlsPolicy) -> Any:
     """An :class:`iothub_tls.mqtt.MqttDeviceClient` for the local broker on ``port``:
     TLS names and verifies the hub (``HOST``) while TCP dials 127.0.0.1."""
     from iothub_tls.mqtt import MqttDeviceClient
+
+    return MqttDeviceClient.from_symmetric_key(
+        HOST,
+        device_id,
+        DEVICE_KEY,
+        policy=policy,
+        host="127.0.0.1",
+        port=port,
+    )
+
+
+def aio_device(port: int, device_id: str, policy: it.TlsPolicy) -> Any:
+    """The asyncio :class:`iothub_tls.aio.MqttDeviceClient` for the same broker (made
+    on the event loop that will run it)."""
+    from iothub_tls.aio import MqttDeviceClient
 
     return MqttDeviceClient.from_symmetric_key(
         HOST,

@@ -31,9 +31,11 @@ BENCHMARKS = (
     "context_creation",
     "handshake",
     "resumption",
+    "resumed_handshake",
     "fragment",
     "mqtt_throughput",
     "gateway",
+    "first_puback",
 )
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -16,7 +16,6 @@ HTTPS, rejecting a message over MQTT), the call raises
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import re
 import threading
@@ -357,6 +356,8 @@ class MethodRouter:
             handler = self._handlers.get(name) or self._handlers.get(None)
         if handler is None:
             return _method_error(404, f"this device has no handler for method {name!r}")
+        import json  # (JSON only where a payload is read or written: not at start-up)
+
         try:
             payload = json.loads(raw.decode("utf-8")) if raw.strip() else None
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -382,6 +383,8 @@ class MethodRouter:
         status, value = result
         if value is None:
             return status, b""
+        import json
+
         try:
             return status, json.dumps(value).encode("utf-8")
         except (TypeError, ValueError) as exc:
@@ -407,6 +410,8 @@ class MethodRouter:
 
 
 def _method_error(status: int, message: str) -> tuple[int, bytes]:
+    import json
+
     return status, json.dumps({"error": message}).encode("utf-8")
 
 
@@ -452,6 +457,8 @@ def twin_error(status: int, operation: str, body: bytes) -> ClientError | None:
 
 def decode_twin_document(body: bytes) -> dict[str, Any]:
     """A twin (or twin patch) document from the hub: a JSON object."""
+    import json
+
     try:
         twin = json.loads(body.decode("utf-8")) if body else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -465,6 +472,8 @@ def encode_reported_patch(patch: Mapping[str, Any]) -> bytes:
     """A reported-properties patch as compact JSON (``None`` deletes a property)."""
     if not isinstance(patch, Mapping):
         raise TypeError(f"patch must be a mapping, not {type(patch).__name__}")
+    import json
+
     try:
         return json.dumps(dict(patch), separators=(",", ":")).encode("utf-8")
     except (TypeError, ValueError) as exc:

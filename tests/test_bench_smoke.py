@@ -23,9 +23,11 @@ BENCHMARKS = [
     "context_creation",
     "handshake",
     "resumption",
+    "resumed_handshake",
     "fragment",
     "mqtt_throughput",
     "gateway",
+    "first_puback",
 ]
 HEADLINE_KEYS = {"measure", "value", "unit", "low", "high", "target", "met", "note"}
 
@@ -101,6 +103,13 @@ def test_comparisons_compare_what_they_claim(smoke_run: tuple[int, Path]) -> Non
             assert cell["negotiated"] == mfl
             assert mfl < cell["largest_record"] <= mfl + 64
         assert fragment[f"{version} / none"]["largest_record"] > 16384
+
+    resumed = benches["resumed_handshake"]["data"]["resumed_share"]
+    assert all(share == 1.0 for share in resumed.values()), resumed
+
+    boot = benches["first_puback"]["data"]["programs"]
+    assert set(boot) == {"MqttDeviceClient", "MqttDeviceClient, RootSet.from_pem_file", "raw paho"}
+    assert all(p["start -> first PUBACK"]["n"] == 2 for p in boot.values())
 
     for run in benches["gateway"]["data"]["runs"]:
         # both stacks came back and delivered what they queued while the broker was down

@@ -18,6 +18,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -859,6 +861,37 @@ def test_a_stalled_attempt_keeps_the_session_for_the_next_reconnect(pki, tls_ser
     with pytest.raises(it.HandshakeTimeoutError):
         connect(ctx, server.port, timeout=0.3)
     server.stall = False
+    with connect(ctx, server.port) as tls:
+        assert it.tls_info(tls).session_reused is True
+
+
+@pytest.mark.parametrize("version", [V12, V13])
+def test_a_connection_dropped_mid_handshake_keeps_the_session_resumable(pki, tls_server, version):
+    """The server closes the TCP connection in the middle of a resuming handshake (a
+    flaky network, not a refusal): the context keeps what it remembers (it offered a
+    copy of it), and the next attempt resumes."""
+    server = tls_server([pki.rsa_leaf], max_version=version)
+    ctx = it.create_ssl_context(pki.policy())
+    connect(ctx, server.port).close()
+    server.stall = True
+    failures: list[BaseException] = []
+
+    def attempt() -> None:
+        try:
+            connect(ctx, server.port, timeout=5)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    caller = threading.Thread(target=attempt)
+    caller.start()
+    deadline = time.monotonic() + 5
+    while not server._held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)  # the ClientHello (offering the session) is on its way
+    server.stall = False
+    server._held.pop().close()  # EOF in the middle of the handshake
+    caller.join(10)
+    assert len(failures) == 1 and isinstance(failures[0], it.HandshakeClosedError), failures
     with connect(ctx, server.port) as tls:
         assert it.tls_info(tls).session_reused is True
 

@@ -172,37 +172,74 @@ def test_shipped_roots_parse_on_first_iteration():
     assert "cryptography.x509" in loaded(report)
 
 
-def test_first_connection_report_loads_the_parser_and_is_complete(pki, tls_server):
-    """A device on unparsed roots (as the shipped ones are) connects for real: the
-    parser is loaded by its first handshake (the hardened context describes each
-    connection right after its handshake) and the report is the full one."""
-    server = tls_server([pki.ec_leaf])
-    report = run_fresh(
-        """
-        import socket, ssl, sys
-        import iothub_tls as it
-        from iothub_tls.roots import RootSet
-        port, host, root_pem = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-        # checked, not parsed: what load_shipped() makes of the packaged roots
-        roots = RootSet._checked((ssl.PEM_cert_to_DER_cert(root_pem),), "test root")
-        ctx = it.create_ssl_context(it.TlsPolicy(roots=roots))
-        before = "cryptography.x509" in sys.modules
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname=host) as tls:
-                info = it.tls_info(tls)
-        report(before=before, info=info.as_dict())
-        """,
-        str(server.port),
-        HOST,
-        pki.root.cert_pem.decode(),
-    )
-    assert report["before"] is False
-    assert "cryptography.x509" in loaded(report)
+_FIRST_CONNECTION = """
+import socket, ssl, sys
+import iothub_tls as it
+from iothub_tls.roots import RootSet
+from iothub_tls.tls import _openssl
+port, host, root_pem, shim = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+if shim == "off":
+    _openssl._disable_for_tests("simulated: no OpenSSL shim")
+# checked, not parsed: what load_shipped() makes of the packaged roots
+roots = RootSet._checked((ssl.PEM_cert_to_DER_cert(root_pem),), "test root")
+ctx = it.create_ssl_context(it.TlsPolicy(roots=roots))
+with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+    with ctx.wrap_socket(raw, server_hostname=host) as tls:
+        info = it.tls_info(tls)
+report(info=info.as_dict())
+"""
+
+
+@pytest.mark.parametrize("leaf,key", [("ec_leaf", ("EC", 256)), ("rsa_leaf", ("RSA", 2048))])
+def test_first_connection_report_is_complete_without_the_certificate_parser(
+    pki, tls_server, leaf, key
+):
+    """A device on unparsed roots (as the shipped ones are) connects for real: its
+    first handshake's report (the server's key, the verified chain, the anchor) comes
+    from what OpenSSL and _ssl already decoded, so a device's start-up loads no
+    certificate parser."""
+    server = tls_server([getattr(pki, leaf)])
+    args = (str(server.port), HOST, pki.root.cert_pem.decode())
+    report = run_fresh(_FIRST_CONNECTION, *args, "on")
+    assert _of(loaded(report), "cryptography", "_cffi_backend") == []
     info = report["info"]
     assert isinstance(info, dict)
-    assert (info["server_key_type"], info["server_key_bits"]) == ("EC", 256)
+    assert (info["server_key_type"], info["server_key_bits"]) == key
     assert info["chain"] == [HOST, "iothub-tls Test Issuing CA", "iothub-tls Test Root G2"]
     assert info["anchor"] == "iothub-tls Test Root G2"
+    # Twin: without the shim the report is built by parsing the certificates (the
+    # detection sees the parser then), and it is the same report.
+    parsed = run_fresh(_FIRST_CONNECTION, *args, "off")
+    assert "cryptography.x509" in loaded(parsed)
+    assert parsed["info"] == info
+
+
+def test_mqtt_client_import_loads_no_parser_and_nothing_it_does_not_use():
+    """What a device on MQTT imports at start-up: the asyncio loop it runs on, and not
+    the certificate parser, a transport library, difflib (a connection string's
+    spelling hint), random (reconnection jitter) or pkgutil."""
+    modules = loaded(run_fresh("from iothub_tls.mqtt import MqttDeviceClient\nreport()"))
+    assert "asyncio" in modules  # the detection sees what is really loaded
+    assert _of(modules, "cryptography", "_cffi_backend", *TRANSPORTS) == []
+    assert _of(modules, "difflib", "random", "pkgutil", *HEAVY_STDLIB[2:]) == []
+
+
+def _json_loaded(body: str) -> bool:
+    """Whether ``body`` loads json (without the prelude, which needs json itself)."""
+    program = f"import sys\n{body}\nprint('json' in sys.modules)"
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_json_is_loaded_by_the_first_payload_not_at_start_up():
+    """JSON is for twin documents and method payloads: an MQTT device imports it with
+    the first one it reads, not at start-up (the twin proves the check sees it)."""
+    assert _json_loaded("from iothub_tls.mqtt import MqttDeviceClient") is False
+    twin = "from iothub_tls.device import decode_twin_document\ndecode_twin_document(b'{}')"
+    assert _json_loaded(f"from iothub_tls.mqtt import MqttDeviceClient\n{twin}") is True
 
 
 def test_what_is_known_without_parsing_is_what_the_certificates_say():

@@ -850,6 +850,21 @@ def test_blocking_send_times_out_while_offline_and_withdraws_the_message(hub: Hu
     proxy.close()
 
 
+def test_withdrawn_blocking_send_gives_its_place_in_the_queue_back(hub: Hub) -> None:
+    options = MqttOptions(queue_size=1, retry=RetryPolicy(initial_delay=0.05, max_delay=0.2))
+    proxy, client = connected_behind_proxy(hub, options=options)
+    go_offline(proxy, client)
+    with pytest.raises(errors.OperationTimeoutError, match="withdrawn and will not be sent"):
+        client.send_telemetry(b"never", timeout=0.2)
+    # the one place is free again at once: a full queue would refuse this
+    queued = client.send_telemetry_async(b"queued")
+    with pytest.raises(QueueFullError, match="queue_size=1"):
+        client.send_telemetry_async(b"one too many")
+    proxy.refusing = False
+    assert queued.result(WAIT) is None
+    proxy.close()
+
+
 def test_close_fails_pending_messages_loudly(hub: Hub) -> None:
     proxy, client = connected_behind_proxy(hub)
     go_offline(proxy, client)
@@ -1320,15 +1335,19 @@ def test_clients_work_with_descriptor_numbers_above_1023(hub: Hub) -> None:
 def test_a_place_in_the_queue_is_free_when_send_returns(hub: Hub) -> None:
     # Acknowledgements are settled in batches; the queue count must be given back
     # before the sender wakes, or back-to-back sends would see a full queue.
-    client = hub.sas_client(options=dataclasses.replace(FAST, queue_size=1))
-    client.connect()
+    proxy, client = connected_behind_proxy(hub, options=dataclasses.replace(FAST, queue_size=1))
     for i in range(200):
         client.send_telemetry(f"n={i}".encode())
-    futures = [client.send_telemetry_async(b"x")]
+    # The one place is still a bound: a message the hub has not acknowledged holds it
+    # (offline, so that its PUBACK cannot come back before the next send is tried).
+    go_offline(proxy, client)
+    pending = client.send_telemetry_async(b"x")
     with pytest.raises(QueueFullError):
         client.send_telemetry_async(b"y")
-    futures[0].result(WAIT)
+    proxy.refusing = False
+    pending.result(WAIT)
     client.send_telemetry(b"z")
+    proxy.close()
 
 
 def client_threads() -> list[str]:

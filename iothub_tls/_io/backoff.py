@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import PolicyError
 
@@ -132,6 +132,8 @@ class RetryPolicy:
         """The waits before retry 1, 2, 3 ... of one uninterrupted run of the schedule:
         ``max_attempts`` of them, endless when it is None. The same ``seed`` gives the
         same waits (the clients draw from their own generator)."""
+        import random  # (imported when a schedule is drawn: not at start-up)
+
         draws = random.Random(seed)  # noqa: S311 - jitter, not a secret
         retry = 0
         while self.max_attempts is None or retry < self.max_attempts:
@@ -159,7 +161,8 @@ class Backoff:
         if not isinstance(policy, RetryPolicy):
             raise PolicyError(f"expected a RetryPolicy, not {type(policy).__name__}")
         self.policy = policy
-        self._draws = random.Random(seed)  # noqa: S311 - jitter, not a secret
+        self._seed = seed
+        self._draws: Any = None  # random.Random, made when the first wait is drawn
         self._clock = clock
         self._up_since: float | None = None
         #: reconnection attempts since the last healthy connection
@@ -187,4 +190,8 @@ class Backoff:
         if limit is not None and self.attempts >= limit:
             return None
         self.attempts += 1
+        if self._draws is None:
+            import random
+
+            self._draws = random.Random(self._seed)  # noqa: S311 - jitter, not a secret
         return self.policy.delay(self.attempts, self._draws.random())

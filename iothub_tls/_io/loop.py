@@ -224,6 +224,13 @@ async def wait_for(awaitable: Awaitable[_T], timeout: float | None) -> _T:
     (HandshakeTimeoutError, ...) alone: only our deadline becomes a plain TimeoutError."""
     if timeout is None:
         return await awaitable
+    scope = getattr(asyncio, "timeout", None)
+    if scope is not None:
+        # Python 3.11+: the deadline cancels the awaiting task itself (no second task,
+        # no asyncio.wait); an expired deadline raises a plain TimeoutError, the
+        # awaitable's own TimeoutError subclasses pass through.
+        async with scope(timeout):
+            return await awaitable
     task = asyncio.ensure_future(awaitable)
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if not done:

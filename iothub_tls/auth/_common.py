@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import ipaddress
 import re
 
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -11,15 +10,15 @@ _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 def _is_plausible_host(name: str) -> bool:
     """True for a bare DNS name (``hub.azure-devices.net``, ``localhost``) or an IP literal."""
+    if name and len(name) <= 253 and all(_DNS_LABEL.fullmatch(x) for x in name.split(".")):
+        return True
+    import ipaddress  # (only for what is not a DNS name: an IPv6 literal, say)
+
     try:
         ipaddress.ip_address(name)
     except ValueError:
-        pass
-    else:
-        return True
-    if not name or len(name) > 253:
         return False
-    return all(_DNS_LABEL.fullmatch(label) for label in name.split("."))
+    return True
 
 
 def _decode_base64_key(key: str | bytes) -> bytes:

@@ -9,7 +9,6 @@ key and signature never appear in ``repr()``/``str()`` or in error messages.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -73,6 +72,8 @@ def _unknown_key_message(index: int, name: str) -> str:
             f"key {name!r} must be written {lowered[name.lower()]!r}: connection string "
             "keys are case-sensitive"
         )
+    import difflib  # (an error message's suggestion: not at start-up)
+
     close = difflib.get_close_matches(name, _CS_KEYS, n=1, cutoff=0.75)
     if close:
         # Suggest, but do not echo: a key glued to its name would still match closely.

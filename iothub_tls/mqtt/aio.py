@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import secrets
+import os
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from .._io.aiobase import AsyncClientBase
@@ -29,7 +28,8 @@ from .._io.backoff import Backoff
 from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag, overload_hint, wait_for
 from .._io.tls import open_tls
-from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from .._io.waiter import ThreadWaiter
+from ..auth import ConnectionString, SasTokenProvider
 from ..device import (
     C2DMessage,
     ConnectionState,
@@ -79,11 +79,16 @@ from .conventions import (
     username,
 )
 
+if TYPE_CHECKING:
+    from ..auth import ClientIdentity
+
 __all__ = ["MqttDeviceClient"]
 
 logger = logging.getLogger("iothub_tls.mqtt")
 
-Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any]
+#: What a sender waits on: an asyncio future (asyncio senders), a concurrent future
+#: (``send_telemetry_async``) or a ThreadWaiter (a blocking ``send_telemetry``).
+Waiter = asyncio.Future[Any] | concurrent.futures.Future[Any] | ThreadWaiter
 
 
 def _resolve(waiter: Waiter, result: Any = None, error: BaseException | None = None) -> None:
@@ -110,12 +115,20 @@ class _Outgoing:
         self.counted = True
 
 
-@dataclass
 class _TwinRequest:
-    operation: str  # "GET" or "PATCH"
-    payload: bytes
-    waiter: asyncio.Future[tuple[bytes, int | None]]
-    deadline: float
+    __slots__ = ("deadline", "operation", "payload", "waiter")
+
+    def __init__(
+        self,
+        operation: str,  # "GET" or "PATCH"
+        payload: bytes,
+        waiter: asyncio.Future[tuple[bytes, int | None]],
+        deadline: float,
+    ) -> None:
+        self.operation = operation
+        self.payload = payload
+        self.waiter = waiter
+        self.deadline = deadline
 
 
 def _settle_mqtt(message: C2DMessage, how: Settlement) -> None:
@@ -228,6 +241,8 @@ class MqttDeviceClient(AsyncClientBase):
         self._username = username(
             cs.host_name, cs.client_id, device_client_type=client_type, model_id=model_id
         )
+        # the topic of a message without properties (most telemetry)
+        self._plain_topic = telemetry_topic(cs.device_id, cs.module_id)
         self._gate = gate or HandshakeGate()
         self._lag = lag
         # connection state (loop only)
@@ -248,7 +263,7 @@ class MqttDeviceClient(AsyncClientBase):
         self._connack: asyncio.Future[packets.ConnAck] | None = None
         self._subacks: dict[int, asyncio.Future[packets.SubAck]] = {}
         self._twin_waiting: deque[_TwinRequest] = deque()
-        self._twins: RequestTracker[_TwinRequest] = RequestTracker(secrets.token_hex(3))
+        self._twins: RequestTracker[_TwinRequest] = RequestTracker(os.urandom(3).hex())
         self._ping_due = False
         self._ping_outstanding = False
         self._keepalive: asyncio.TimerHandle | None = None
@@ -877,17 +892,19 @@ class MqttDeviceClient(AsyncClientBase):
         return item
 
     def _outgoing_threadsafe(
-        self, topic: str, payload: bytes, waiter: concurrent.futures.Future[None]
+        self, topic: str, payload: bytes, waiter: concurrent.futures.Future[None] | ThreadWaiter
     ) -> _Outgoing:
         """A message of a synchronous sender (any thread), its place taken already:
-        cancelling ``waiter`` withdraws it at once, before or after it reaches the loop."""
+        cancelling a future ``waiter`` withdraws it at once, before or after it reaches
+        the loop (a ThreadWaiter's sender calls :meth:`_cancelled` itself)."""
         item = _Outgoing(topic, payload, waiter)
+        if isinstance(waiter, concurrent.futures.Future):
 
-        def withdrawn(done: concurrent.futures.Future[Any]) -> None:
-            if done.cancelled():
-                self._cancelled(item)
+            def withdrawn(done: concurrent.futures.Future[Any]) -> None:
+                if done.cancelled():
+                    self._cancelled(item)
 
-        waiter.add_done_callback(withdrawn)
+            waiter.add_done_callback(withdrawn)
         return item
 
     def _enqueue_item(self, item: _Outgoing) -> None:
@@ -925,19 +942,20 @@ class MqttDeviceClient(AsyncClientBase):
         while outbox:
             item = outbox.popleft()
             waiter = item.waiter
-            if isinstance(waiter, concurrent.futures.Future):
-                # (a message sent again after a reconnection is running already)
-                if not waiter.running() and not waiter.set_running_or_notify_cancel():
-                    self._release(item)  # the sender timed out and withdrew it
+            if isinstance(waiter, asyncio.Future):
+                if waiter.done():
+                    self._release(item)
                     continue
-            elif waiter.done():
-                self._release(item)
+            # a synchronous sender's (a message sent again after a reconnection is
+            # running already)
+            elif not waiter.running() and not waiter.set_running_or_notify_cancel():
+                self._release(item)  # the sender timed out and withdrew it
                 continue
             packet_id = self._packet_id()
             item.sent = True
             self._inflight[packet_id] = item
             chunks.append(packets.publish(item.topic, item.payload, 1, packet_id))
-        loop_time = asyncio.get_running_loop().time()
+        loop_time = asyncio.get_running_loop().time() if self._twin_waiting else 0.0
         while self._twin_waiting:
             request = self._twin_waiting.popleft()
             if request.waiter.done():
@@ -960,6 +978,40 @@ class MqttDeviceClient(AsyncClientBase):
             return False
         self._release(item)
         return True
+
+    def _outgoing(
+        self,
+        payload: bytes | str | Message,
+        properties: Mapping[str, str] | None,
+        message_id: str | None,
+        correlation_id: str | None,
+        content_type: str | None,
+        content_encoding: str | None,
+    ) -> tuple[str, bytes]:
+        """(topic, payload) of a telemetry message given as ``send_telemetry`` takes
+        it; TypeError, ValueError or MessageTooLargeError for one that cannot be sent."""
+        if (
+            type(payload) is bytes
+            and properties is None
+            and message_id is None
+            and correlation_id is None
+            and content_type is None
+            and content_encoding is None
+        ):
+            # bytes without properties (most telemetry): nothing to check or encode
+            # but the size, on the topic without a property bag
+            topic = self._plain_topic
+            check_message_size(topic, payload)
+            return topic, payload
+        message = Message.coerce(
+            payload,
+            properties,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            content_type=content_type,
+            content_encoding=content_encoding,
+        )
+        return self._topic_for(message), message.payload
 
     def _topic_for(self, message: Message) -> str:
         topic = telemetry_topic(
@@ -993,17 +1045,11 @@ class MqttDeviceClient(AsyncClientBase):
         error says so). :raises QueueFullError: too many messages pending. :raises
         DeliveryError: the client was closed or gave up first.
         """
-        message = Message.coerce(
-            payload,
-            properties,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            content_type=content_type,
-            content_encoding=content_encoding,
+        topic, data = self._outgoing(
+            payload, properties, message_id, correlation_id, content_type, content_encoding
         )
-        topic = self._topic_for(message)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = self._enqueue(topic, message.payload, waiter)
+        item = self._enqueue(topic, data, waiter)
         limit = self._options.operation_timeout if timeout is None else timeout
         try:
             await asyncio.wait_for(asyncio.shield(waiter), limit)

@@ -24,17 +24,22 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from .._io.backoff import RetryPolicy
 from .._io.facade import SyncFacade
 from .._io.loop import shared_loop
-from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
+from .._io.waiter import ThreadWaiter
+from ..auth import ConnectionString, SasTokenProvider
 from ..device import C2DMessage, Message
 from ..errors import OperationTimeoutError
 from ..policy import TlsPolicy
 from ..tls.context import HardenedSSLContext
 from .aio import MqttDeviceClient as AsyncMqttDeviceClient
 from .conventions import ConnectRefusedError, MqttOptions, QueueFullError
+
+if TYPE_CHECKING:
+    from ..auth import ClientIdentity
 
 __all__ = [
     "C2DMessage",
@@ -148,20 +153,12 @@ class MqttDeviceClient(SyncFacade):
         :raises ValueError: for a malformed payload or property.
         """
         aio = self._aio
-        message = Message.coerce(
-            payload,
-            properties,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            content_type=content_type,
-            content_encoding=content_encoding,
+        topic, data = aio._outgoing(
+            payload, properties, message_id, correlation_id, content_type, content_encoding
         )
-        topic = aio._topic_for(message)
         aio._reserve()  # QueueFullError here, in the caller's thread
         waiter: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._io.call_soon(
-            aio._enqueue_item, aio._outgoing_threadsafe(topic, message.payload, waiter)
-        )
+        self._io.call_soon(aio._enqueue_item, aio._outgoing_threadsafe(topic, data, waiter))
         return waiter
 
     def send_telemetry(
@@ -187,29 +184,29 @@ class MqttDeviceClient(SyncFacade):
         :raises DeliveryError: the client was closed or gave up before the acknowledgement.
         :raises QueueFullError: too many messages pending.
         """
-        future = self.send_telemetry_async(
-            payload,
-            properties,
-            message_id=message_id,
-            correlation_id=correlation_id,
-            content_type=content_type,
-            content_encoding=content_encoding,
+        aio = self._aio
+        topic, data = aio._outgoing(
+            payload, properties, message_id, correlation_id, content_type, content_encoding
         )
-        limit = self._aio.options.operation_timeout if timeout is None else timeout
-        try:
-            # exception() returns a TimeoutError set on the future instead of raising it
-            error = future.exception(limit)
-        except concurrent.futures.TimeoutError:
-            if future.cancel():
+        aio._reserve()  # QueueFullError here, in the caller's thread
+        # The blocked caller needs no more than a ThreadWaiter (see _io/waiter.py): a
+        # lighter hand-over between the I/O thread and this one than a Future.
+        waiter = ThreadWaiter()
+        item = aio._outgoing_threadsafe(topic, data, waiter)
+        limit = aio.options.operation_timeout if timeout is None else timeout
+        self._io.call_soon(aio._enqueue_item, item)
+        if not waiter.wait(limit):
+            if waiter.cancel():
+                aio._cancelled(item)  # its place in the queue is free at once
                 raise OperationTimeoutError(
                     f"the message could not be sent within {limit:g} s (no connection); it "
                     "was withdrawn and will not be sent"
                 ) from None
-            if not future.done():
+            if not waiter.done():
                 raise OperationTimeoutError(
                     f"the hub did not acknowledge the message within {limit:g} s; it was "
                     "sent and may still be delivered"
                 ) from None
-            error = future.exception()
+        error = waiter.exception()
         if error is not None:
             raise error

@@ -21,6 +21,7 @@ from typing import Generic, TypeVar
 from urllib.parse import quote, unquote
 
 from .._io.backoff import RetryPolicy
+from .._record import Record
 from ..device import API_VERSION, C2DMessage, Settler, check_model_id, twin_error
 from ..errors import (
     AuthenticationError,
@@ -83,6 +84,8 @@ __all__ = [
     "twin_response_topic",
     "username",
 ]
+
+_set = object.__setattr__
 
 #: The ``api-version`` sent in the CONNECT user name (the one all three transports send).
 #: MQTT over TLS.
@@ -430,13 +433,19 @@ def twin_patch_topic(request_id: str) -> str:
     return f"$iothub/twin/PATCH/properties/reported/?$rid={_encode(request_id)}"
 
 
-@dataclass(frozen=True)
-class TwinResponse:
+class TwinResponse(Record):
     """What ``$iothub/twin/res/{status}/?$rid={rid}[&$version={n}]`` says."""
 
+    _fields = ("status", "request_id", "version")
+    __slots__ = _fields
     status: int
     request_id: str
-    version: int | None = None
+    version: int | None
+
+    def __init__(self, status: int, request_id: str, version: int | None = None) -> None:
+        _set(self, "status", status)
+        _set(self, "request_id", request_id)
+        _set(self, "version", version)
 
 
 def _query(text: str) -> dict[str, str | None]:
@@ -478,13 +487,18 @@ def desired_patch_topic(version: int) -> str:
     return f"{_TWIN_DESIRED_PREFIX}?$version={version}"
 
 
-@dataclass(frozen=True)
-class TwinRequest:
+class TwinRequest(Record):
     """What a device asked of its twin: ``operation`` is "GET" (the whole twin) or
     "PATCH" (reported properties)."""
 
+    _fields = ("operation", "request_id")
+    __slots__ = _fields
     operation: str
     request_id: str
+
+    def __init__(self, operation: str, request_id: str) -> None:
+        _set(self, "operation", operation)
+        _set(self, "request_id", request_id)
 
 
 _TWIN_REQUEST_PATHS = {
@@ -517,12 +531,17 @@ def parse_desired_patch(topic: str) -> tuple[bool, int | None]:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class MethodRequest:
+class MethodRequest(Record):
     """A direct method invocation: ``$iothub/methods/POST/{name}/?$rid={rid}``."""
 
+    _fields = ("name", "request_id")
+    __slots__ = _fields
     name: str
     request_id: str
+
+    def __init__(self, name: str, request_id: str) -> None:
+        _set(self, "name", name)
+        _set(self, "request_id", request_id)
 
 
 def parse_method_request(topic: str) -> MethodRequest | None:
@@ -541,12 +560,17 @@ def method_request_topic(name: str, request_id: str) -> str:
     return f"{_METHODS_PREFIX}{_encode(name)}/?$rid={_encode(request_id)}"
 
 
-@dataclass(frozen=True)
-class MethodResponse:
+class MethodResponse(Record):
     """A device's answer to a direct method: ``$iothub/methods/res/{status}/?$rid=``."""
 
+    _fields = ("status", "request_id")
+    __slots__ = _fields
     status: int
     request_id: str
+
+    def __init__(self, status: int, request_id: str) -> None:
+        _set(self, "status", status)
+        _set(self, "request_id", request_id)
 
 
 def parse_method_response(topic: str) -> MethodResponse | None:

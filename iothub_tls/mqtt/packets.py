@@ -13,7 +13,8 @@ is a :class:`MqttProtocolError`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+
+from .._record import Record
 
 __all__ = [
     "ConnAck",
@@ -55,8 +56,19 @@ class MqttProtocolError(ValueError):
     """The peer sent something that is not valid MQTT 3.1.1 (or not IoT Hub's subset)."""
 
 
-@dataclass(frozen=True)
-class Connect:
+_set = object.__setattr__
+
+
+class Connect(Record):
+    _fields = (
+        "client_id",
+        "username",
+        "password",
+        "keepalive",
+        "clean_session",
+        "protocol_level",
+    )
+    __slots__ = _fields
     client_id: str
     username: str | None
     password: bytes | None
@@ -64,64 +76,122 @@ class Connect:
     clean_session: bool
     protocol_level: int
 
+    def __init__(
+        self,
+        client_id: str,
+        username: str | None,
+        password: bytes | None,
+        keepalive: int,
+        clean_session: bool,
+        protocol_level: int,
+    ) -> None:
+        _set(self, "client_id", client_id)
+        _set(self, "username", username)
+        _set(self, "password", password)
+        _set(self, "keepalive", keepalive)
+        _set(self, "clean_session", clean_session)
+        _set(self, "protocol_level", protocol_level)
 
-@dataclass(frozen=True)
-class Publish:
+
+class Publish(Record):
+    _fields = ("topic", "payload", "qos", "packet_id", "retain", "dup")
+    __slots__ = _fields
     topic: str
     payload: bytes
-    qos: int = 0
-    packet_id: int | None = None
-    retain: bool = False
-    dup: bool = False
+    qos: int
+    packet_id: int | None
+    retain: bool
+    dup: bool
+
+    def __init__(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 0,
+        packet_id: int | None = None,
+        retain: bool = False,
+        dup: bool = False,
+    ) -> None:
+        _set(self, "topic", topic)
+        _set(self, "payload", payload)
+        _set(self, "qos", qos)
+        _set(self, "packet_id", packet_id)
+        _set(self, "retain", retain)
+        _set(self, "dup", dup)
 
 
-@dataclass(frozen=True)
-class PubAck:
+class PubAck(Record):
+    _fields = ("packet_id",)
+    __slots__ = _fields
     packet_id: int
 
+    def __init__(self, packet_id: int) -> None:
+        _set(self, "packet_id", packet_id)
 
-@dataclass(frozen=True)
-class Subscribe:
+
+class Subscribe(Record):
+    _fields = ("packet_id", "topics")
+    __slots__ = _fields
     packet_id: int
     topics: tuple[tuple[str, int], ...]
 
+    def __init__(self, packet_id: int, topics: tuple[tuple[str, int], ...]) -> None:
+        _set(self, "packet_id", packet_id)
+        _set(self, "topics", topics)
 
-@dataclass(frozen=True)
-class Unsubscribe:
+
+class Unsubscribe(Record):
+    _fields = ("packet_id", "topics")
+    __slots__ = _fields
     packet_id: int
     topics: tuple[str, ...]
 
-
-@dataclass(frozen=True)
-class PingReq:
-    pass
-
-
-@dataclass(frozen=True)
-class Disconnect:
-    pass
+    def __init__(self, packet_id: int, topics: tuple[str, ...]) -> None:
+        _set(self, "packet_id", packet_id)
+        _set(self, "topics", topics)
 
 
-@dataclass(frozen=True)
-class ConnAck:
+class PingReq(Record):
+    __slots__ = ()
+
+
+class Disconnect(Record):
+    __slots__ = ()
+
+
+class ConnAck(Record):
+    _fields = ("return_code", "session_present")
+    __slots__ = _fields
     return_code: int
     session_present: bool
 
+    def __init__(self, return_code: int, session_present: bool) -> None:
+        _set(self, "return_code", return_code)
+        _set(self, "session_present", session_present)
 
-@dataclass(frozen=True)
-class SubAck:
+
+class SubAck(Record):
+    _fields = ("packet_id", "granted")
+    __slots__ = _fields
     packet_id: int
     granted: tuple[int, ...]
 
+    def __init__(self, packet_id: int, granted: tuple[int, ...]) -> None:
+        _set(self, "packet_id", packet_id)
+        _set(self, "granted", granted)
 
-@dataclass(frozen=True)
-class UnsubAck:
+
+class UnsubAck(Record):
+    _fields = ("packet_id",)
+    __slots__ = _fields
     packet_id: int
 
+    def __init__(self, packet_id: int) -> None:
+        _set(self, "packet_id", packet_id)
 
-@dataclass(frozen=True)
-class PingResp:
-    pass
+
+class PingResp(Record):
+    __slots__ = ()
 
 
 Packet = (
@@ -181,6 +251,10 @@ class _Reader:
 
 
 def _parse(kind: int, flags: int, body: bytes) -> Packet:
+    if kind == PUBACK:  # first: one arrives for every message a device sends
+        if len(body) < 2:
+            raise MqttProtocolError("packet shorter than its fields")
+        return PubAck((body[0] << 8) | body[1])
     r = _Reader(body)
     if kind == CONNECT:
         protocol = r.text()
@@ -207,8 +281,6 @@ def _parse(kind: int, flags: int, body: bytes) -> Packet:
         topic = r.text()
         packet_id = r.u16() if qos else None
         return Publish(topic, r.rest(), qos, packet_id, bool(flags & 0x01), bool(flags & 0x08))
-    if kind == PUBACK:
-        return PubAck(r.u16())
     if kind == SUBSCRIBE:
         if flags != 0x02:
             raise MqttProtocolError("SUBSCRIBE with wrong fixed-header flags (MQTT 3.8.1)")
@@ -242,67 +314,84 @@ def _parse(kind: int, flags: int, body: bytes) -> Packet:
     raise MqttProtocolError(f"unknown packet type {kind}")
 
 
-@dataclass
 class Decoder:
     """Incremental decoder: ``feed`` bytes, get whole packets back. By default it reads
     what a server receives; ``from_server=True`` reads what a client receives."""
 
-    max_packet: int = MAX_PACKET
-    from_server: bool = False
-    _buf: bytearray = field(default_factory=bytearray)
+    def __init__(self, max_packet: int = MAX_PACKET, from_server: bool = False) -> None:
+        self.max_packet = max_packet
+        self.from_server = from_server
+        self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[Packet]:
-        self._buf += data
+        buf = self._buf
+        buf += data
         packets: list[Packet] = []
-        while True:
-            header = self._header()
-            if header is None:
-                return packets
-            kind, flags, length, offset = header
-            if len(self._buf) < offset + length:
-                return packets
-            body = bytes(self._buf[offset : offset + length])
-            del self._buf[: offset + length]
-            allowed = _FROM_SERVER if self.from_server else _FROM_CLIENT
-            if kind not in allowed:
-                sender = "a server" if self.from_server else "a client"
-                raise MqttProtocolError(f"unexpected packet type {kind} from {sender}")
-            packets.append(_parse(kind, flags, body))
+        size = len(buf)
+        start = 0  # where the next packet begins; what is before it is consumed
+        try:
+            while size - start >= 2:
+                header = self._header(buf, start, size)
+                if header is None:
+                    break
+                kind, flags, length, offset = header
+                end = offset + length
+                if size < end:
+                    break
+                body = bytes(buf[offset:end])
+                start = end
+                if kind not in (_FROM_SERVER if self.from_server else _FROM_CLIENT):
+                    sender = "a server" if self.from_server else "a client"
+                    raise MqttProtocolError(f"unexpected packet type {kind} from {sender}")
+                packets.append(_parse(kind, flags, body))
+        finally:
+            if start:
+                del buf[:start]
+        return packets
 
-    def _header(self) -> tuple[int, int, int, int] | None:
-        if len(self._buf) < 2:
-            return None
+    def _header(self, buf: bytearray, start: int, size: int) -> tuple[int, int, int, int] | None:
+        """(type, flags, remaining length, where the body begins) of the packet at
+        ``start``; None while its header is incomplete."""
         length, multiplier = 0, 1
-        for i in range(1, 5):
-            if i >= len(self._buf):
+        for i in range(start + 1, start + 5):
+            if i >= size:
                 return None
-            byte = self._buf[i]
+            byte = buf[i]
             length += (byte & 0x7F) * multiplier
             if not byte & 0x80:
                 if length > self.max_packet:
                     raise MqttProtocolError(
                         f"packet of {length} bytes exceeds the {self.max_packet} byte limit"
                     )
-                return self._buf[0] >> 4, self._buf[0] & 0x0F, length, i + 1
+                first = buf[start]
+                return first >> 4, first & 0x0F, length, i + 1
             multiplier *= 128
         raise MqttProtocolError("malformed remaining length (MQTT 2.2.3)")
 
 
-def _frame(first: int, body: bytes) -> bytes:
-    out = bytearray([first])
-    n = len(body)
-    while True:
-        byte = n % 128
-        n //= 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            break
-    return bytes(out) + body
+def _frame(first: int, *parts: bytes) -> bytes:
+    """The fixed header (type and flags, remaining length: MQTT 2.2.3) and the body."""
+    n = sum(len(part) for part in parts)
+    if n < 0x80:  # (most packets: one length byte)
+        header = bytes((first, n))
+    else:
+        out = bytearray([first])
+        while True:
+            byte = n % 128
+            n //= 128
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                break
+        header = bytes(out)
+    return b"".join((header, *parts))
+
+
+_ID = struct.Struct("!H")  # packet ids and string lengths: two bytes, big-endian
 
 
 def _text(value: str) -> bytes:
     raw = value.encode("utf-8")
-    return struct.pack("!H", len(raw)) + raw
+    return _ID.pack(len(raw)) + raw
 
 
 def connack(return_code: int, session_present: bool = False) -> bytes:
@@ -310,8 +399,9 @@ def connack(return_code: int, session_present: bool = False) -> bytes:
 
 
 def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int | None = None) -> bytes:
-    body = _text(topic) + (struct.pack("!H", packet_id or 0) if qos else b"") + payload
-    return _frame((PUBLISH << 4) | (qos << 1), body)
+    if qos:
+        return _frame((PUBLISH << 4) | (qos << 1), _text(topic), _ID.pack(packet_id or 0), payload)
+    return _frame(PUBLISH << 4, _text(topic), payload)
 
 
 def puback(packet_id: int) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import pkgutil
+import os
 from collections.abc import Iterable, Iterator
 from os import PathLike
 from typing import TYPE_CHECKING
@@ -290,12 +290,14 @@ _SHIPPED_NAMES: dict[str, str] = {
 
 
 def _read_shipped(filename: str) -> bytes:
-    """A PEM file of this package, through its loader (a plain directory or a zip).
-    pkgutil rather than importlib.resources: the same bytes, at a fifth of the import
-    cost, which every ``import iothub_tls`` pays."""
-    data = pkgutil.get_data(__name__, filename)
-    if data is None:
+    """A PEM file of this package, through its loader (a plain directory or a zip), as
+    ``pkgutil.get_data`` reads it, without importing pkgutil or importlib.resources:
+    every ``import iothub_tls`` pays for this."""
+    spec = __spec__
+    get_data = getattr(spec.loader, "get_data", None) if spec is not None else None
+    if get_data is None or spec is None or not spec.origin:
         raise OSError(f"the loader of {__name__} cannot read package data")
+    data: bytes = get_data(os.path.join(os.path.dirname(spec.origin), filename))
     return data
 
 

@@ -113,8 +113,7 @@ class OpenSSLShim:
                 ("SSL_get0_verified_chain", vp, [vp]),
                 ("SSL_SESSION_has_ticket", c_int, [vp]),
                 ("SSL_SESSION_is_resumable", c_int, [vp]),
-                ("i2d_SSL_SESSION", c_int, [vp, ctypes.POINTER(vp)]),
-                ("d2i_SSL_SESSION", vp, [vp, ctypes.POINTER(vp), c_long]),
+                ("SSL_SESSION_dup", vp, [vp]),
                 ("SSL_set_session", c_int, [vp, vp]),
                 ("SSL_SESSION_free", None, [vp]),
                 ("OPENSSL_sk_num", c_int, [vp]),
@@ -131,9 +130,33 @@ class OpenSSLShim:
             )
         }
         self.lib = lib
+        # The server's key without a certificate parser: names differ between OpenSSL
+        # 3.x and 1.1.1, so these are optional (without them the caller parses).
+        self._peer_key = self._optional_peer_key(lib)
         self._ctx_offset = object.__basicsize__
         self._ssl_offset = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
         self.version = ssl.OPENSSL_VERSION
+
+    @classmethod
+    def _optional_peer_key(cls, lib: ctypes.CDLL) -> tuple[Any, bool, Any, Any, Any] | None:
+        """(get peer certificate, whether it returns a reference to free, X509_get0_pubkey,
+        the key's base id, its bits), or None where this libssl has no such functions."""
+        vp = ctypes.c_void_p
+        try:
+            try:  # OpenSSL 3.x
+                cert = cls._bind(lib, "SSL_get0_peer_certificate", vp, [vp])
+                owned = False
+                base_id = cls._bind(lib, "EVP_PKEY_get_base_id", ctypes.c_int, [vp])
+                bits = cls._bind(lib, "EVP_PKEY_get_bits", ctypes.c_int, [vp])
+            except OSError:  # OpenSSL 1.1.1
+                cert = cls._bind(lib, "SSL_get_peer_certificate", vp, [vp])
+                owned = True
+                base_id = cls._bind(lib, "EVP_PKEY_base_id", ctypes.c_int, [vp])
+                bits = cls._bind(lib, "EVP_PKEY_bits", ctypes.c_int, [vp])
+            pubkey = cls._bind(lib, "X509_get0_pubkey", vp, [vp])
+        except OSError:
+            return None
+        return cert, owned, pubkey, base_id, bits
 
     @staticmethod
     def _bind(lib: ctypes.CDLL, name: str, restype: Any, argtypes: list[Any]) -> Any:
@@ -148,12 +171,24 @@ class OpenSSLShim:
     # -- pointers -----------------------------------------------------------------------
 
     def ctx_pointer(self, ctx: ssl.SSLContext) -> int:
-        """``SSL_CTX*`` of a context, validated against its options."""
+        """``SSL_CTX*`` of a context, validated against its options. A context's
+        ``SSL_CTX`` is the same for its whole life: the validated pointer is kept in the
+        context's own ``__dict__`` (so it goes with the context) and later calls return
+        it at once."""
         if not isinstance(ctx, ssl.SSLContext):
             raise TypeError("expected an ssl.SSLContext")
+        state = getattr(ctx, "__dict__", None)
+        if state is not None:
+            known = state.get("_iothub_ssl_ctx")
+            if known is not None:
+                return int(known)
         ptr = ctypes.c_void_p.from_address(id(ctx) + self._ctx_offset).value
-        if not ptr or self._f["SSL_CTX_get_options"](ptr) != int(ctx.options):
+        # through ssl.SSLContext's own descriptor, not a subclass's override
+        options = getattr(ssl.SSLContext, "options").__get__(ctx)  # noqa: B009
+        if not ptr or self._f["SSL_CTX_get_options"](ptr) != int(options):
             raise OSError("the SSL_CTX pointer of the context could not be validated")
+        if state is not None:
+            state["_iothub_ssl_ctx"] = ptr
         return int(ptr)
 
     def ssl_pointer(self, sslobj: Any) -> int:
@@ -204,43 +239,45 @@ class OpenSSLShim:
             return b""
         return ctypes.string_at(tick.value, length.value)
 
-    def session_der(self, sslobj: Any, *, need_ticket: bool) -> bytes | None:
-        """The connection's current session, serialised (``i2d_SSL_SESSION``), or None
-        when it has none to resume (``need_ticket``: only a session with a ticket counts,
-        as in TLS 1.3). Python's ``SSLSocket.session`` does the same serialisation but,
-        on CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0, also leaks one native
-        ``SSL_SESSION`` per read (CPython gh-116810); this allocates nothing that
-        outlives the call (the session is borrowed, the bytes are Python's)."""
+    def session_copy(self, sslobj: Any, *, need_ticket: bool) -> int | None:
+        """A private copy (``SSL_SESSION_dup``) of the connection's current session, an
+        ``SSL_SESSION*`` the caller must hand to :meth:`free_session`; None when there is
+        nothing to resume (``need_ticket``: only a session with a ticket counts, as in
+        TLS 1.3). Python's ``SSLSocket.session`` copies the session too, through
+        ``i2d``/``d2i_SSL_SESSION``, which parses the server's certificate again (and, on
+        CPython 3.10-3.11, 3.12 before 3.12.7 and 3.13.0, leaks the copy: CPython
+        gh-116810); ``SSL_SESSION_dup`` shares the parsed certificate by reference. The
+        copy is never attached to a live connection, so what OpenSSL does to a session in
+        use (a fatal alert marks it not resumable) cannot touch it."""
         session = self._f["SSL_get_session"](self.ssl_pointer(sslobj))
         if not session:
             return None
         usable = self._f["SSL_SESSION_has_ticket" if need_ticket else "SSL_SESSION_is_resumable"]
         if usable(session) != 1:
             return None
-        size = self._f["i2d_SSL_SESSION"](session, None)
-        if size <= 0:
-            raise OSError("i2d_SSL_SESSION failed")
-        buf = ctypes.create_string_buffer(size)
-        cursor = ctypes.c_void_p(ctypes.addressof(buf))
-        if self._f["i2d_SSL_SESSION"](session, ctypes.byref(cursor)) != size:
-            raise OSError("i2d_SSL_SESSION wrote an unexpected length")
-        return buf.raw
+        copy = self._f["SSL_SESSION_dup"](session)
+        if not copy:
+            raise OSError("SSL_SESSION_dup failed")
+        return int(copy)
 
-    def offer_session(self, sslobj: Any, der: bytes) -> None:
-        """Offer a session saved by :meth:`session_der` on a connection whose handshake
-        has not started (``d2i_SSL_SESSION``, ``SSL_set_session``, which takes its own
-        reference, then ``SSL_SESSION_free`` of ours)."""
+    def offer_session(self, sslobj: Any, session: int) -> None:
+        """Offer a copy of ``session`` (from :meth:`session_copy`, which stays the
+        caller's) on a connection whose handshake has not started: ``SSL_SESSION_dup``,
+        ``SSL_set_session`` (which takes its own reference), ``SSL_SESSION_free`` of the
+        copy's first reference."""
         ssl_ptr = self.ssl_pointer(sslobj)
-        buf = ctypes.create_string_buffer(der, len(der))
-        cursor = ctypes.c_void_p(ctypes.addressof(buf))
-        session = self._f["d2i_SSL_SESSION"](None, ctypes.byref(cursor), len(der))
-        if not session:
-            raise OSError("the remembered TLS session could not be decoded")
+        copy = self._f["SSL_SESSION_dup"](session)
+        if not copy:
+            raise OSError("SSL_SESSION_dup failed")
         try:
-            if self._f["SSL_set_session"](ssl_ptr, session) != 1:
+            if self._f["SSL_set_session"](ssl_ptr, copy) != 1:
                 raise OSError("SSL_set_session refused the remembered TLS session")
         finally:
-            self._f["SSL_SESSION_free"](session)
+            self._f["SSL_SESSION_free"](copy)
+
+    def free_session(self, session: int) -> None:
+        """Drop a reference taken by :meth:`session_copy`."""
+        self._f["SSL_SESSION_free"](session)
 
     def openssl_errors(self) -> list[str]:
         """Empty this thread's OpenSSL error queue, oldest first, as OpenSSL's strings."""
@@ -292,6 +329,25 @@ class OpenSSLShim:
             self.openssl_errors()
             raise OSError("OpenSSL could not decode a certificate of the chain")
         return int(cert)
+
+    def peer_key(self, sslobj: Any) -> tuple[int, int] | None:
+        """(OpenSSL base id, bits) of the key in the server's certificate, read from
+        the connection without parsing the certificate again; None when the connection
+        has no peer certificate or this libssl lacks the functions."""
+        if self._peer_key is None:
+            return None
+        get_cert, owned, get_pubkey, get_base_id, get_bits = self._peer_key
+        cert = get_cert(self.ssl_pointer(sslobj))
+        if not cert:
+            return None
+        try:
+            key = get_pubkey(cert)
+            if not key:
+                return None
+            return int(get_base_id(key)), int(get_bits(key))
+        finally:
+            if owned:
+                self._f["X509_free"](cert)
 
     def negotiated_max_fragment_length(self, sslobj: Any) -> int | None:
         """Fragment length the server agreed to, in bytes, or None."""

@@ -21,7 +21,7 @@ from ..errors import FeatureUnavailableError, HandshakeClosedError, PolicyError,
 from ..policy import MAX_FRAGMENT_LENGTHS, CipherProfile, TlsPolicy, Trust
 from ..roots import spki_sha256
 from ._openssl import shim
-from .info import TlsInfo, inspect_connection, verified_chain_der
+from .info import TlsInfo, inspect_connection, resumed_info, verified_chain_der
 from .refusals import explain_handshake_error, policy_violation
 from .sessions import (
     TICKET_READS,
@@ -229,22 +229,32 @@ class HardenedSSLContext(ssl.SSLContext):
             self._sessions.remember(key, entry)
         return entry is not None
 
-    def _offer_session(self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key) -> bool:
-        """Offer the session remembered for ``key``; True if one was offered."""
+    def _offer_session(self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key) -> Remembered | None:
+        """Offer the session remembered for ``key``; the one offered, or None."""
         remembered = self._sessions.recall(key)
-        return remembered is not None and offer(conn, remembered)
+        if remembered is not None and offer(conn, remembered):
+            return remembered
+        return None
 
     # -- the checks ---------------------------------------------------------------------
 
     def _after_handshake(self, conn: ssl.SSLSocket | ssl.SSLObject, key: Key) -> TlsInfo:
         """Inspect a completed handshake, enforce what OpenSSL cannot, remember the
         session. Raises PolicyViolation (the caller closes the connection)."""
-        info = inspect_connection(conn)
-        remembered = self._recall(key)
-        if info.session_reused and remembered is not None and info.anchor is None:
-            # A resumed session exchanges no certificate: report the verified chain of
-            # the handshake that created it.
-            info = replace(info, chain=remembered.chain, anchor=remembered.anchor)
+        # (popped: a long-lived connection must not keep a superseded session alive)
+        offered: Remembered | None = conn.__dict__.pop("_iothub_offered_entry", None)
+        if offered is not None and conn.session_reused:
+            # The server resumed the session we offered: no certificate was exchanged,
+            # the server's key, chain and anchor are those of the handshake that created
+            # it (already checked then); the rest is read from this connection.
+            info = resumed_info(conn, offered.info)
+        else:
+            info = inspect_connection(conn)
+            remembered = self._recall(key)
+            if info.session_reused and remembered is not None and info.anchor is None:
+                # A resumed session exchanges no certificate: report the verified chain
+                # of the handshake that created it.
+                info = replace(info, chain=remembered.chain, anchor=remembered.anchor)
         policy = self._policy
         if policy.ecc_only and info.server_key_type != "EC":
             raise policy_violation(
@@ -641,7 +651,10 @@ class _HandshakeChecks:
             # _capture_session). wrap_bio marks an SSLObject given a session.
             offered = getattr(conn, "_session", None) is not None
             if owner.policy.session_resumption and not offered:
-                offered = owner._offer_session(conn, key)
+                entry = owner._offer_session(conn, key)
+                if entry is not None:
+                    state["_iothub_offered_entry"] = entry
+                    offered = True
             state["_iothub_offered"] = offered
         try:
             super().do_handshake(*args)  # type: ignore[misc]

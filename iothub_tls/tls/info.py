@@ -127,6 +127,58 @@ def negotiated_fragment_length(sslobj: ssl.SSLSocket | ssl.SSLObject) -> int | N
         return None
 
 
+# OpenSSL's EVP_PKEY base ids (openssl/obj_mac.h: NID_rsaEncryption, NID_X9_62_id_ecPublicKey)
+_KEY_TYPES = {6: "RSA", 408: "EC"}
+
+
+def _subject_cn(subject: Any) -> str | None:
+    """The first commonName of a subject as ``_ssl`` decodes it (RDNs of pairs)."""
+    for rdn in subject:
+        for name, value in rdn:
+            if name == "commonName" and isinstance(value, str):
+                return value
+    return None
+
+
+def _described_natively(
+    sslobj: ssl.SSLSocket | ssl.SSLObject,
+) -> tuple[str, int, tuple[str, ...]] | None:
+    """(key type, key bits, chain names) without a certificate parser: the key from
+    libssl through the shim, the names from ``_ssl``'s own decoding of the verified
+    chain (``_ssl.Certificate.get_info()``, Python 3.10+). None whenever anything is
+    out of the ordinary (a key other than RSA or EC, a certificate without a CN or with
+    a non-ASCII one, no verified chain): the caller parses the certificates then, so
+    the report is the same either way."""
+    try:
+        key = shim("describing the server's key").peer_key(sslobj)
+    except (FeatureUnavailableError, OSError):
+        return None
+    if key is None or key[0] not in _KEY_TYPES:
+        return None
+    getter = getattr(getattr(sslobj, "_sslobj", None), "get_verified_chain", None)
+    if not callable(getter):
+        return None
+    try:
+        certificates = getter()
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    names = []
+    for certificate in certificates or ():
+        get_info = getattr(certificate, "get_info", None)
+        if not callable(get_info):
+            return None
+        try:
+            name = _subject_cn(get_info().get("subject", ()))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        if name is None or not name.isascii():
+            return None
+        names.append(name)
+    if not names:
+        return None
+    return _KEY_TYPES[key[0]], key[1], tuple(names)
+
+
 def inspect_connection(sslobj: ssl.SSLSocket | ssl.SSLObject) -> TlsInfo:
     """Build a :class:`TlsInfo` from a live, handshaken TLS socket or object."""
     version = sslobj.version()
@@ -134,26 +186,57 @@ def inspect_connection(sslobj: ssl.SSLSocket | ssl.SSLObject) -> TlsInfo:
     der = sslobj.getpeercert(binary_form=True)
     if version is None or cipher is None or not der:
         raise ValueError("the TLS handshake has not completed on this connection")
-    # The certificate parser is imported here, on the first report, not with the package:
-    # a device pays for it once it has a connection to describe.
-    from cryptography import x509
+    described = _described_natively(sslobj)
+    if described is not None:
+        # What OpenSSL and _ssl already decoded: a device does not load a certificate
+        # parser (tens of milliseconds of start-up) to describe its connection.
+        key_type, key_bits, chain = described
+        anchor: str | None = chain[-1]  # a verified chain ends at its trust anchor
+    else:
+        # The certificate parser is imported here, when needed, not with the package.
+        from cryptography import x509
 
-    leaf = x509.load_der_x509_certificate(der)
-    key_type, key_bits = key_description(leaf)
-    chain_der = verified_chain_der(sslobj) or []
-    chain = tuple(common_name(x509.load_der_x509_certificate(c)) for c in chain_der)
+        leaf = x509.load_der_x509_certificate(der)
+        key_type, key_bits = key_description(leaf)
+        chain_der = verified_chain_der(sslobj) or []
+        chain = tuple(common_name(x509.load_der_x509_certificate(c)) for c in chain_der)
+        # OpenSSL's verified chain always ends at the trust anchor that verified it.
+        anchor = chain[-1] if chain else None
+        chain = chain or (common_name(leaf),)
     return TlsInfo(
         version=version,
         cipher=cipher[0],
         iana_cipher=iana_name(cipher[0]),
         server_key_type=key_type,
         server_key_bits=key_bits,
-        # OpenSSL's verified chain always ends at the trust anchor that verified it.
-        anchor=chain[-1] if chain else None,
-        chain=chain or (common_name(leaf),),
+        anchor=anchor,
+        chain=chain,
         sni=sslobj.server_hostname,
         max_fragment_length=negotiated_fragment_length(sslobj),
         session_reused=bool(sslobj.session_reused),
+    )
+
+
+def resumed_info(sslobj: ssl.SSLSocket | ssl.SSLObject, created: TlsInfo) -> TlsInfo:
+    """The :class:`TlsInfo` of a connection that resumed the session whose first
+    handshake ``created`` describes: a resumed handshake exchanges no certificate, so
+    the server's key, the chain and the anchor are ``created``'s (the session holds that
+    handshake's certificate); version, suite, fragment length and name are read here."""
+    version = sslobj.version()
+    cipher = sslobj.cipher()
+    if version is None or cipher is None:
+        raise ValueError("the TLS handshake has not completed on this connection")
+    return TlsInfo(
+        version=version,
+        cipher=cipher[0],
+        iana_cipher=iana_name(cipher[0]),
+        server_key_type=created.server_key_type,
+        server_key_bits=created.server_key_bits,
+        anchor=created.anchor,
+        chain=created.chain,
+        sni=sslobj.server_hostname,
+        max_fragment_length=negotiated_fragment_length(sslobj),
+        session_reused=True,
     )
 
 
