@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 import iothub_tls as it
-from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential
-from iothub_tls.hub import http1
+from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential, http1
 from iothub_tls.hub.https import HttpsEndpoint
 from tests.conftest import HOST, PKI
 
