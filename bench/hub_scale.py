@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -46,6 +47,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,16 @@ class Serve:
         found = re.search(r"^MQTT\s+\S+:(\d+)", banner, re.M)
         assert found is not None, banner
         self.port = int(found[1])
+        # Keep reading what it writes (warnings, statistics at exit): a full pipe would
+        # block it. The last lines are kept for an error report.
+        self.errors: collections.deque[str] = collections.deque(maxlen=50)
+        self._drain = threading.Thread(target=self._read_errors, daemon=True)
+        self._drain.start()
+
+    def _read_errors(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.errors.append(line)
 
     @property
     def pid(self) -> int:
@@ -130,10 +142,13 @@ class Serve:
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.communicate(timeout=120)
+            self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.communicate()
+            self.proc.wait()
+            tail = "".join(self.errors)
+            print(f"serve did not stop on SIGINT within 120 s (killed):\n{tail}", file=sys.stderr)
+        self._drain.join(5)
 
 
 # -- the devices ---------------------------------------------------------------------------------
@@ -359,7 +374,7 @@ def render(result: dict[str, Any]) -> str:
     lines += [header + " |", "|" + "---|" * (header.count("|") - 1)]
     for n, row in summary.items():
         for m in MEASURES:
-            cells = ["{median:.2f} ({min:.2f}-{max:.2f})".format(**row[name][m]) for name in names]
+            cells = ["{median:.3g} ({min:.3g}-{max:.3g})".format(**row[name][m]) for name in names]
             ratio = row.get("before/after", {}).get(m)
             if "before/after" in row:
                 cells.append(

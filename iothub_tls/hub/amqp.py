@@ -421,6 +421,8 @@ class AmqpEndpoint(HubFrontDoor):
                 break
             conn.stream.write(output)
             engine.consumed(len(output))
+        else:  # still talking: let the other connections have a turn first
+            loop.call_soon(self._pump, conn)
         if engine.closed:
             self._close_stream(conn)
             return

@@ -6,6 +6,7 @@ each connection to its protocol's session — all on the hub's one event loop
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -184,7 +185,8 @@ class TlsFrontDoor:
         without a log line; sessions log their end)."""
         listener, self._listener = self._listener, None
         if listener is not None and self.io.running:
-            with contextlib.suppress(RuntimeError, TimeoutError):
+            # (concurrent.futures.TimeoutError is TimeoutError from Python 3.11 on)
+            with contextlib.suppress(RuntimeError, TimeoutError, concurrent.futures.TimeoutError):
                 self.io.run(self._shutdown(listener), timeout=15)
         if listener is not None:
             with contextlib.suppress(OSError):

@@ -24,6 +24,8 @@ It is meant to be driven by code (tests, ``iothub-tls serve``, ``demo``)::
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import datetime as dt
 import email.utils
 import http
@@ -195,7 +197,8 @@ class HttpsEndpoint(HubFrontDoor):
         """Close every open connection (as a hub does with idle ones) and wait until
         they are gone. Clients reconnect, resuming their TLS session."""
         if self.io.running:
-            self.io.run(self._drop(timeout), timeout + 5)
+            with contextlib.suppress(TimeoutError, concurrent.futures.TimeoutError):
+                self.io.run(self._drop(timeout), timeout + 5)
 
     async def _drop(self, timeout: float) -> None:
         served = self.served_streams()

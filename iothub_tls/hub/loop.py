@@ -75,7 +75,13 @@ class HubLoop:
         try:
             loop.run_forever()
         finally:
+            # What still runs (a service request waiting for its worker) is cancelled
+            # and awaited, as asyncio.run() does, so nothing is destroyed pending.
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
             with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 

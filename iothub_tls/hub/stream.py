@@ -37,6 +37,8 @@ logger = logging.getLogger("iothub_tls.hub")
 #: What one read of decrypted bytes takes at most (TLS records carry 16 KiB).
 _READ_SIZE = 32 * 1024
 _SNI_ATTR = "_iothub_frontdoor_sni"
+#: How long a closing connection may take to send what is left before it is dropped.
+_CLOSE_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -318,12 +320,15 @@ class TlsStream(asyncio.Protocol):
             self.tls.unwrap()  # writes close_notify; WantRead: the peer's is not needed
         self._flush()
         transport = self.transport
+        self._cancel_timer()
         if linger > 0 and transport.can_write_eof():
             transport.write_eof()
-            self._cancel_timer()
             self._timer = asyncio.get_running_loop().call_later(linger, transport.abort)
         else:
             transport.close()
+            # A device that reads nothing more would keep what is left unsent (and the
+            # connection) forever: drop it after a while.
+            self._timer = asyncio.get_running_loop().call_later(_CLOSE_TIMEOUT, transport.abort)
 
     def abort(self, reason: BaseException | None = None) -> None:
         """Drop the connection now (unsent data is discarded)."""
