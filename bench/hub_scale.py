@@ -24,7 +24,8 @@ One run, for one hub and one N:
 4. held idle (MQTT keep-alive 1177 s, no traffic): the hub's threads and RSS from
    ``/proc/PID/status`` (and the RSS it grew by per device since it started), its CPU
    over ``--idle`` seconds (scheduler accounting of all its threads), as % of one core;
-5. the hub is stopped (SIGINT) and started again on the same port; each device
+5. the hub is stopped (SIGINT, as Ctrl-C; *stop s* until it exited, killed after
+   20 s) and started again on the same port; each device
    reconnects as soon as it sees its connection end (retrying every 0.2-0.5 s while the
    port is closed): *back s* is the time from the new hub's start-up banner until every
    device has its CONNACK again; threads and RSS are read again then.
@@ -67,12 +68,15 @@ _REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = "localhost"
 #: IoT Hub's largest MQTT keep-alive: the devices stay silent for the whole run.
 KEEPALIVE = 1177
+#: How long serve has to exit after SIGINT before it is killed.
+STOP_WAIT = 20.0
 MEASURES = (
     "accept_s",
     "threads",
     "rss_mib",
     "rss_per_device_kib",
     "idle_cpu_pct",
+    "stop_s",
     "back_s",
     "threads_back",
     "rss_back_mib",
@@ -139,16 +143,23 @@ class Serve:
     def pid(self) -> int:
         return self.proc.pid
 
-    def stop(self) -> None:
+    def stop(self, wait: float = STOP_WAIT) -> tuple[float, bool]:
+        """SIGINT (Ctrl-C), then SIGKILL after ``wait`` s; (seconds until it exited,
+        whether it had to be killed)."""
+        began = time.monotonic()
         self.proc.send_signal(signal.SIGINT)
+        killed = False
         try:
-            self.proc.wait(timeout=120)
+            self.proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
+            killed = True
             self.proc.kill()
             self.proc.wait()
             tail = "".join(self.errors)
-            print(f"serve did not stop on SIGINT within 120 s (killed):\n{tail}", file=sys.stderr)
+            print(f"  serve did not exit within {wait:g} s of SIGINT: killed\n{tail}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         self._drain.join(5)
+        return time.monotonic() - began, killed
 
 
 # -- the devices ---------------------------------------------------------------------------------
@@ -290,7 +301,7 @@ async def one_run(
 
         # Stopped, every device sees its connection end and starts reconnecting (the
         # loop keeps running meanwhile: stop and start wait on other threads).
-        await asyncio.to_thread(hub.stop)
+        stop_s, killed = await asyncio.to_thread(hub.stop)
         await fleet.until_none(60)
         hub = await asyncio.to_thread(Serve, tree, state, fleet.port, len(keys) + 100)
         await fleet.until_all(600)
@@ -306,6 +317,8 @@ async def one_run(
         "rss_mib": rss,
         "rss_per_device_kib": (rss - rss_empty) * 1024 / len(keys),
         "idle_cpu_pct": idle_cpu,
+        "stop_s": stop_s,
+        "killed": float(killed),
         "back_s": back_s,
         "threads_back": threads_back,
         "rss_back_mib": rss_back,
@@ -348,6 +361,7 @@ def summarize_result(result: dict[str, Any]) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for name, runs in by_tree.items():
             row[name] = {m: _summary([run[m] for run in runs]) for m in MEASURES}
+            row[name]["killed"] = sum(int(run["killed"]) for run in runs)
         if "before" in by_tree and "after" in by_tree:
             pairs = list(zip(by_tree["before"], by_tree["after"], strict=True))
             row["before/after"] = {
@@ -383,6 +397,14 @@ def render(result: dict[str, Any]) -> str:
                     else "-"
                 )
             lines.append(f"| {n} | {m} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for n, row in summary.items():
+        for name in names:
+            if row[name]["killed"]:
+                lines.append(
+                    f"{name}, {n} devices: serve did not exit within {STOP_WAIT:g} s of "
+                    f"SIGINT (killed) in {row[name]['killed']} of {result['runs']} runs"
+                )
     return "\n".join(lines)
 
 
