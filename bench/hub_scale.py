@@ -24,8 +24,8 @@ One run, for one hub and one N:
 4. held idle (MQTT keep-alive 1177 s, no traffic): the hub's threads and RSS from
    ``/proc/PID/status`` (and the RSS it grew by per device since it started), its CPU
    over ``--idle`` seconds (scheduler accounting of all its threads), as % of one core;
-5. the hub is stopped (SIGINT, as Ctrl-C; *stop s* until it exited, killed after
-   20 s) and started again on the same port; each device
+5. the hub is stopped (SIGTERM; *stop s* until it exited, killed after 20 s) and
+   started again on the same port; each device
    reconnects as soon as it sees its connection end (retrying every 0.2-0.5 s while the
    port is closed): *back s* is the time from the new hub's start-up banner until every
    device has its CONNACK again; threads and RSS are read again then.
@@ -68,7 +68,7 @@ _REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = "localhost"
 #: IoT Hub's largest MQTT keep-alive: the devices stay silent for the whole run.
 KEEPALIVE = 1177
-#: How long serve has to exit after SIGINT before it is killed.
+#: How long serve has to exit after SIGTERM before it is killed.
 STOP_WAIT = 20.0
 MEASURES = (
     "accept_s",
@@ -144,10 +144,11 @@ class Serve:
         return self.proc.pid
 
     def stop(self, wait: float = STOP_WAIT) -> tuple[float, bool]:
-        """SIGINT (Ctrl-C), then SIGKILL after ``wait`` s; (seconds until it exited,
-        whether it had to be killed)."""
+        """SIGTERM (as a service manager stops it), then SIGKILL after ``wait`` s;
+        (seconds until it exited, whether it had to be killed). Not SIGINT: a shell
+        starts background jobs with SIGINT ignored, and serve would inherit that."""
         began = time.monotonic()
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signal.SIGTERM)
         killed = False
         try:
             self.proc.wait(timeout=wait)
@@ -156,7 +157,7 @@ class Serve:
             self.proc.kill()
             self.proc.wait()
             tail = "".join(self.errors)
-            print(f"  serve did not exit within {wait:g} s of SIGINT: killed\n{tail}",
+            print(f"  serve did not exit within {wait:g} s of SIGTERM: killed\n{tail}",
                   file=sys.stderr, flush=True)  # fmt: skip
         self._drain.join(5)
         return time.monotonic() - began, killed
@@ -403,7 +404,7 @@ def render(result: dict[str, Any]) -> str:
             if row[name]["killed"]:
                 lines.append(
                     f"{name}, {n} devices: serve did not exit within {STOP_WAIT:g} s of "
-                    f"SIGINT (killed) in {row[name]['killed']} of {result['runs']} runs"
+                    f"SIGTERM (killed) in {row[name]['killed']} of {result['runs']} runs"
                 )
     return "\n".join(lines)
 
