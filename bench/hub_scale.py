@@ -20,15 +20,17 @@ One run, for one hub and one N:
    own open-file limit);
 3. N devices connect from this process's one asyncio loop (raw MQTT CONNECT over TLS,
    the codec of :mod:`iothub_tls.mqtt.packets`, at most ``--at-once`` handshakes in flight,
-   as a gateway's handshake gate does): *accept s* is the time until every CONNACK;
+   as a gateway's handshake gate does): *accept s* is the time until every CONNACK,
+   *accept cpu ms* the hub's CPU time for it per device (all its threads);
 4. held idle (MQTT keep-alive 1177 s, no traffic): the hub's threads and RSS from
    ``/proc/PID/status`` (and the RSS it grew by per device since it started), its CPU
    over ``--idle`` seconds (scheduler accounting of all its threads), as % of one core;
 5. the hub is stopped (SIGTERM; *stop s* until it exited, killed after 20 s) and
-   started again on the same port; each device
-   reconnects as soon as it sees its connection end (retrying every 0.2-0.5 s while the
-   port is closed): *back s* is the time from the new hub's start-up banner until every
-   device has its CONNACK again; threads and RSS are read again then.
+   started again on the same port; each device reconnects as soon as it sees its
+   connection end (retrying every 0.2-0.5 s while the port is closed): *back s* is the
+   time from the new hub's start-up banner until every device has its CONNACK again
+   (*back cpu ms*: the new hub's CPU per device meanwhile); threads and RSS are read
+   again then.
 
 Medians of ``--runs`` runs, with their range.
 """
@@ -72,12 +74,14 @@ KEEPALIVE = 1177
 STOP_WAIT = 20.0
 MEASURES = (
     "accept_s",
+    "accept_cpu_ms",
     "threads",
     "rss_mib",
     "rss_per_device_kib",
     "idle_cpu_pct",
     "stop_s",
     "back_s",
+    "back_cpu_ms",
     "threads_back",
     "rss_back_mib",
 )
@@ -290,10 +294,12 @@ async def one_run(
     fleet = Fleet(hub.port, ctx, keys, at_once)
     try:
         _, rss_empty = _status(hub.pid)
+        cpu_empty = process_cpu_seconds(hub.pid)
         began = time.monotonic()
         fleet.start()
         await fleet.until_all(600)
         accept_s = time.monotonic() - began
+        accept_cpu = process_cpu_seconds(hub.pid) - cpu_empty
         await asyncio.sleep(2.0)  # settle: the last connections' bookkeeping
         threads, rss = _status(hub.pid)
         cpu0, t0 = process_cpu_seconds(hub.pid), time.monotonic()
@@ -305,8 +311,10 @@ async def one_run(
         stop_s, killed = await asyncio.to_thread(hub.stop)
         await fleet.until_none(60)
         hub = await asyncio.to_thread(Serve, tree, state, fleet.port, len(keys) + 100)
+        cpu_started = process_cpu_seconds(hub.pid)
         await fleet.until_all(600)
         back_s = time.monotonic() - hub.ready
+        back_cpu = process_cpu_seconds(hub.pid) - cpu_started
         await asyncio.sleep(2.0)
         threads_back, rss_back = _status(hub.pid)
     finally:
@@ -314,6 +322,7 @@ async def one_run(
         hub.stop()
     return {
         "accept_s": accept_s,
+        "accept_cpu_ms": accept_cpu * 1000 / len(keys),
         "threads": threads,
         "rss_mib": rss,
         "rss_per_device_kib": (rss - rss_empty) * 1024 / len(keys),
@@ -321,6 +330,7 @@ async def one_run(
         "stop_s": stop_s,
         "killed": float(killed),
         "back_s": back_s,
+        "back_cpu_ms": back_cpu * 1000 / len(keys),
         "threads_back": threads_back,
         "rss_back_mib": rss_back,
     }
@@ -389,7 +399,7 @@ def render(result: dict[str, Any]) -> str:
     lines += [header + " |", "|" + "---|" * (header.count("|") - 1)]
     for n, row in summary.items():
         for m in MEASURES:
-            cells = ["{median:.3g} ({min:.3g}-{max:.3g})".format(**row[name][m]) for name in names]
+            cells = ["{median:.4g} ({min:.4g}-{max:.4g})".format(**row[name][m]) for name in names]
             ratio = row.get("before/after", {}).get(m)
             if "before/after" in row:
                 cells.append(
