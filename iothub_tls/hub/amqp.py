@@ -1,9 +1,9 @@
 """The AMQP 1.0 front door of the local compliance endpoint (port 5671 on IoT Hub).
 
 :class:`AmqpEndpoint` is a :class:`~.frontdoor.TlsFrontDoor`: it accepts TLS connections
-under a :class:`~.profile.HubTlsProfile` (an accept loop in a thread, one thread per
-connection), then runs proton's engine in server mode on the decrypted bytes, the way
-IoT Hub serves devices:
+under a :class:`~.profile.HubTlsProfile` on the hub's event loop, then runs proton's
+engine in server mode on the decrypted bytes of each (sans I/O: bytes in, bytes out,
+its timers on the loop), the way IoT Hub serves devices:
 
 * **SASL** — ANONYMOUS (and MSSBCBS, the C SDK's name for it), after which the device
   must authenticate through ``$cbs``; EXTERNAL, offered when the device presented a
@@ -65,13 +65,12 @@ connection ends::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import logging
 import re
-import socket
-import ssl
 import threading
 import time
 import uuid
@@ -81,18 +80,19 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
-from .._io.poller import readable
 from ..amqp import conventions as amqpc
 from ..amqp import engine as amqp  # first: MissingDependencyError without proton
 from ..amqp.message import AmqpMessage, encode
 from ..errors import AuthenticationError, NotAuthorizedError
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
+from .loop import HubLoop
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import SERVICE_CONNECT, DeviceNotRegisteredError, DeviceRegistry, TokenSource
 from .service import ServiceRefusal, enqueue_c2d
 from .service_conventions import C2D_PATH, parse_c2d_target
 from .state import HubState, ReceivedMessage, Telemetry
+from .stream import TlsStream
 
 from proton import Condition, Delivery, Endpoint, Event, Message, int32  # isort: skip
 
@@ -115,10 +115,18 @@ _C2D_CONDITIONS = {
 
 @dataclass
 class _Conn:
-    """The state of one device connection."""
+    """The state of one device connection (on the hub's loop)."""
 
     meta: TlsMeta
     tls: PeerTls
+    stream: TlsStream
+    #: the SASL exchange while it runs (None before the engine runs, or without SASL)
+    sasl: amqp.SaslServer | None = None
+    #: proton's engine once SASL is done
+    engine: amqp.Engine | None = None
+    #: the one timer: SASL deadline, then proton's next tick or the first token expiry
+    timer: asyncio.TimerHandle | None = None
+    ended: bool = False
     sasl_mechanism: str | None = None
     #: device id -> (auth type, authorized until (epoch s) or None for certificates)
     authorized: dict[str, tuple[str, float | None]] = field(default_factory=dict)
@@ -153,16 +161,29 @@ class _Conn:
     service_attempt: bool = False
     #: links on which a service sends cloud-to-device messages
     service_links: set[Any] = field(default_factory=set)
-    #: work handed over by other threads, run on the connection's thread
-    inbox: deque[Callable[[], None]] = field(default_factory=deque)
-    wake: tuple[socket.socket, socket.socket] | None = None
 
-    def post(self, work: Callable[[], None]) -> None:
-        """Run ``work`` on the connection's thread (from any thread)."""
-        self.inbox.append(work)
-        if self.wake is not None:
-            with contextlib.suppress(OSError):
-                self.wake[1].send(b"\0")
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+class _Connection:
+    """The stream's session: hands bytes, the end of the stream and the end of the
+    connection to the door."""
+
+    def __init__(self, door: AmqpEndpoint, conn: _Conn) -> None:
+        self.door = door
+        self.conn = conn
+
+    def data_received(self, data: bytes) -> None:
+        self.door._on_bytes(self.conn, data)
+
+    def eof_received(self) -> None:
+        self.door._on_eof(self.conn)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.door._on_lost(self.conn, exc)
 
 
 class AmqpEndpoint(HubFrontDoor):
@@ -179,13 +200,14 @@ class AmqpEndpoint(HubFrontDoor):
     :param on_connection: called with each AMQP :class:`~.log.ConnectionEvent`
         (``deviceConnect`` once per connection when the device authenticated or was
         refused, or when TLS failed; ``deviceDisconnect`` when an accepted connection
-        ends). Called on the connection's thread; exceptions are logged and ignored.
-    :param handshake_timeout: seconds a client has for TLS and SASL.
+        ends). Called on the hub's I/O thread; exceptions are logged and ignored.
+    :param handshake_timeout: seconds a client has for TLS, and then for SASL.
     :param idle_timeout: the AMQP idle timeout the endpoint announces and enforces.
     :param max_delivery_count: a cloud-to-device message released (abandoned) this many
         times is dead-lettered instead of delivered again (IoT Hub's default: 10).
     :param max_connections: connections open at once (TLS handshakes in progress and
         connections served); the next is closed before TLS and logged as refused.
+    :param hub_loop: the hub's I/O loop (default: one of the door's own).
     """
 
     protocol = "Amqp"
@@ -205,6 +227,7 @@ class AmqpEndpoint(HubFrontDoor):
         idle_timeout: float = 240.0,
         max_delivery_count: int = 10,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        hub_loop: HubLoop | None = None,
     ) -> None:
         super().__init__(
             profile,
@@ -216,14 +239,16 @@ class AmqpEndpoint(HubFrontDoor):
             on_connection=on_connection,
             handshake_timeout=handshake_timeout,
             max_connections=max_connections,
+            hub_loop=hub_loop,
         )
         self.idle_timeout = float(idle_timeout)
         if not 1 <= max_delivery_count <= 100:
             raise ValueError("max_delivery_count must be 1..100 (IoT Hub default: 10)")
         self.max_delivery_count = max_delivery_count
-        self._state_lock = threading.Lock()
+        self._state_lock = threading.Lock()  # put_tokens reads _open from any thread
         self._open: dict[int, _Conn] = {}
         self.state.on_desired_patch(self._desired_patched)
+        self.state.on_c2d_enqueued(self._c2d_ready)
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -239,33 +264,61 @@ class AmqpEndpoint(HubFrontDoor):
 
     # -- the front door -----------------------------------------------------------------
 
-    def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
-        conn = _Conn(meta, peer_tls(tls))
-        conn.wake = socket.socketpair()
-        for end in conn.wake:
-            end.setblocking(False)
+    def open_session(self, stream: TlsStream, meta: TlsMeta) -> _Connection:
+        mechanisms = ["ANONYMOUS", "MSSBCBS"]
+        if meta.client_chain:
+            mechanisms.insert(0, "EXTERNAL")
+        conn = _Conn(meta, peer_tls(stream.tls), stream, sasl=amqp.SaslServer(mechanisms))
         with self._state_lock:
             self._open[id(conn)] = conn
-        try:
-            leftover = self._sasl(tls, conn)
-            if leftover is not None:
-                self._run(tls, conn, leftover)
-        except (OSError, ssl.SSLError) as exc:
+        loop = asyncio.get_running_loop()
+        conn.timer = loop.call_later(self.handshake_timeout, self._sasl_expired, conn)
+        return _Connection(self, conn)
+
+    def _on_bytes(self, conn: _Conn, data: bytes) -> None:
+        if conn.ended:
+            return
+        if conn.engine is not None:
+            conn.engine.feed(data)
+            self._pump(conn)
+        elif conn.sasl is not None:
+            conn.sasl.feed(data)
+            self._sasl(conn)
+
+    def _on_eof(self, conn: _Conn) -> None:
+        if conn.ended:
+            return
+        if conn.engine is None:
+            conn.closing = conn.closing or "closed during the SASL exchange"
+            self._close_stream(conn)
+            return
+        conn.engine.feed_eof()
+        self._pump(conn)
+
+    def _on_lost(self, conn: _Conn, exc: BaseException | None) -> None:
+        if exc is not None:
             conn.closing = conn.closing or f"connection lost: {exc}"
-        finally:
-            with self._state_lock:
-                self._open.pop(id(conn), None)
-            for client_id, route in conn.method_routes.items():
-                self.state.unroute_methods(client_id, route)
-            for end in conn.wake:
-                end.close()
-            self._abandon_unsettled(conn)
-            if conn.accepted_device is not None:
-                self.disconnected(meta, conn.accepted_device, conn.closing)
-            elif conn.service_attempt:
-                logger.debug("service connection from %s ended: %s", meta.caller, conn.closing)
-            else:
-                self._outcome(conn, None, False, conn.closing or "closed before authenticating")
+        elif conn.engine is None:
+            conn.closing = conn.closing or "closed during the SASL exchange"
+        conn.ended = True
+        conn.cancel_timer()
+        with self._state_lock:
+            self._open.pop(id(conn), None)
+        for client_id, route in conn.method_routes.items():
+            self.state.unroute_methods(client_id, route)
+        self._abandon_unsettled(conn)
+        if conn.accepted_device is not None:
+            self.disconnected(conn.meta, conn.accepted_device, conn.closing)
+        elif conn.service_attempt:
+            logger.debug("service connection from %s ended: %s", conn.meta.caller, conn.closing)
+        else:
+            self._outcome(conn, None, False, conn.closing or "closed before authenticating")
+
+    def _close_stream(self, conn: _Conn) -> None:
+        """The connection is over for us: close it after what was written."""
+        conn.ended = True
+        conn.cancel_timer()
+        conn.stream.close()
 
     def _outcome(
         self, conn: _Conn, device_id: str | None, success: bool, reason: str | None = None
@@ -280,53 +333,55 @@ class AmqpEndpoint(HubFrontDoor):
 
     # -- SASL ---------------------------------------------------------------------------
 
-    def _sasl(self, tls: ssl.SSLSocket, conn: _Conn) -> bytes | None:
-        """Run the SASL exchange (blocking, within the handshake timeout); returns the
-        bytes that follow it for the AMQP engine, or None when the connection ends."""
-        mechanisms = ["ANONYMOUS", "MSSBCBS"]
-        if conn.meta.client_chain:
-            mechanisms.insert(0, "EXTERNAL")
-        server = amqp.SaslServer(mechanisms)
-        while server.state in ("header", "mechanisms"):
-            try:
-                data = tls.recv(65536)
-            except (OSError, ssl.SSLError):
-                data = b""
-            if not data:
-                conn.closing = "closed during the SASL exchange"
-                return None
-            server.feed(data)
-            tls.sendall(server.take_output())
+    def _sasl_expired(self, conn: _Conn) -> None:
+        conn.timer = None
+        if conn.engine is None and not conn.ended:
+            conn.closing = f"the SASL exchange did not complete within {self.handshake_timeout:g} s"
+            conn.ended = True
+            conn.stream.abort()
+
+    def _sasl(self, conn: _Conn) -> None:
+        """Advance the SASL exchange with what arrived; hand the bytes that follow it to
+        the AMQP engine once it is done."""
+        server = conn.sasl
+        assert server is not None
+        stream = conn.stream
+        stream.write(server.take_output())
+        if server.state in ("header", "mechanisms"):
+            return  # more to come
         if server.state == "invalid":
-            tls.sendall(server.take_output())
             self._outcome(conn, None, False, "not an AMQP 1.0 client (bad protocol header)")
-            return None
+            self._close_stream(conn)
+            return
         if server.state == "skipped":
             conn.sasl_mechanism = None
-            return server.leftover
+            self._start_engine(conn, server.leftover)
+            return
         init = server.init
         assert init is not None
         conn.sasl_mechanism = init.mechanism
         if init.mechanism in ("ANONYMOUS", "MSSBCBS"):
             server.outcome(amqp.SaslCode.OK)
-        elif init.mechanism == "EXTERNAL" and "EXTERNAL" in mechanisms:
+        elif init.mechanism == "EXTERNAL" and "EXTERNAL" in server.mechanisms:
             try:
                 device_id = self.authenticate_certificate(conn.meta).device_id
             except AuthenticationError as exc:
                 server.outcome(amqp.SaslCode.AUTH)
-                tls.sendall(server.take_output())
+                stream.write(server.take_output())
                 self._outcome(conn, None, False, f"SASL EXTERNAL refused: {exc}")
-                return None
+                self._close_stream(conn)
+                return
             conn.authorized[device_id] = (self._auth_type(device_id), None)
             self._outcome(conn, device_id, True)
             server.outcome(amqp.SaslCode.OK)
         else:
             server.outcome(amqp.SaslCode.AUTH)
-            tls.sendall(server.take_output())
+            stream.write(server.take_output())
             self._outcome(conn, None, False, f"SASL mechanism {init.mechanism!r} is not offered")
-            return None
-        tls.sendall(server.take_output())
-        return server.leftover
+            self._close_stream(conn)
+            return
+        stream.write(server.take_output())
+        self._start_engine(conn, server.leftover)
 
     def _auth_type(self, device_id: str) -> str:
         device = self.registry.get(device_id)
@@ -334,76 +389,72 @@ class AmqpEndpoint(HubFrontDoor):
 
     # -- the AMQP connection ------------------------------------------------------------
 
-    def _run(self, tls: ssl.SSLSocket, conn: _Conn, leftover: bytes) -> None:
-        engine = amqp.Engine(
+    def _start_engine(self, conn: _Conn, leftover: bytes) -> None:
+        conn.sasl = None
+        conn.cancel_timer()
+        conn.engine = amqp.Engine(
             server=True,
             container_id=f"iothub-tls-{uuid.uuid4().hex[:8]}",
             idle_timeout=self.idle_timeout,
         )
-        tls.setblocking(False)
-        engine.feed(leftover)
-        outbuf = b""
-        while True:
-            now = time.monotonic()
-            deadline = engine.tick(now)
+        conn.engine.feed(leftover)
+        self._pump(conn)
+
+    def _pump(self, conn: _Conn) -> None:
+        """Run the engine until it has nothing more to say: its timers, its events, the
+        tokens' expiry, cloud-to-device deliveries and answers waiting for credit; write
+        its output; then sleep until its next deadline (or the first token's expiry)."""
+        engine = conn.engine
+        if engine is None or conn.ended:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = 0.0
+        for _ in range(64):  # each pass writes what the last one produced
+            deadline = engine.tick(loop.time())
             for event in engine.events():
                 self._on_event(conn, engine, event)
             self._expire_tokens(conn, engine)
-            while conn.inbox:
-                conn.inbox.popleft()()
             self._deliver_c2d(conn)
             self._flush(conn)
-            if not outbuf:
-                outbuf = engine.output()
-            if outbuf:
-                try:
-                    n = tls.send(outbuf)
-                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-                    n = 0
-                except OSError:
-                    break
-                engine.consumed(n)
-                outbuf = outbuf[n:]
-                if not outbuf:
-                    continue
-            if engine.closed or self._stopping.is_set():
+            output = engine.output()
+            if not output:
                 break
-            wait = 0.2
-            if deadline:
-                wait = max(0.0, min(wait, deadline - now))
-            if tls.pending() or conn.inbox:
-                wait = 0.0
-            assert conn.wake is not None
-            waker = conn.wake[0]
-            try:
-                ready = readable(
-                    [tls.fileno(), waker.fileno()], [tls.fileno()] if outbuf else [], wait
-                )
-            except (OSError, ValueError):
-                break
-            if waker.fileno() in ready:
-                with contextlib.suppress(OSError):
-                    waker.recv(4096)
-            if tls.fileno() in ready or tls.pending():
-                self._read(tls, engine)
-        self._abandon_unsettled(conn)
+            conn.stream.write(output)
+            engine.consumed(len(output))
+        else:  # still talking: let the other connections have a turn first
+            loop.call_soon(self._pump, conn)
+        if engine.closed:
+            self._close_stream(conn)
+            return
+        self._schedule(conn, loop, deadline)
 
-    @staticmethod
-    def _read(tls: ssl.SSLSocket, engine: amqp.Engine) -> None:
-        while True:
-            try:
-                data = tls.recv(65536)
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+    def _schedule(self, conn: _Conn, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        wake = [deadline] if deadline else []
+        now = time.time()
+        expiries = [until for _, until in conn.authorized.values() if until is not None]
+        if conn.service_until is not None:
+            expiries.append(conn.service_until)
+        if expiries:  # epoch seconds -> the loop's clock
+            wake.append(loop.time() + max(0.0, min(expiries) - now) + 0.001)
+        when = min(wake) if wake else None
+        if conn.timer is not None:
+            if when is not None and conn.timer.when() == when:
                 return
-            except OSError:
-                engine.feed_eof()
-                return
-            if not data:
-                engine.feed_eof()
-                return
-            engine.feed(data)
-            if not tls.pending():
-                return
+            conn.timer.cancel()
+            conn.timer = None
+        if when is not None:
+            conn.timer = loop.call_at(when, self._woken, conn)
+
+    def _woken(self, conn: _Conn) -> None:
+        conn.timer = None
+        self._pump(conn)
+
+    def _posted(self, conn: _Conn, work: Callable[[], None]) -> None:
+        """Work handed over by another thread, on the loop: run it, then pump."""
+        if conn.ended or conn.engine is None:
+            return
+        work()
+        self._pump(conn)
 
     def _on_event(self, conn: _Conn, engine: amqp.Engine, event: Any) -> None:
         kind = event.type
@@ -622,10 +673,11 @@ class AmqpEndpoint(HubFrontDoor):
 
     def _on_incoming(self, conn: _Conn, engine: amqp.Engine, delivery: Any) -> None:
         link = delivery.link
+        if delivery.pending > _MAX_MESSAGE:  # however many frames it came in
+            delivery.update(Delivery.REJECTED)
+            delivery.settle()
+            return
         if not delivery.readable or delivery.partial:
-            if delivery.pending > _MAX_MESSAGE:
-                delivery.update(Delivery.REJECTED)
-                delivery.settle()
             return
         data = link.recv(delivery.pending)
         link.advance()
@@ -755,16 +807,21 @@ class AmqpEndpoint(HubFrontDoor):
         """The hub's state changed a desired property (any thread): tell the subscribed
         twin links of ``client_id``."""
         message = amqpc.desired_update(patch, version)
+        self.io.post(self._push_desired, client_id, message)
+
+    def _push_desired(self, client_id: str, message: AmqpMessage) -> None:
         with self._state_lock:
             conns = list(self._open.values())
         for conn in conns:
-
-            def push(conn: _Conn = conn) -> None:
-                for link in list(conn.desired_links):
-                    if conn.twin_links.get(link, ("", None))[0] == client_id:
-                        self._send_on(conn, link, message)
-
-            conn.post(push)
+            links = [
+                link
+                for link in conn.desired_links
+                if conn.twin_links.get(link, ("", None))[0] == client_id
+            ]
+            if links and not conn.ended:
+                for link in links:
+                    self._send_on(conn, link, message)
+                self._pump(conn)
 
     # -- direct methods ---------------------------------------------------------------------
 
@@ -772,7 +829,9 @@ class AmqpEndpoint(HubFrontDoor):
         """The device attached its method receiver: route its method calls here."""
 
         def route(name: str, payload: bytes, rid: str) -> None:  # any thread
-            conn.post(lambda: self._call_method(conn, client_id, name, payload, rid))
+            self.io.post(
+                self._posted, conn, lambda: self._call_method(conn, client_id, name, payload, rid)
+            )
 
         conn.method_links[client_id] = link
         conn.method_routes[client_id] = route
@@ -928,6 +987,17 @@ class AmqpEndpoint(HubFrontDoor):
                     f"the SAS token for {device_id!r} expired and was not renewed on $cbs",
                 )
                 return
+
+    def _c2d_ready(self, device_id: str) -> None:
+        """A message was queued for ``device_id`` (on any thread)."""
+        self.io.post(self._deliver_to, device_id)
+
+    def _deliver_to(self, device_id: str) -> None:
+        with self._state_lock:
+            conns = list(self._open.values())
+        for conn in conns:
+            if any(device == device_id for _, device in conn.c2d_links):
+                self._pump(conn)
 
     def _deliver_c2d(self, conn: _Conn) -> None:
         for link, device_id in conn.c2d_links:

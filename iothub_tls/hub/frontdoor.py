@@ -1,29 +1,27 @@
 """A TLS listener for the local hub: accepts TCP, completes the server-side handshake
-under the hub's TLS profile, logs what was negotiated (or why it was refused), and
-hands each connection to a protocol handler on its own thread."""
+under the hub's TLS profile, logs what was negotiated (or why it was refused), and hands
+each connection to its protocol's session — all on the hub's one event loop
+(:class:`~.loop.HubLoop`), without a thread per connection."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
-import hashlib
 import logging
-import selectors
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
 
-from ..diagnostics.clienthello import parse_client_hello
 from ..errors import AuthenticationError
 from ..roots import common_name
-from ..tls.info import verified_chain_der
-from .log import ConnectionEvent, ConnectionLog, tls_failure_reason
+from .log import ConnectionEvent, ConnectionLog
+from .loop import HubLoop
 from .profile import HubTlsProfile
 from .registry import (
     Device,
@@ -33,6 +31,7 @@ from .registry import (
     certificate_thumbprints,
 )
 from .state import HubState, ReceivedMessage, Telemetry
+from .stream import _SNI_ATTR, Phase, Session, TlsMeta, TlsStream, sni_of
 
 __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
@@ -58,46 +57,20 @@ class PrivilegedPortError(PortInUseError):
     """The port is privileged (below 1024) and this process may not listen on it."""
 
 
-@dataclass(frozen=True)
-class TlsMeta:
-    """What the handshake established about a client."""
-
-    tls_version: str | None
-    cipher: str | None
-    sni: str | None
-    client_cert: bytes | None
-    caller: str
-    #: The client's certificate chain as TLS verified it (DER, leaf first, ending at the
-    #: anchor); just the leaf where the verified chain cannot be read; empty without one.
-    client_chain: tuple[bytes, ...] = field(default=(), repr=False)
-    #: the client named itself ``iothub-tls probe`` in its ClientHello
-    probe: bool = False
-
-    @property
-    def thumbprint(self) -> str | None:
-        """SHA-1 of the client certificate, uppercase hex (how IoT Hub registers it)."""
-        if not self.client_cert:
-            return None
-        return hashlib.sha1(self.client_cert, usedforsecurity=False).hexdigest().upper()
-
-    @property
-    def thumbprint_sha256(self) -> str | None:
-        if not self.client_cert:
-            return None
-        return hashlib.sha256(self.client_cert).hexdigest().upper()
-
-
 #: The door's default cap on concurrent connections (handshaking and served).
 DEFAULT_MAX_CONNECTIONS = 1000
 
-_SNI_ATTR = "_iothub_frontdoor_sni"
 #: accept() errors that mean "out of resources now", not "the listener is gone".
 _EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+#: connections taken from the backlog in one turn of the loop
+_ACCEPT_BATCH = 64
+#: how long accepting pauses when out of file descriptors
+_EXHAUSTED_PAUSE = 0.1
 
 
 def _record_sni(context: ssl.SSLContext) -> None:
-    """Remember the SNI each client sent on its own socket (Python exposes it only in
-    the callback) — also for handshakes that then fail."""
+    """Remember the SNI each client sent on its own TLS object (Python exposes it only
+    in the callback) — also for handshakes that then fail."""
     if getattr(context, "_iothub_sni_recording", False):
         return
     previous = context.sni_callback
@@ -111,33 +84,16 @@ def _record_sni(context: ssl.SSLContext) -> None:
     context._iothub_sni_recording = True  # type: ignore[attr-defined]
 
 
-def _sni(tls: ssl.SSLSocket) -> str | None:
-    found = vars(tls).get(_SNI_ATTR)
-    return found if isinstance(found, str) else None
-
-
-@dataclass
-class _Handshake:
-    """A connection whose TLS handshake is in progress on the accept thread."""
-
-    tls: ssl.SSLSocket
-    caller: str
-    deadline: float
-    events: int = selectors.EVENT_READ
-    #: the ClientHello was looked at (once, before OpenSSL reads it)
-    hello_read: bool = False
-    probe: bool = False
-
-
 class TlsFrontDoor:
-    """Base class: subclasses implement :meth:`serve_connection`.
+    """Base class: subclasses implement :meth:`open_session`.
 
-    One thread accepts connections and runs their TLS handshakes, non-blocking, each
-    under one deadline (``handshake_timeout`` for the whole handshake, however slowly
-    the client sends); a connection gets its own thread for :meth:`serve_connection`
-    only once its handshake is complete. At most ``max_connections`` connections
-    (handshaking or served) are open at once: the next one is closed as soon as it is
-    accepted, before any TLS, and logged as refused.
+    The door runs on a :class:`~.loop.HubLoop` — the hub's (``hub_loop``), or one of its
+    own started by :meth:`start` — where it accepts connections and runs their TLS
+    handshakes, each under one deadline (``handshake_timeout`` for the whole handshake,
+    however slowly the client sends); once a handshake is complete, the connection's
+    bytes go to the session :meth:`open_session` returns, on the same loop. At most
+    ``max_connections`` connections (handshaking or served) are open at once: the next
+    one is closed as soon as it is accepted, before any TLS, and logged as refused.
     """
 
     protocol = "Tls"
@@ -151,6 +107,7 @@ class TlsFrontDoor:
         log: ConnectionLog | None = None,
         handshake_timeout: float = 10.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        hub_loop: HubLoop | None = None,
     ) -> None:
         if isinstance(max_connections, bool) or not isinstance(max_connections, int):
             raise TypeError("max_connections must be an int")
@@ -163,14 +120,14 @@ class TlsFrontDoor:
         self.log = log or ConnectionLog()
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
+        #: the loop the door runs on (its own when none is given: started by start())
+        self.io = hub_loop or HubLoop(name=f"iothub-tls-{self.protocol.lower()}")
+        self._own_loop = hub_loop is None
         self._listener: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
-        #: connections being served (their handshake is done), each on its thread
-        self._connections: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._handshakes: dict[int, _Handshake] = {}  # the accept thread's alone
-        self._open_count = 0  # handshaking + served; changed under _lock
+        self._paused: asyncio.TimerHandle | None = None
+        # The loop thread's alone:
+        self._streams: set[TlsStream] = set()
+        self._open_count = 0  # handshaking + served (read from any thread)
 
     @property
     def port(self) -> int:
@@ -181,8 +138,7 @@ class TlsFrontDoor:
     @property
     def open_connections(self) -> int:
         """Connections open now: TLS handshakes in progress and connections served."""
-        with self._lock:
-            return self._open_count
+        return self._open_count
 
     def start(self) -> None:
         listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
@@ -192,14 +148,17 @@ class TlsFrontDoor:
         except OSError as exc:
             listener.close()
             raise self._bind_error(exc) from exc
-        listener.listen(128)
+        listener.listen(1024)
         listener.setblocking(False)
         self._listener = listener
-        self._stopping.clear()
-        self._thread = threading.Thread(
-            target=self._accept_loop, args=(listener,), name=f"{self.protocol}-accept", daemon=True
-        )
-        self._thread.start()
+        try:
+            if self._own_loop:
+                self.io.start()
+            self.io.call(self._listen, listener)
+        except BaseException:
+            self._listener = None
+            listener.close()
+            raise
 
     def _bind_error(self, exc: OSError) -> PortInUseError:
         port = self.requested_port
@@ -222,19 +181,37 @@ class TlsFrontDoor:
         return error
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(5)  # it closes the listener and the handshakes in progress
-            self._thread = None
-        if self._listener is not None:
+        """Close the listener and every connection (handshakes in progress are dropped
+        without a log line; sessions log their end)."""
+        listener, self._listener = self._listener, None
+        if listener is not None and self.io.running:
+            # (concurrent.futures.TimeoutError is TimeoutError from Python 3.11 on)
+            with contextlib.suppress(RuntimeError, TimeoutError, concurrent.futures.TimeoutError):
+                self.io.run(self._shutdown(listener), timeout=15)
+        if listener is not None:
             with contextlib.suppress(OSError):
-                self._listener.close()
-        with self._lock:
-            for conn in list(self._connections):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-        self._listener = None
+                listener.close()
+        if self._own_loop:
+            self.io.stop()
+
+    async def _shutdown(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        loop.remove_reader(listener.fileno())
+        listener.close()
+        stopping = ConnectionAbortedError("the hub stopped")
+        for stream in list(self._streams):
+            stream.abort(stopping)
+        await self._until_gone(set(self._streams), 5.0)
+
+    async def _until_gone(self, streams: set[TlsStream], timeout: float) -> None:
+        """Wait (on the loop) until none of ``streams`` is open any more."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while streams & self._streams and loop.time() < deadline:
+            await asyncio.sleep(0.01)
 
     def __enter__(self) -> TlsFrontDoor:
         self.start()
@@ -243,46 +220,21 @@ class TlsFrontDoor:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- the accept thread: accept, refuse beyond the cap, handshake ---------------------
+    # -- on the loop: accept, refuse beyond the cap, start the handshake ---------------------
 
-    def _accept_loop(self, listener: socket.socket) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(listener, selectors.EVENT_READ, None)
-        paused_until: float | None = None  # accepting paused: out of file descriptors
-        try:
-            while not self._stopping.is_set():
-                now = time.monotonic()
-                if paused_until is not None and now >= paused_until:
-                    selector.register(listener, selectors.EVENT_READ, None)
-                    paused_until = None
-                wait = 0.2
-                for hs in self._handshakes.values():
-                    wait = min(wait, hs.deadline - now)
-                if paused_until is not None:
-                    wait = min(wait, paused_until - now)
-                for key, _ in selector.select(max(wait, 0.0)):
-                    if key.data is None:
-                        if not self._accept(listener, selector):
-                            selector.unregister(listener)
-                            paused_until = time.monotonic() + 0.1
-                    else:
-                        self._handshake(selector, key.data)
-                self._expire(selector, time.monotonic())
-        finally:
-            for hs in list(self._handshakes.values()):
-                self._drop(selector, hs, None)
-            selector.close()
-            with contextlib.suppress(OSError):
-                listener.close()
+    def _listen(self, listener: socket.socket) -> None:
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
 
-    def _accept(self, listener: socket.socket, selector: selectors.BaseSelector) -> bool:
-        """Accept what is waiting; False when out of file descriptors (pause a little:
-        the backlog keeps the rest, and closing connections frees descriptors)."""
-        for _ in range(64):
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept what is waiting (a batch per turn of the loop); out of file
+        descriptors, pause a little: the backlog keeps the rest, and closing connections
+        frees descriptors."""
+        loop = asyncio.get_running_loop()
+        for _ in range(_ACCEPT_BATCH):
             try:
                 raw, address = listener.accept()
-            except BlockingIOError:
-                return True
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:
                 if exc.errno in _EXHAUSTED:
                     logger.warning(
@@ -292,131 +244,72 @@ class TlsFrontDoor:
                         exc.strerror,
                         self.open_connections,
                     )
-                    return False
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                    loop.remove_reader(listener.fileno())
+                    self._paused = loop.call_later(_EXHAUSTED_PAUSE, self._resume, listener)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue  # that client gave up while queued
-                raise
-            caller = f"{address[0]}:{address[1]}"
-            with self._lock:
-                admitted = self._open_count < self.max_connections
-                if admitted:
-                    self._open_count += 1
-                held = self._open_count
-            if not admitted:
-                # Closed before any TLS: no thread, no handshake, no OpenSSL state.
-                raw.close()
-                self.log.emit(
-                    ConnectionEvent(
-                        "deviceConnect",
-                        self.protocol,
-                        "Failure",
-                        reason=(
-                            f"refused: the door already holds {held} connections "
-                            f"(max_connections={self.max_connections}); closed before the "
-                            "TLS handshake"
-                        ),
-                        caller=caller,
-                    )
+                logger.error("%s door: accept failed: %s", self.protocol, exc)
+                loop.remove_reader(listener.fileno())
+                return
+            self._admit(loop, raw, f"{address[0]}:{address[1]}")
+
+    def _resume(self, listener: socket.socket) -> None:
+        self._paused = None
+        if self._listener is listener:
+            self._listen(listener)
+
+    def _admit(self, loop: asyncio.AbstractEventLoop, raw: socket.socket, caller: str) -> None:
+        if self._open_count >= self.max_connections:
+            # Closed before any TLS: no handshake, no OpenSSL state.
+            raw.close()
+            self.log.emit(
+                ConnectionEvent(
+                    "deviceConnect",
+                    self.protocol,
+                    "Failure",
+                    reason=(
+                        f"refused: the door already holds {self._open_count} connections "
+                        f"(max_connections={self.max_connections}); closed before the "
+                        "TLS handshake"
+                    ),
+                    caller=caller,
                 )
-                continue
-            try:
-                raw.setblocking(False)
-                tls = self.context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            except (OSError, ssl.SSLError) as exc:
-                raw.close()
-                self._closed()
-                self._handshake_failed(None, caller, tls_failure_reason(exc))
-                continue
-            hs = _Handshake(tls, caller, time.monotonic() + self.handshake_timeout)
-            self._handshakes[tls.fileno()] = hs
-            selector.register(tls, hs.events, hs)
-        return True
-
-    @staticmethod
-    def _read_hello(hs: _Handshake) -> None:
-        """Peek at the ClientHello before OpenSSL consumes it: a handshake that
-        ``iothub-tls probe`` makes says so there (and may fail before OpenSSL would look
-        at it). Read once, on the first bytes; a ClientHello that arrives in pieces is
-        taken as a device's."""
+            )
+            return
         try:
-            # The plain socket's recv: SSLSocket.recv takes no flags. MSG_PEEK leaves the
-            # bytes for OpenSSL.
-            data = socket.socket.recv(hs.tls, 16384, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        hs.hello_read = True
-        hello = parse_client_hello(data) if data else None
-        hs.probe = hello is not None and hello.from_probe
-
-    def _handshake(self, selector: selectors.BaseSelector, hs: _Handshake) -> None:
-        if not hs.hello_read:
-            self._read_hello(hs)
-        try:
-            hs.tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait_for(selector, hs, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._wait_for(selector, hs, selectors.EVENT_WRITE)
-            return
+            # Small MQTT/AMQP frames go out at once, not after Nagle's delay.
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setblocking(False)
+            stream = TlsStream(self, caller, loop.time() + self.handshake_timeout)
         except (OSError, ssl.SSLError) as exc:
-            self._drop(selector, hs, tls_failure_reason(exc))
+            raw.close()
+            self._handshake_failed(None, caller, f"TLS handshake failed: {exc}")
             return
-        self._handshakes.pop(hs.tls.fileno(), None)
-        selector.unregister(hs.tls)
-        tls = hs.tls
-        try:
-            tls.setblocking(True)
-            tls.settimeout(self.handshake_timeout)  # until the protocol sets its own
-            cipher = tls.cipher()
-            leaf = tls.getpeercert(binary_form=True)
-            meta = TlsMeta(
-                tls_version=tls.version(),
-                cipher=cipher[0] if cipher else None,
-                sni=_sni(tls),
-                client_cert=leaf,
-                caller=hs.caller,
-                client_chain=tuple(verified_chain_der(tls) or [leaf]) if leaf else (),
-                probe=hs.probe,
-            )
-            with self._lock:
-                self._connections.add(tls)
-            threading.Thread(
-                target=self._serve, args=(tls, meta), name=f"{self.protocol}-conn", daemon=True
-            ).start()
-        except (OSError, RuntimeError) as exc:  # e.g. no thread can be started
-            logger.warning("%s connection from %s not served: %s", self.protocol, hs.caller, exc)
-            with self._lock:
-                self._connections.discard(tls)
-            tls.close()
-            self._closed()
+        self._open_count += 1
+        self._streams.add(stream)
+        task = loop.create_task(loop.connect_accepted_socket(lambda: stream, raw))
+        task.add_done_callback(lambda done: self._attached(done, stream, raw))
 
-    @staticmethod
-    def _wait_for(selector: selectors.BaseSelector, hs: _Handshake, events: int) -> None:
-        if events != hs.events:
-            hs.events = events
-            selector.modify(hs.tls, events, hs)
+    def _attached(self, task: asyncio.Task[Any], stream: TlsStream, raw: socket.socket) -> None:
+        if not task.cancelled() and task.exception() is None:
+            return
+        if stream.transport is None:  # never reached the loop's transport
+            raw.close()
+            self.stream_ended(stream)
 
-    def _expire(self, selector: selectors.BaseSelector, now: float) -> None:
-        for hs in [h for h in self._handshakes.values() if h.deadline <= now]:
-            self._drop(
-                selector,
-                hs,
-                f"TLS handshake failed: not completed within {self.handshake_timeout:g} s",
-            )
+    # -- what streams report ----------------------------------------------------------------
 
-    def _drop(self, selector: selectors.BaseSelector, hs: _Handshake, reason: str | None) -> None:
-        """End a handshake in progress; log why (None: the door is stopping)."""
-        self._handshakes.pop(hs.tls.fileno(), None)
-        with contextlib.suppress(KeyError, ValueError):
-            selector.unregister(hs.tls)
-        sni = _sni(hs.tls)
-        hs.tls.close()
-        self._closed()
-        if reason is not None:
-            self._handshake_failed(sni, hs.caller, reason, probe=hs.probe)
+    def stream_established(self, stream: TlsStream, meta: TlsMeta) -> Session:
+        return self.open_session(stream, meta)
+
+    def stream_failed(self, stream: TlsStream, reason: str) -> None:
+        self._handshake_failed(sni_of(stream.tls), stream.caller, reason, probe=stream.probe)
+
+    def stream_ended(self, stream: TlsStream) -> None:
+        if stream in self._streams:
+            self._streams.discard(stream)
+            self._open_count -= 1
 
     def _handshake_failed(
         self, sni: str | None, caller: str, reason: str, *, probe: bool = False
@@ -433,25 +326,13 @@ class TlsFrontDoor:
             )
         )
 
-    def _closed(self) -> None:
-        with self._lock:
-            self._open_count -= 1
+    def served_streams(self) -> list[TlsStream]:
+        """Connections past their handshake (on the loop)."""
+        return [s for s in self._streams if s.phase is Phase.OPEN]
 
-    # -- a connection's thread ------------------------------------------------------------
-
-    def _serve(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
-        try:
-            self.serve_connection(tls, meta)
-        except Exception:  # a handler bug must not kill the listener
-            logger.exception("%s connection from %s failed", self.protocol, meta.caller)
-        finally:
-            with contextlib.suppress(OSError):
-                tls.close()
-            with self._lock:
-                self._connections.discard(tls)
-                self._open_count -= 1
-
-    def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
+    def open_session(self, stream: TlsStream, meta: TlsMeta) -> Session:
+        """The protocol's session for a connection whose handshake completed (on the
+        loop). Subclasses implement it."""
         raise NotImplementedError
 
     def connected(
@@ -500,9 +381,11 @@ class HubFrontDoor(TlsFrontDoor):
     :param port: 0 picks a free port; read :attr:`port` after :meth:`start`. After
         :meth:`stop`, :meth:`start` listens on the same port again.
     :param on_connection: called with each of this door's connection events, on the
-        connection's thread; exceptions are logged and ignored.
+        hub's I/O thread (keep it short); exceptions are logged and ignored.
     :param max_connections: connections (TLS handshakes in progress and connections
         served) open at once; the next is closed before TLS and logged as refused.
+    :param hub_loop: the hub's I/O loop, shared by its doors; without one the door
+        runs one of its own (one thread) from :meth:`start` to :meth:`stop`.
     """
 
     #: Where this door's devices put their SAS token (subclasses set it).
@@ -520,6 +403,7 @@ class HubFrontDoor(TlsFrontDoor):
         on_connection: Callable[[ConnectionEvent], None] | None = None,
         handshake_timeout: float = 10.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        hub_loop: HubLoop | None = None,
     ) -> None:
         if not isinstance(profile, HubTlsProfile):
             raise TypeError(f"profile must be a HubTlsProfile, not {type(profile).__name__}")
@@ -532,6 +416,7 @@ class HubFrontDoor(TlsFrontDoor):
             log=log,
             handshake_timeout=handshake_timeout,
             max_connections=max_connections,
+            hub_loop=hub_loop,
         )
         self.profile = profile
         self.registry = registry
@@ -542,7 +427,7 @@ class HubFrontDoor(TlsFrontDoor):
             self.add_connection_listener(on_connection)
 
     def start(self) -> None:
-        """Bind and serve in background threads (again on the same port after a stop)."""
+        """Bind and serve on the I/O loop (again on the same port after a stop)."""
         super().start()
         self.requested_port = self.port
         logger.info(

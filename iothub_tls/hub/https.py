@@ -23,31 +23,33 @@ It is meant to be driven by code (tests, ``iothub-tls serve``, ``demo``)::
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
-import http.server
-import io
+import email.utils
+import http
 import logging
-import socket
-import ssl
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..device import C2DMessage, Message
 from ..errors import AuthenticationError
 from ..https import conventions as proto
+from . import http1
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
+from .loop import HubLoop
 from .profile import HubTlsProfile, PeerTls, peer_tls
 from .registry import DeviceNotRegisteredError, DeviceRegistry, TokenSource
 from .service import ServiceApi
 from .state import HubState, ReceivedMessage, Telemetry
+from .stream import TlsStream
 
 __all__ = ["HttpsEndpoint", "ReceivedMessage"]
 
@@ -55,49 +57,11 @@ logger = logging.getLogger("iothub_tls.hub")
 
 #: Requests larger than this are refused without reading them (a message is 256 KB).
 _MAX_REQUEST_BYTES = 1024 * 1024
-
-
-class _RequestDeadlineExpired(Exception):
-    """The whole-request deadline passed before the request was read (answered 408)."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The handler's raw input: reads from the TLS socket under one clock.
-
-    Between requests a read may wait ``idle_timeout`` (a kept-alive connection that
-    stays silent is closed without an answer); from the first byte of a request, every
-    read shares one deadline that covers the request line, the headers and the body,
-    so a client sending a byte now and then cannot hold the connection (and its
-    thread) longer than ``request_timeout`` per request."""
-
-    def __init__(self, sock: socket.socket, idle_timeout: float, request_timeout: float) -> None:
-        super().__init__()
-        self._sock = sock
-        self.idle_timeout = idle_timeout
-        self.request_timeout = request_timeout
-        self._deadline: float | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def between_requests(self) -> None:
-        self._deadline = None
-
-    def request_started(self) -> None:
-        self._deadline = time.monotonic() + self.request_timeout
-
-    def readinto(self, buffer: Any) -> int:
-        if self._deadline is None:
-            self._sock.settimeout(self.idle_timeout)
-            return self._sock.recv_into(buffer)
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
-            raise _RequestDeadlineExpired
-        self._sock.settimeout(remaining)
-        try:
-            return self._sock.recv_into(buffer)
-        except TimeoutError:
-            raise _RequestDeadlineExpired from None
+#: After an answer that closes the connection, how long the door still reads (and
+#: drops) what the client sends, so the answer is not lost to a TCP reset.
+_LINGER = 2.0
+_METHODS = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH"})
+_SERVER = "iothub-tls-endpoint"
 
 
 @dataclass
@@ -164,7 +128,7 @@ class HttpsEndpoint(HubFrontDoor):
     :param on_connection: called with each HTTPS :class:`~.log.ConnectionEvent`
         (``deviceConnect`` once per connection when its first request is authenticated
         or refused, or when TLS fails; ``deviceDisconnect`` when an accepted connection
-        closes). Called on the connection's thread; exceptions are logged and ignored.
+        closes). Called on the hub's I/O thread; exceptions are logged and ignored.
     :param clock: seconds since the epoch, for SAS token expiry.
     :param handshake_timeout: seconds a client has to complete the TLS handshake.
     :param idle_timeout: seconds a kept-alive connection may stay idle.
@@ -174,7 +138,9 @@ class HttpsEndpoint(HubFrontDoor):
     :param max_connections: connections open at once (TLS handshakes in progress and
         connections served); the next is closed before TLS and logged as refused.
     :param service: answers the service API's requests (default: one over this door's
-        registry, state and log).
+        registry, state and log), on the hub's worker threads: a direct-method call
+        waits there for the device's answer.
+    :param hub_loop: the hub's I/O loop (default: one of the door's own).
     """
 
     protocol = "Https"
@@ -196,6 +162,7 @@ class HttpsEndpoint(HubFrontDoor):
         request_timeout: float = 30.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         service: ServiceApi | None = None,
+        hub_loop: HubLoop | None = None,
     ) -> None:
         if not request_timeout > 0:
             raise ValueError(
@@ -211,13 +178,13 @@ class HttpsEndpoint(HubFrontDoor):
             on_connection=on_connection,
             handshake_timeout=handshake_timeout,
             max_connections=max_connections,
+            hub_loop=hub_loop,
         )
         self.idle_timeout = idle_timeout
         self.request_timeout = float(request_timeout)
         self._clock = clock
-        self._state_lock = threading.Condition()
+        self._state_lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
-        self._active = 0
         self.service = service or ServiceApi(registry, self.state, log=self.log, clock=clock)
 
     # -- life cycle ---------------------------------------------------------------------
@@ -228,16 +195,16 @@ class HttpsEndpoint(HubFrontDoor):
 
     def drop_connections(self, timeout: float = 5.0) -> None:
         """Close every open connection (as a hub does with idle ones) and wait until
-        their threads are done. Clients reconnect, resuming their TLS session."""
-        with self._lock:
-            conns = list(self._connections)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        deadline = time.monotonic() + timeout
-        with self._state_lock:
-            while self._active and time.monotonic() < deadline:
-                self._state_lock.wait(0.05)
+        they are gone. Clients reconnect, resuming their TLS session."""
+        if self.io.running:
+            with contextlib.suppress(TimeoutError, concurrent.futures.TimeoutError):
+                self.io.run(self._drop(timeout), timeout + 5)
+
+    async def _drop(self, timeout: float) -> None:
+        served = self.served_streams()
+        for stream in served:
+            stream.close()
+        await self._until_gone(set(served), timeout)
 
     # -- what tests and `serve` drive ----------------------------------------------------
 
@@ -259,20 +226,8 @@ class HttpsEndpoint(HubFrontDoor):
 
     # -- the front door -----------------------------------------------------------------
 
-    def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
-        conn = _Connection(meta, peer_tls(tls))
-        with self._state_lock:
-            self._active += 1
-        try:
-            _Handler(tls, meta.caller, self, conn)
-        except (OSError, ssl.SSLError) as exc:
-            logger.debug("HTTPS connection from %s ended: %s", meta.caller, exc)
-        finally:
-            if conn.accepted:
-                self.disconnected(meta, conn.device_id)
-            with self._state_lock:
-                self._active -= 1
-                self._state_lock.notify_all()
+    def open_session(self, stream: TlsStream, meta: TlsMeta) -> _HttpConnection:
+        return _HttpConnection(self, stream, _Connection(meta, peer_tls(stream.tls)))
 
     # -- used by the handler ------------------------------------------------------------
 
@@ -329,162 +284,280 @@ class HttpsEndpoint(HubFrontDoor):
         )
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    """HTTP/1.1 with keep-alive on one TLS connection; one instance per connection."""
+class _HttpConnection:
+    """HTTP/1.1 with keep-alive on one TLS connection, on the hub's loop.
 
-    protocol_version = "HTTP/1.1"
-    server_version = "iothub-tls-endpoint"
-    sys_version = ""
+    Between requests the connection may stay silent ``idle_timeout`` (then it is closed
+    without an answer); from the first byte of a request, one deadline covers its
+    request line, headers and body (``request_timeout``; then 408 and close), so a
+    client sending a byte now and then cannot hold the connection. Requests are answered
+    one at a time, in order; bytes of the next one wait in the buffer meanwhile."""
 
-    def __init__(
-        self, tls: ssl.SSLSocket, caller: str, endpoint: HttpsEndpoint, conn: _Connection
-    ) -> None:
+    def __init__(self, endpoint: HttpsEndpoint, stream: TlsStream, conn: _Connection) -> None:
         self.endpoint = endpoint
+        self.stream = stream
         self.conn = conn
-        self.caller = caller
-        host, _, port = caller.rpartition(":")
-        super().__init__(tls, (host, int(port or 0)), None)  # type: ignore[arg-type]
+        self.caller = conn.meta.caller
+        self.loop = asyncio.get_running_loop()
+        self.buffer = bytearray()
+        #: "idle" (between requests), "head", "body", "busy" (answering), "closed"
+        self.state = "idle"
+        self.head: http1.RequestHead | None = None
+        self.length = 0
+        self.keep_alive = True
+        self.eof = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._wait(endpoint.idle_timeout, self._idle_expired)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s " + format, self.caller, *args)
+    # -- the stream's session ---------------------------------------------------------------
 
-    def setup(self) -> None:
-        super().setup()
-        self.rfile.close()  # the socket's own reader: replaced by one under our clock
-        self.clock = _DeadlineReader(
-            self.connection, self.endpoint.idle_timeout, self.endpoint.request_timeout
-        )
-        self.reader = io.BufferedReader(self.clock)
-        self.rfile = self.reader
+    def data_received(self, data: bytes) -> None:
+        if self.state == "closed":
+            return
+        self.buffer += data
+        self._advance()
 
-    def handle_one_request(self) -> None:
-        # Defaults for an answer sent before the request line is parsed.
-        self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
-        self.clock.between_requests()
-        try:
-            if not self.reader.peek(1):  # waits up to idle_timeout for a request to begin
-                self.close_connection = True
+    def eof_received(self) -> None:
+        self.eof = True
+        if self.state == "body":
+            received, self.buffer = len(self.buffer), bytearray()
+            self.keep_alive = False  # the client closed mid-body
+            self._error(_HttpError(400, f"the body ended after {received} of {self.length} bytes"))
+        elif self.state != "busy":
+            self._close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            logger.debug("HTTPS connection from %s ended: %s", self.caller, exc)
+        self.state = "closed"
+        self._cancel()
+        if self.conn.accepted:
+            self.endpoint.disconnected(self.conn.meta, self.conn.device_id)
+
+    # -- reading requests -------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Take what the buffer holds as far as it goes (several pipelined requests)."""
+        while True:
+            if self.state == "idle":
+                if not self.buffer:
+                    return
+                self.state = "head"
+                self._wait(self.endpoint.request_timeout, self._request_expired)
+            if self.state == "head" and not self._read_head():
                 return
-        except TimeoutError:  # idle: close without an answer, as IoT Hub does
-            self.close_connection = True
-            return
-        self.clock.request_started()
+            if self.state == "body":
+                if len(self.buffer) < self.length:
+                    return
+                body = bytes(self.buffer[: self.length])
+                del self.buffer[: self.length]
+                self._cancel()
+                self.state = "busy"
+                self._dispatch(body)
+            if self.state != "idle":
+                return  # answering (on a worker thread), or closed
+
+    def _read_head(self) -> bool:
+        """Parse the head once it is complete; True when the body may be read."""
+        end = http1.head_end(self.buffer)
         try:
-            super().handle_one_request()
-        except _RequestDeadlineExpired:
-            self.close_connection = True
-            seconds = f"{self.endpoint.request_timeout:g}"
-            self._error(
-                _HttpError(
-                    408,
-                    f"the whole request (request line, headers, body) did not arrive "
-                    f"within {seconds} s of its first byte",
-                    "RequestTimeout",
-                )
-            )
-
-    # -- requests -----------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch()
-
-    def do_DELETE(self) -> None:
-        self._dispatch()
-
-    def do_PUT(self) -> None:
-        self._dispatch()
-
-    def do_PATCH(self) -> None:
-        self._dispatch()
-
-    def _dispatch(self) -> None:
+            if end < 0:
+                http1.check_incomplete(self.buffer)
+                return False
+            head = http1.parse_head(bytes(self.buffer[:end]))
+        except http1.HeadError as exc:
+            self.keep_alive = False
+            self._error(_HttpError(exc.status, exc.message, _head_error_code(exc.status)))
+            return False
+        del self.buffer[:end]
+        self.head = head
+        self.keep_alive = head.keep_alive
+        if head.method not in _METHODS:
+            self.keep_alive = False
+            self._error(_HttpError(501, f"unsupported method {head.method!r}", "NotImplemented"))
+            return False
         try:
-            body = self._read_body()
-            status, headers, payload = self._route(body)
+            self.length = self._body_length(head.headers)
         except _HttpError as err:
-            self._error(err)
+            self._error(err)  # no "100 Continue": the body is never invited
+            return False
+        if head.expects_continue:
+            self.stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.state = "body"
+        return True
+
+    def _body_length(self, headers: http1.Headers) -> int:
+        """The request body's length, framed by Content-Length only (RFC 9112 section 6).
+        Framing that cannot be trusted closes the connection after the answer: the bytes
+        that follow cannot be told apart from the next request."""
+        if headers.get_all("Transfer-Encoding"):
+            # RFC 9112 6.1: with Transfer-Encoding, Content-Length must be ignored; we do
+            # not decode transfer codings, so the request has no length we can use.
+            self.keep_alive = False
+            raise _HttpError(
+                411,
+                "Transfer-Encoding is not supported: send the body with Content-Length",
+                "LengthRequired",
+            )
+        values = [v.strip() for h in headers.get_all("Content-Length") for v in h.split(",")]
+        for value in values:
+            # 1*DIGIT (RFC 9110 8.6): no sign, no spaces, no other digits than ASCII.
+            if not (value.isascii() and value.isdigit()):
+                self.keep_alive = False
+                raise _HttpError(400, f"Content-Length {value[:20]!r} is not a number of bytes")
+        if len({int(v) for v in values}) > 1:
+            self.keep_alive = False
+            raise _HttpError(400, f"conflicting Content-Length values: {', '.join(values)[:80]}")
+        length = int(values[0]) if values else 0
+        if length > _MAX_REQUEST_BYTES:
+            self.keep_alive = False
+            raise _HttpError(413, f"request body of {length} bytes is too large")
+        return length
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _wait(self, seconds: float, then: Callable[[], None]) -> None:
+        self._cancel()
+        self._timer = self.loop.call_later(seconds, then)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        if self.state == "idle":  # idle: close without an answer, as IoT Hub does
+            self._close()
+
+    def _request_expired(self) -> None:
+        self._timer = None
+        if self.state not in ("head", "body"):
             return
-        self._send(status, headers, payload)
+        self.keep_alive = False
+        seconds = f"{self.endpoint.request_timeout:g}"
+        self._error(
+            _HttpError(
+                408,
+                f"the whole request (request line, headers, body) did not arrive "
+                f"within {seconds} s of its first byte",
+                "RequestTimeout",
+            )
+        )
+
+    # -- answering ----------------------------------------------------------------------------
+
+    def _dispatch(self, body: bytes) -> None:
+        head = self.head
+        assert head is not None
+        request = _Request(self.endpoint, self.conn, head, body)
+        if request.is_device_path:
+            try:
+                answer = request.route()
+            except _HttpError as err:
+                self._error(err)
+                return
+            self._send(*answer)
+            return
+        # Not a device path: IoT Hub's service API, on the same port as on IoT Hub. It
+        # may block (a direct-method call waits for the device), so not on the loop.
+        task = self.loop.create_task(self._service(request))
+        task.add_done_callback(_report_failure)
+
+    async def _service(self, request: _Request) -> None:
+        url = request.url
+        answer = await self.endpoint.io.in_worker(
+            self.endpoint.service.handle,
+            request.method,
+            url.path,
+            url.query,
+            request.headers.as_dict(),
+            request.body,
+        )
+        if self.state == "busy":
+            self._send(*answer)
 
     def _error(self, err: _HttpError) -> None:
         tracking = uuid.uuid4().hex
         headers = {proto.H_ERROR_CODE: err.code, **err.headers}
         self._send(err.status, headers, proto.error_body(err.code, err.message, tracking))
 
-    def handle_expect_100(self) -> bool:
-        """``Expect: 100-continue``: refuse a body we would refuse anyway before the
-        client sends it."""
-        try:
-            self._body_length()
-        except _HttpError as err:
-            self._error(err)
-            return False
-        return super().handle_expect_100()
-
-    def _read_body(self) -> bytes:
-        length = self._body_length()
-        body = self.rfile.read(length) if length else b""
-        if len(body) < length:
-            self.close_connection = True  # the client closed mid-body
-            raise _HttpError(400, f"the body ended after {len(body)} of {length} bytes")
-        return body
-
-    def _body_length(self) -> int:
-        """The request body's length, framed by Content-Length only (RFC 9112 section 6).
-        Framing that cannot be trusted closes the connection after the answer: the bytes
-        that follow cannot be told apart from the next request."""
-        if self.headers.get_all("Transfer-Encoding"):
-            # RFC 9112 6.1: with Transfer-Encoding, Content-Length must be ignored; we do
-            # not decode transfer codings, so the request has no length we can use.
-            self.close_connection = True
-            raise _HttpError(
-                411,
-                "Transfer-Encoding is not supported: send the body with Content-Length",
-                "LengthRequired",
-            )
-        values = [
-            v.strip() for h in self.headers.get_all("Content-Length") or () for v in h.split(",")
-        ]
-        for value in values:
-            # 1*DIGIT (RFC 9110 8.6): no sign, no spaces, no other digits than ASCII.
-            if not (value.isascii() and value.isdigit()):
-                self.close_connection = True
-                raise _HttpError(400, f"Content-Length {value[:20]!r} is not a number of bytes")
-        if len({int(v) for v in values}) > 1:
-            self.close_connection = True
-            raise _HttpError(400, f"conflicting Content-Length values: {', '.join(values)[:80]}")
-        length = int(values[0]) if values else 0
-        if length > _MAX_REQUEST_BYTES:
-            self.close_connection = True
-            raise _HttpError(413, f"request body of {length} bytes is too large")
-        return length
-
     def _send(self, status: int, headers: Mapping[str, str], payload: bytes) -> None:
-        # Writing is not bound by the request's deadline, only by the idle timeout.
-        self.connection.settimeout(self.endpoint.idle_timeout)
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
+        if self.state == "closed":
+            return
+        head = self.head
+        logger.debug(
+            "%s %s %s -> %d",
+            self.caller,
+            head.method if head else "-",
+            head.target if head else "-",
+            status,
+        )
+        close = not self.keep_alive or self.eof
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [
+            f"HTTP/1.1 {status} {phrase}",
+            f"Server: {_SERVER}",
+            f"Date: {email.utils.formatdate(usegmt=True)}",
+        ]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
         if status != 204:
-            self.send_header("Content-Length", str(len(payload)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
+            lines.append(f"Content-Length: {len(payload)}")
+        if close:
+            lines.append("Connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         if payload and status != 204:
-            self.wfile.write(payload)
+            data += payload
+        self.stream.write(data)
+        self.head = None
+        if close:
+            self._close(linger=_LINGER)
+            return
+        self.state = "idle"
+        self._wait(self.endpoint.idle_timeout, self._idle_expired)
+        if self.buffer:  # the next request (pipelined) is already here
+            self.loop.call_soon(self._advance)
 
-    def _route(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
-        url = urlsplit(self.path)
-        parts = url.path.split("/")
-        device_path = len(parts) >= 4 and parts[:2] == ["", "devices"] and parts[3] == "messages"
-        if not device_path:
-            # Not a device path: IoT Hub's service API, on the same port as on IoT Hub.
-            return self.endpoint.service.handle(
-                self.command, url.path, url.query, dict(self.headers.items()), body
-            )
+    def _close(self, *, linger: float = 0.0) -> None:
+        self.state = "closed"
+        self._cancel()
+        self.stream.close(linger=linger)
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("HTTPS service request failed", exc_info=task.exception())
+
+
+def _head_error_code(status: int) -> str:
+    return {414: "RequestUriTooLong", 431: "RequestHeaderFieldsTooLarge"}.get(
+        status, _DEFAULT_CODES.get(status, "Error")
+    )
+
+
+class _Request:
+    """One request of a device (or of the service API), with what answers it."""
+
+    def __init__(
+        self, endpoint: HttpsEndpoint, conn: _Connection, head: http1.RequestHead, body: bytes
+    ) -> None:
+        self.endpoint = endpoint
+        self.conn = conn
+        self.method = head.method
+        self.headers = head.headers
+        self.body = body
+        self.url = urlsplit(head.target)
+        self.parts = self.url.path.split("/")
+        parts = self.parts
+        self.is_device_path = (
+            len(parts) >= 4 and parts[:2] == ["", "devices"] and parts[3] == "messages"
+        )
+
+    def route(self) -> tuple[int, dict[str, str], bytes]:
+        url, parts = self.url, self.parts
         query = parse_qs(url.query, keep_blank_values=True)
         if len(parts) < 5:
             raise _HttpError(404, f"no such resource: {url.path}", "NotFound")
@@ -500,8 +573,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             operation, allowed = "abandon", "POST"
         else:
             raise _HttpError(404, f"no such resource: {url.path}", "NotFound")
-        if self.command != allowed:
-            raise _HttpError(405, f"{self.command} is not allowed on {url.path}; use {allowed}")
+        if self.method != allowed:
+            raise _HttpError(405, f"{self.method} is not allowed on {url.path}; use {allowed}")
         if not query.get("api-version", [""])[0]:
             raise _HttpError(
                 400, "the api-version query parameter is required (e.g. api-version=2021-04-12)"
@@ -514,7 +587,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 extra["Retry-After"] = f"{fault.retry_after:g}"
             raise _HttpError(fault.status, "injected by the endpoint", fault.error_code, extra)
         if operation == "telemetry":
-            self._telemetry(device_id, body, auth)
+            self._telemetry(device_id, auth)
             return 204, {}, b""
         if operation == "receive":
             return self._receive(device_id)
@@ -539,14 +612,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         endpoint._outcome(conn, device_id, success=True)
         return auth
 
-    def _telemetry(self, device_id: str, body: bytes, auth: str) -> None:
+    def _telemetry(self, device_id: str, auth: str) -> None:
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         try:
             if content_type == proto.BATCH_CONTENT_TYPE:
-                messages = proto.parse_batch(body)
+                messages = proto.parse_batch(self.body)
                 batch = True
             else:
-                messages = [proto.message_from_headers(dict(self.headers.items()), body)]
+                messages = [proto.message_from_headers(self.headers.as_dict(), self.body)]
                 batch = False
         except proto.InvalidMessageError as exc:
             raise _HttpError(400, str(exc)) from None

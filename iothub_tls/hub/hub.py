@@ -25,6 +25,7 @@ from ..errors import IoTHubTLSError
 from ..testing.pki import CertificateAuthority, KeyType, PKIDirectory
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, TlsFrontDoor
 from .log import ConnectionLog
+from .loop import HubLoop
 from .mqtt import MqttEndpoint
 from .profile import HubTlsProfile, ServerCredential
 from .registry import ALL_PERMISSIONS, DeviceRegistry
@@ -97,7 +98,11 @@ class DeviceCredentials:
 
 
 class LocalHub:
-    """Build with :class:`HubOptions`; ``start()`` opens the front doors."""
+    """Build with :class:`HubOptions`; ``start()`` opens the front doors.
+
+    The doors share one I/O thread (:attr:`io`, an asyncio event loop) for every
+    connection; a few worker threads, started when first needed, answer the service
+    API's requests (a direct-method call blocks until the device answers)."""
 
     def __init__(self, options: HubOptions, *, log_stream: IO[str] | None = None) -> None:
         self.options = options
@@ -138,6 +143,8 @@ class LocalHub:
         self.log = ConnectionLog(log_stream)
         self.doors: dict[str, TlsFrontDoor] = {}
         self.unavailable: dict[str, str] = {}
+        #: the hub's I/O loop and its thread, shared by the doors
+        self.io = HubLoop(name="iothub-tls-hub")
         self._endpoint_id: str | None = None
 
     # -- PKI ----------------------------------------------------------------------------
@@ -218,6 +225,7 @@ class LocalHub:
             "port": port,
             "log": self.log,
             "max_connections": self.options.max_connections,
+            "hub_loop": self.io,
         }
         if protocol == "mqtt":
             return MqttEndpoint(self.profile, self.registry, self.state, **common)
@@ -233,6 +241,7 @@ class LocalHub:
         """Open every enabled front door. A door whose library is missing is reported in
         :attr:`unavailable`; a port that cannot be bound stops everything and raises."""
         try:
+            self.io.start()
             for protocol in PROTOCOLS:
                 port = self.options.port_of(protocol)
                 if port is None:
@@ -254,6 +263,7 @@ class LocalHub:
             with contextlib.suppress(Exception):
                 door.stop()
         self.doors.clear()
+        self.io.stop()
         self._remove_endpoint()
 
     def _dial_address(self) -> str:

@@ -9,11 +9,10 @@ Anything else closes the connection, as IoT Hub does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
-import socket
-import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +24,11 @@ from ..mqtt import packets as codec
 from ..policy import iana_name
 from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
+from .loop import HubLoop
 from .profile import HubTlsProfile
 from .registry import DeviceRegistry, TokenSource
 from .state import C2DMessage, HubState, ReceivedMessage, Telemetry
+from .stream import TlsStream
 
 __all__ = ["MqttEndpoint"]
 
@@ -41,26 +42,158 @@ class _Refused(Exception):
 
 @dataclass
 class _Session:
-    tls: ssl.SSLSocket
+    """An authenticated device connection (after its CONNECT was accepted)."""
+
+    connection: _Connection
     meta: TlsMeta
     device_id: str
     module_id: str | None
     auth_type: str
     subscriptions: set[str] = field(default_factory=set)
     inflight: dict[int, C2DMessage] = field(default_factory=dict)
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
     next_id: int = 0
     closed: bool = False
 
     def send(self, data: bytes) -> None:
-        with self.write_lock:
-            if not self.closed:
-                self.tls.sendall(data)
+        if not self.closed:
+            self.connection.stream.write(data)
 
     def packet_id(self) -> int:
-        with self.write_lock:
-            self.next_id = self.next_id % 65535 + 1
-            return self.next_id
+        self.next_id = self.next_id % 65535 + 1
+        return self.next_id
+
+
+class _Connection:
+    """One MQTT connection on the hub's loop: CONNECT within ``connect_timeout`` of the
+    handshake, then packets until DISCONNECT, the end of the stream, a protocol error or
+    the keep-alive (1.5 times the device's, MQTT 3.1.1 section 3.1.2.10) expires."""
+
+    def __init__(self, door: MqttEndpoint, stream: TlsStream, meta: TlsMeta) -> None:
+        self.door = door
+        self.stream = stream
+        self.meta = meta
+        self.decoder = codec.Decoder()
+        self.session: _Session | None = None
+        self.ended = False
+        self.loop = asyncio.get_running_loop()
+        self.last_seen = self.loop.time()
+        self.keepalive: float | None = None
+        self._timer: asyncio.TimerHandle | None = self.loop.call_at(
+            self.last_seen + door.connect_timeout, self._expired
+        )
+
+    # -- the stream's session ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended:
+            return
+        self.last_seen = self.loop.time()
+        try:
+            packets = self.decoder.feed(data)
+        except codec.MqttProtocolError as exc:
+            if self.session is None:
+                self._refused(f"no MQTT CONNECT received: {exc}")
+            else:
+                self.end(f"protocol error: {exc}")
+            return
+        for packet in packets:
+            if self.ended:
+                return
+            if self.session is None:
+                if not isinstance(packet, codec.Connect):
+                    self._refused("no MQTT CONNECT received")
+                    return
+                self._on_connect(packet)
+                continue
+            if isinstance(packet, codec.Disconnect):
+                self.end("client disconnected")
+                return
+            try:
+                self.door._dispatch(self.session, packet)
+            except _Refused as exc:
+                self.end(str(exc))
+                return
+
+    def eof_received(self) -> None:
+        if self.session is None:
+            self._refused("no MQTT CONNECT received")
+        else:
+            self.end("connection closed by the device")
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.ended:
+            return
+        if self.session is None:
+            self._refused("no MQTT CONNECT received" + (f": {exc}" if exc else ""))
+        else:
+            self.end(f"connection lost: {exc}" if exc else "connection closed by the device")
+
+    # -- CONNECT and the end --------------------------------------------------------------------
+
+    def _on_connect(self, connect: codec.Connect) -> None:
+        session = self.door._authenticate(self, connect)
+        if session is None:
+            self._finish()
+            self.stream.close()
+            return
+        self.session = session
+        if connect.keepalive:
+            self.keepalive = max(connect.keepalive, 1) * 1.5
+            self._schedule(self.last_seen + self.keepalive)
+        else:
+            self._cancel()
+
+    def _refused(self, reason: str, *, abort: bool = False) -> None:
+        """The connection ends before a CONNECT was accepted."""
+        if self.ended:
+            return
+        self.door.connected(self.meta, None, success=False, reason=reason)
+        self._finish()
+        if abort:
+            self.stream.abort()
+        else:
+            self.stream.close()
+
+    def end(self, reason: str, *, abort: bool = False) -> None:
+        """End an accepted connection (logged with ``reason``)."""
+        if self.ended:
+            return
+        self._finish()
+        assert self.session is not None
+        self.door._end(self.session, reason)
+        if abort:
+            self.stream.abort()
+        else:
+            self.stream.close()
+
+    def _finish(self) -> None:
+        self.ended = True
+        self._cancel()
+
+    # -- one timer: the CONNECT deadline, then the keep-alive ------------------------------------
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.ended:
+            return
+        if self.session is None:
+            self._refused("no MQTT CONNECT received in time", abort=True)
+            return
+        assert self.keepalive is not None
+        due = self.last_seen + self.keepalive
+        if self.loop.time() < due:  # traffic since: look again then
+            self._schedule(due)
+            return
+        self.end("keep-alive expired", abort=True)
+
+    def _schedule(self, when: float) -> None:
+        self._cancel()
+        self._timer = self.loop.call_at(when, self._expired)
+
+    def _cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class MqttEndpoint(HubFrontDoor):
@@ -72,6 +205,7 @@ class MqttEndpoint(HubFrontDoor):
         MQTT CONNECT.
     :param max_connections: connections open at once (TLS handshakes in progress and
         connections served); the next is closed before TLS and logged as refused.
+    :param hub_loop: the hub's I/O loop (default: one of the door's own).
     """
 
     protocol = "Mqtt"
@@ -89,6 +223,7 @@ class MqttEndpoint(HubFrontDoor):
         on_connection: Callable[[ConnectionEvent], None] | None = None,
         connect_timeout: float = 10.0,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        hub_loop: HubLoop | None = None,
     ) -> None:
         super().__init__(
             profile,
@@ -100,77 +235,27 @@ class MqttEndpoint(HubFrontDoor):
             on_connection=on_connection,
             handshake_timeout=connect_timeout,
             max_connections=max_connections,
+            hub_loop=hub_loop,
         )
         self.hostname = registry.hub_host
         self.connect_timeout = connect_timeout
         self._sessions: dict[str, _Session] = {}
-        self._sessions_lock = threading.Lock()
+        self._sessions_lock = threading.Lock()  # connected_devices() reads from any thread
         self.state.on_c2d_enqueued(self._c2d_ready)
         self.state.on_desired_patch(self._desired_patched)
 
     # -- connection ---------------------------------------------------------------------
 
-    def serve_connection(self, tls: ssl.SSLSocket, meta: TlsMeta) -> None:
-        decoder = codec.Decoder()
-        tls.settimeout(self.connect_timeout)
-        try:
-            first = self._read_packets(tls, decoder)
-        except (codec.MqttProtocolError, OSError) as exc:
-            reason = "no MQTT CONNECT received" + (
-                " in time" if isinstance(exc, TimeoutError) else f": {exc}"
-            )
-            self.connected(meta, None, success=False, reason=reason)
-            return
-        if not first or not isinstance(first[0], codec.Connect):
-            self.connected(meta, None, success=False, reason="no MQTT CONNECT received")
-            return
-        connect = first[0]
-        session = self._authenticate(tls, meta, connect)
-        if session is None:
-            return
-        reason = "client disconnected"
-        try:
-            tls.settimeout(max(connect.keepalive, 1) * 1.5 if connect.keepalive else None)
-            pending = first[1:]
-            while True:
-                for packet in pending:
-                    if isinstance(packet, codec.Disconnect):
-                        return
-                    self._dispatch(session, packet)
-                pending = self._read_packets(tls, decoder)
-                if not pending:
-                    reason = "connection closed by the device"
-                    return
-        except TimeoutError:
-            reason = "keep-alive expired"
-        except codec.MqttProtocolError as exc:
-            reason = f"protocol error: {exc}"
-        except _Refused as exc:
-            reason = str(exc)
-        except OSError as exc:
-            reason = f"connection lost: {exc}"
-        finally:
-            self._end(session, reason)
+    def open_session(self, stream: TlsStream, meta: TlsMeta) -> _Connection:
+        return _Connection(self, stream, meta)
 
-    @staticmethod
-    def _read_packets(tls: ssl.SSLSocket, decoder: codec.Decoder) -> list[codec.Packet]:
-        while True:
-            data = tls.recv(65536)
-            if not data:
-                return []
-            packets = decoder.feed(data)
-            if packets:
-                return packets
-
-    def _authenticate(
-        self, tls: ssl.SSLSocket, meta: TlsMeta, connect: codec.Connect
-    ) -> _Session | None:
+    def _authenticate(self, connection: _Connection, connect: codec.Connect) -> _Session | None:
+        meta = connection.meta
         device_id, _, module_id = connect.client_id.partition("/")
         module = module_id or None
 
         def refuse(code: int, reason: str) -> None:
-            with contextlib.suppress(OSError):
-                tls.sendall(codec.connack(code))
+            connection.stream.write(codec.connack(code))
             self.connected(meta, device_id or None, success=False, reason=reason)
 
         if not device_id:
@@ -196,26 +281,27 @@ class MqttEndpoint(HubFrontDoor):
         except (IoTHubTLSError, LookupError) as exc:
             refuse(_NOT_AUTHORIZED, f"not authorized: {exc}")
             return None
-        session = _Session(tls, meta, device_id, module, auth_type)
+        session = _Session(connection, meta, device_id, module, auth_type)
         with self._sessions_lock:
             previous = self._sessions.get(connect.client_id)
             self._sessions[connect.client_id] = session
         if previous is not None:  # one connection per identity: the new one wins
-            previous.closed = True
-            with contextlib.suppress(OSError):
-                previous.tls.shutdown(socket.SHUT_RDWR)
-        tls.sendall(codec.connack(_ACCEPTED))
+            previous.connection.end("replaced by a new connection of the same device")
+        connection.stream.write(codec.connack(_ACCEPTED))
         self.connected(meta, connect.client_id, success=True)
         return session
 
     def _end(self, session: _Session, reason: str) -> None:
         client_id = self._client_id(session)
         with self._sessions_lock:
-            if self._sessions.get(client_id) is session:
+            current = self._sessions.get(client_id) is session
+            if current:
                 del self._sessions[client_id]
-                self.state.route_methods(client_id, None)
+        if current:
+            self.state.route_methods(client_id, None)
         session.closed = True
-        for message in session.inflight.values():  # never acknowledged: back in the queue
+        inflight, session.inflight = session.inflight, {}
+        for message in inflight.values():  # never acknowledged: back in the queue
             if message.lock_token:
                 with contextlib.suppress(KeyError):
                     self.state.settle_c2d(message.lock_token, "abandon")
@@ -269,9 +355,7 @@ class MqttEndpoint(HubFrontDoor):
         session.send(codec.suback(packet.packet_id, granted))
         if mqttc.METHODS_FILTER in session.subscriptions:
             client_id = self._client_id(session)
-            self.state.route_methods(
-                client_id, lambda name, payload, rid: self._call_method(session, name, payload, rid)
-            )
+            self.state.route_methods(client_id, self._method_route(session))
         self._deliver_c2d(session)
 
     def _on_publish(self, session: _Session, packet: codec.Publish) -> None:
@@ -364,21 +448,29 @@ class MqttEndpoint(HubFrontDoor):
         if subscription in session.subscriptions:
             session.send(codec.publish(topic, payload))
 
-    # -- hub -> device ------------------------------------------------------------------
+    # -- hub -> device (from any thread: handed over to the loop) ------------------------
 
     def _session_for(self, client_id: str) -> _Session | None:
         with self._sessions_lock:
             return self._sessions.get(client_id)
 
     def _c2d_ready(self, device_id: str) -> None:
+        """A message was queued for ``device_id`` (on any thread)."""
+        self.io.post(self._deliver_to, device_id)
+
+    def _deliver_to(self, device_id: str) -> None:
         session = self._session_for(device_id)
         if session is not None:
-            with contextlib.suppress(OSError):
-                self._deliver_c2d(session)
+            self._deliver_c2d(session)
 
     def _deliver_c2d(self, session: _Session) -> None:
         topic_filter = f"devices/{session.device_id}/messages/devicebound/#"
-        if session.module_id or topic_filter not in session.subscriptions or session.inflight:
+        if (
+            session.closed
+            or session.module_id
+            or topic_filter not in session.subscriptions
+            or session.inflight
+        ):
             return  # one in flight at a time keeps order, as IoT Hub does per device
         message = self.state.lock_next_c2d(session.device_id)
         if message is None:
@@ -395,14 +487,24 @@ class MqttEndpoint(HubFrontDoor):
         session.send(codec.publish(topic, message.payload, qos=1, packet_id=packet_id))
 
     def _desired_patched(self, client_id: str, patch: dict[str, Any], version: int) -> None:
-        session = self._session_for(client_id)
-        if session is None:
-            return
+        """The service changed desired properties (on any thread)."""
         body = json.dumps({**patch, "$version": version}).encode()
-        with contextlib.suppress(OSError):
+        self.io.post(self._push_desired, client_id, version, body)
+
+    def _push_desired(self, client_id: str, version: int, body: bytes) -> None:
+        session = self._session_for(client_id)
+        if session is not None:
             self._publish_if(
                 session, mqttc.TWIN_DESIRED_FILTER, mqttc.desired_patch_topic(version), body
             )
+
+    def _method_route(self, session: _Session) -> Callable[[str, bytes, str], None]:
+        """How the hub's state calls a direct method on this session (from any thread)."""
+
+        def route(name: str, payload: bytes, rid: str) -> None:
+            self.io.post(self._call_method, session, name, payload, rid)
+
+        return route
 
     @staticmethod
     def _call_method(session: _Session, name: str, payload: bytes, rid: str) -> None:

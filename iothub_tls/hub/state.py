@@ -185,6 +185,8 @@ class HubState:
         return message
 
     def on_c2d_enqueued(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(device_id)`` (on the caller's thread) when a message is
+        queued for a device, or put back in its queue (abandoned)."""
         with self._lock:
             self._c2d_listeners.append(listener)
 
@@ -225,7 +227,10 @@ class HubState:
                 self._locked[lock_token] = message
                 raise ValueError(f"unknown settlement {outcome!r}")
             self._lock.notify_all()
-            return message
+            listeners = list(self._c2d_listeners) if outcome == "abandon" else []
+        for listener in listeners:  # the message can be delivered again
+            listener(message.device_id)
+        return message
 
     def _expire_locks(self) -> None:
         now = time.time()
