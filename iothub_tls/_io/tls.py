@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-from typing import Any
+from typing import Any, cast
 
 from ..errors import HandshakeClosedError, HandshakeTimeoutError
 from ..tls.context import HardenedSSLContext
@@ -78,8 +78,9 @@ class TlsLayer(asyncio.BufferedProtocol, asyncio.Transport):
     # -- the transport below ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not isinstance(transport, asyncio.Transport): uvloop's transports have the
+        # methods without deriving from asyncio's classes.
+        self._transport = cast("asyncio.Transport", transport)
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(self._timeout, self._handshake_timed_out)
         self._step()

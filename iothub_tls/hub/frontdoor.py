@@ -121,7 +121,7 @@ class TlsFrontDoor:
         self.handshake_timeout = handshake_timeout
         self.max_connections = max_connections
         #: the loop the door runs on (its own when none is given: started by start())
-        self.io = hub_loop or HubLoop(name=f"iothub-tls-{self.protocol.lower()}")
+        self.io = hub_loop or HubLoop(name=f"iothub-tls-hub-{self.protocol.lower()}")
         self._own_loop = hub_loop is None
         self._listener: socket.socket | None = None
         self._paused: asyncio.TimerHandle | None = None
