@@ -22,6 +22,7 @@ from .device import (
     Settlement,
 )
 from .errors import (
+    AuditInputError,
     AuthenticationError,
     BadRequestError,
     CertificateVerificationError,
@@ -73,7 +74,7 @@ from .tls.info import TlsInfo, tls_info
 if _TYPE_CHECKING:
     from .auth.identity import ClientIdentity
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # A library stays quiet: without this, Python's last-resort handler prints the package's
 # warnings to stderr when the application configures no logging.
@@ -83,6 +84,7 @@ __all__ = [
     "AZURE_ECC",
     "AZURE_GLOBAL",
     "AsyncDeviceClient",
+    "AuditInputError",
     "AuthenticationError",
     "BadRequestError",
     "C2DMessage",

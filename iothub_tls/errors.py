@@ -21,6 +21,8 @@ standard-library base where one applies, so existing ``except ValueError`` or
     │           └── TokenRemovedError            the token was removed (or the TPM is gone)
     ├── ConnectionStringError (ValueError)       malformed IoT Hub connection string
     ├── SasTokenError (ValueError)               malformed, expired or wrongly signed SAS token
+    ├── AuditInputError (ValueError)             ``iothub-tls audit``: an input that is missing,
+    │                                            unreadable or not a connection log at all
     ├── FeatureUnavailableError (RuntimeError)   a requested protection needs the OpenSSL shim,
     │                                            which cannot work on this platform
     ├── MissingDependencyError (ImportError)     an optional extra is not installed
@@ -72,6 +74,7 @@ from __future__ import annotations
 import ssl
 
 __all__ = [
+    "AuditInputError",
     "AuthenticationError",
     "BadRequestError",
     "CertificateVerificationError",
@@ -146,6 +149,11 @@ class ConnectionStringError(IoTHubTLSError, ValueError):
 
 class SasTokenError(IoTHubTLSError, ValueError):
     """A shared access signature that is malformed, expired or wrongly signed."""
+
+
+class AuditInputError(IoTHubTLSError, ValueError):
+    """An input cannot be audited: missing, unreadable, or not a connection log at all
+    (rows of a log that is one are counted and reported instead)."""
 
 
 class FeatureUnavailableError(IoTHubTLSError, RuntimeError):

@@ -20,9 +20,9 @@ import logging
 import os
 from collections.abc import Iterable
 
+from ..errors import AuditInputError
 from .aggregate import Aggregator, InputStats
 from .csvlog import csv_dialect, open_reader, read_csv, read_header
-from .errors import AuditInputError
 from .jsondoc import read_json_document
 from .jsonlines import read_json_lines
 from .parallel import MIN_PARALLEL_BYTES, plain_file, read_parallel

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+from ..errors import AuditInputError
 from .aggregate import Aggregator, InputStats, Layout
-from .errors import AuditInputError
 from .fields import PROPERTIES, TIME_ISO, field_of, normalize_time
 from .records import CANONICAL, Reject, Row, row_of_record
 from .sources import Source

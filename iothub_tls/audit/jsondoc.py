@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import AuditInputError
 from .aggregate import Aggregator, InputStats, Layout
-from .errors import AuditInputError
 from .records import CANONICAL, Reject, Row, row_of_record, rows_of
 from .sources import Source
 

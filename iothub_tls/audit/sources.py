@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import AuditInputError
+from ..errors import AuditInputError
 
 __all__ = ["Source", "open_source"]
 

@@ -184,8 +184,8 @@ def _legacy_attempt(hub: LocalHub, protocol: str, *, version: ssl.TLSVersion, ci
 
 def _installed(protocol: str) -> str | None:
     """None when the transport's library is importable, else the install hint."""
-    module = {"mqtt": None, "amqp": "proton", "https": "urllib3"}[protocol]
-    if module is None:  # MQTT over TCP needs nothing beyond the core
+    module = {"mqtt": None, "amqp": "proton", "https": None}[protocol]
+    if module is None:  # MQTT over TCP and HTTPS need nothing beyond the core
         return None
     try:
         __import__(module)
