@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Wire", "open_wire"]
 
+
 class Wire(asyncio.Protocol):
     """One TLS connection and the AMQP engine driven over it.
 
