@@ -366,7 +366,8 @@ async def _http_connect(sock: socket.socket, proxy: Proxy, host: str, port: int)
     said = f"HTTP {status}{f' {reason}' if reason else ''}"
     if 200 <= status < 300:
         return
-    if status == 407:
+    if status == 407 or (status == 401 and proxy.username is not None):
+        # 407 is the standard answer; tinyproxy answers wrong credentials with 401
         if proxy.username is None:
             raise ProxyAuthenticationError(
                 proxy.url,
