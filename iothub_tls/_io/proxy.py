@@ -303,7 +303,8 @@ async def _connect(proxy: Proxy) -> socket.socket:
             await loop.sock_connect(sock, address)
         except OSError as exc:
             sock.close()
-            failures.append(exc.strerror or str(exc))
+            # (asyncio's message is "Connect call failed (...)": say what the errno says)
+            failures.append(os.strerror(exc.errno) if exc.errno else str(exc))
             continue
         except BaseException:
             sock.close()
