@@ -10,6 +10,7 @@ import base64
 import os
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import iothub_tls as it
 from iothub_tls.amqp import AmqpDeviceClient, AmqpOptions
 from iothub_tls.https import HttpsDeviceClient
 from iothub_tls.hub.hub import HubOptions, LocalHub
+from iothub_tls.hub.log import ConnectionEvent
 from iothub_tls.mqtt import MqttDeviceClient, MqttOptions
 
 from .conftest import HOST
@@ -82,6 +84,18 @@ def _upgrade(
         if value is not None:
             lines.append(f"{name}: {value}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _event_of(hub: LocalHub, caller: str, timeout: float = 5.0) -> ConnectionEvent:
+    """The log line of the connection from ``caller`` (written on the hub's thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [e for e in list(hub.log.events) if e.caller == caller]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no connection log line for {caller}")
+        time.sleep(0.02)
 
 
 # -- accepted: MQTT and AMQP over WebSockets, authenticated and logged ----------------------
@@ -200,7 +214,7 @@ def test_a_text_message_ends_the_websocket(hub: LocalHub) -> None:
             data += chunk
     assert data[:1] == b"\x88"  # a close frame
     assert int.from_bytes(data[2:4], "big") == 1003
-    event = next(e for e in hub.log.events if e.caller == caller)
+    event = _event_of(hub, caller)  # logged on the hub's thread, maybe after the close
     assert event.protocol == "MqttWs" and event.result == "Failure"
     assert "text WebSocket message" in (event.reason or "")
 
@@ -241,7 +255,7 @@ def test_refused_upgrades_get_their_status_and_a_log_line(
     assert headers.get("connection") == "close"
     if header is not None:
         assert headers.get(header[0]) == header[1]
-    event = next(e for e in hub.log.events if e.caller == caller)
+    event = _event_of(hub, caller)
     assert event.operation == "deviceConnect" and event.result == "Failure"
     assert event.protocol == "Https"
     assert event.reason is not None and "WebSocket upgrade refused" in event.reason
