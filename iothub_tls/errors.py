@@ -42,6 +42,10 @@ standard-library base where one applies, so existing ``except ValueError`` or
     │                                            honoured when required, anchor outside the roots)
     └── ClientError                              transport-level failures of the device clients
         ├── ConnectionFailedError (ConnectionError)  could not connect / connection lost for good
+        │   └── ProxyError                       the proxy could not be reached or refused the
+        │       │                                tunnel (``proxy``, ``status``); never the password
+        │       └── ProxyAuthenticationError     the proxy refused (or asked for) credentials:
+        │                                        HTTP 407, SOCKS5 authentication
         ├── AuthenticationError                  the hub refused the credentials
         │   └── ConnectRefusedError              MQTT CONNACK 5 (also a NotAuthorizedError)
         ├── NotAuthorizedError                   the hub refused the operation for this identity
@@ -106,6 +110,8 @@ __all__ = [
     "PolicyError",
     "PolicyViolation",
     "ProtocolVersionError",
+    "ProxyAuthenticationError",
+    "ProxyError",
     "QueueFullError",
     "RootIntegrityError",
     "RootStoreError",
@@ -271,6 +277,36 @@ class ClientError(IoTHubTLSError):
 
 class ConnectionFailedError(ClientError, ConnectionError):
     """The client could not connect, or lost the connection and gave up."""
+
+
+class ProxyError(ConnectionFailedError):
+    """The proxy between the device and the hub could not be reached, refused to open the
+    tunnel (an HTTP status other than 2xx, a SOCKS refusal), or did not speak its
+    protocol. The message names the proxy (``proxy``: its URL without the password) and
+    what it answered (``status``: the HTTP status or SOCKS reply code, when there is
+    one); the hub was not reached."""
+
+    def __init__(self, proxy: str, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: the proxy's URL, without its password
+        self.proxy = proxy
+        #: the proxy's HTTP status (407, 403, 502 ...) or SOCKS reply code, else None
+        self.status = status
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_proxy_error, (type(self), self.proxy, str(self), self.status))
+
+
+class ProxyAuthenticationError(ProxyError):
+    """The proxy refused the credentials of the proxy URL, or asked for credentials the
+    URL does not have (HTTP 407 Proxy Authentication Required, a SOCKS5 proxy refusing
+    the user name and password). Another attempt cannot cure it: fix the proxy URL."""
+
+
+def _rebuild_proxy_error(
+    cls: type[ProxyError], proxy: str, message: str, status: int | None
+) -> ProxyError:
+    return cls(proxy, message, status=status)
 
 
 class AuthenticationError(ClientError):

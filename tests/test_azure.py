@@ -947,6 +947,62 @@ def test_harden_covers_mqtt_over_websockets(sdk, pki, hub_factory, sync_clients)
     assert (info.version, info.anchor) == ("TLSv1.3", "iothub-tls Test Root G2")
 
 
+def test_mqtt_over_websockets_to_the_local_hubs_https_door(sdk, tmp_path, sync_clients):
+    """The SDK with websockets=True against iothub-tls's own local hub: MQTT over
+    WebSockets on the hub's HTTPS door (443), as on IoT Hub; telemetry, C2D, the
+    connection log (MqttWs); the same door refuses the SDK with a wrong key."""
+    from iothub_tls.hub.hub import HubOptions, LocalHub
+
+    _gateway_address(HTTPS_PORT, name=HUB)  # localhost:443 must be free (the SDK's port)
+    options = HubOptions(
+        state_dir=tmp_path / "hub",
+        hostname=HUB,
+        bind="127.0.0.1",
+        mqtt_port=0,
+        amqp_port=None,
+        https_port=HTTPS_PORT,
+    )
+    with LocalHub(options) as hub:
+        creds = hub.add_device(DEVICE)
+        policy = it.TlsPolicy(roots=it.RootSet.from_pem_file(hub.root_pem_path))
+        client = itaz.harden(
+            sdk.IoTHubDeviceClient.create_from_connection_string(
+                creds.connection_string, websockets=True, connection_retry=False
+            ),
+            policy,
+        )
+        sync_clients.append(client)
+        client.connect()
+        client.send_message("over websockets to the local hub")
+        got = hub.state.wait_for_telemetry(lambda t: t.device_id == DEVICE, timeout=10)
+        assert got is not None and got.payload == b"over websockets to the local hub"
+        hub.state.enqueue_c2d(DEVICE, b"back over websockets", {"k": "v"})
+        message = client.receive_message(timeout=10)
+        assert message is not None and message.data == b"back over websockets"
+        assert message.custom_properties.get("k") == "v"
+        info = itaz.tls_info(client)
+        assert info.anchor == "iothub-tls Local Hub Root" and info.sni == HUB
+        client.shutdown()
+        sync_clients.remove(client)
+        connected = [e for e in hub.log.events if e.device_id == DEVICE]
+        assert connected[0].protocol == "MqttWs" and connected[0].result == "Success"
+        # the failing twin: the same door, the same SDK, a key the hub does not know
+        impostor = itaz.harden(
+            sdk.IoTHubDeviceClient.create_from_connection_string(
+                f"HostName={HUB};DeviceId={DEVICE};SharedAccessKey={_key()}",
+                websockets=True,
+                connection_retry=False,
+            ),
+            policy,
+        )
+        sync_clients.append(impostor)
+        with pytest.raises(sdk.exceptions.CredentialError):
+            impostor.connect()
+        refused = [e for e in hub.log.events if e.device_id == DEVICE and e.result == "Failure"]
+        assert refused and refused[-1].protocol == "MqttWs"
+        assert "signature" in (refused[-1].reason or "").lower()
+
+
 # -- the sample and the docs ------------------------------------------------------------------
 
 

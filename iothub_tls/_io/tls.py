@@ -15,12 +15,15 @@ from __future__ import annotations
 import asyncio
 import ssl
 import threading
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import HandshakeClosedError, HandshakeTimeoutError
 from ..tls.context import HardenedSSLContext
 from ..tls.refusals import explain_handshake_error
 from .loop import wait_for
+
+if TYPE_CHECKING:
+    from .proxy import Proxy
 
 __all__ = ["TlsLayer", "open_tls"]
 
@@ -256,13 +259,26 @@ async def open_tls(
     server_hostname: str,
     connect_timeout: float,
     handshake_timeout: float,
+    proxy: Proxy | None = None,
 ) -> TlsLayer:
-    """TCP to ``host:port`` (within ``connect_timeout``; OSError or TimeoutError), then
-    TLS with ``context`` for the server named ``server_hostname`` (within
-    ``handshake_timeout``; the context's own refusal errors); returns once the handshake
-    completed and ``inner`` is attached."""
+    """TCP to ``host:port`` (within ``connect_timeout``; OSError or TimeoutError), or a
+    tunnel to it through ``proxy`` (:class:`~iothub_tls.ProxyError`), then TLS with
+    ``context`` for the server named ``server_hostname`` (within ``handshake_timeout``;
+    the context's own refusal errors); returns once the handshake completed and
+    ``inner`` is attached. Through a proxy, TLS runs end to end with the hub: the proxy
+    carries only the encrypted stream."""
     loop = asyncio.get_running_loop()
     layer = TlsLayer(inner, context, server_hostname, handshake_timeout)
-    await wait_for(loop.create_connection(lambda: layer, host, port), connect_timeout)
+    if proxy is None:
+        await wait_for(loop.create_connection(lambda: layer, host, port), connect_timeout)
+    else:
+        from .proxy import open_tunnel
+
+        sock = await open_tunnel(proxy, host, port, timeout=connect_timeout)
+        try:
+            await loop.create_connection(lambda: layer, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
     await layer.handshake
     return layer

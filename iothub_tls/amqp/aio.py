@@ -34,6 +34,7 @@ from .. import __version__
 from .._io.aiobase import AsyncClientBase
 from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag
+from .._io.proxy import Proxy
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..device import (
     C2DMessage,
@@ -57,6 +58,7 @@ from .message import AmqpMessage
 from .methods import MethodChannel
 from .options import AMQPS_PORT, AmqpOptions
 from .twin import TwinChannel
+from .websocket import WEBSOCKET_PORT
 
 __all__ = [
     "AMQPS_PORT",
@@ -101,8 +103,10 @@ class AmqpDeviceClient(AsyncClientBase):
 
     Keywords of the factories: ``policy``, ``identity``, ``host``, ``port``, ``options``
     (:class:`AmqpOptions`), ``sas_token_provider``, ``sasl_external``, ``model_id``
-    (announced on the links), ``gate`` (a :class:`~iothub_tls.aio.HandshakeGate` shared
-    by a process's clients).
+    (announced on the links), ``websockets`` (AMQP over WebSockets on port 443,
+    subprotocol ``AMQPWSB10``), ``proxy`` (``"http://..."``, ``"socks5://..."``,
+    ``"socks4://..."`` or ``"env"``), ``gate`` (a :class:`~iothub_tls.aio.HandshakeGate`
+    shared by a process's clients).
     """
 
     transport = "amqp"
@@ -119,6 +123,8 @@ class AmqpDeviceClient(AsyncClientBase):
         sas_token_provider: SasTokenProvider | None = None,
         sasl_external: bool = False,
         model_id: str | None = None,
+        websockets: bool = False,
+        proxy: str | Proxy | None = None,
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
     ) -> None:
@@ -128,7 +134,7 @@ class AmqpDeviceClient(AsyncClientBase):
             raise TypeError(f"options must be AmqpOptions, not {type(options).__name__}")
         cs.check_identity(identity)
         connect_host = check_host(host)
-        port = check_port(port, AMQPS_PORT)
+        port = check_port(port, WEBSOCKET_PORT if websockets else AMQPS_PORT)
         provider = None
         if cs.x509:
             sasl: str | None = "EXTERNAL" if sasl_external else None
@@ -163,6 +169,8 @@ class AmqpDeviceClient(AsyncClientBase):
             on_state=self._connection_state,
             gate=gate,
             lag=lag,
+            websockets=websockets,
+            proxy=proxy,
         )
         self._events = self._connection.sender(
             self.events_address, name="link-snd-events", properties=link_properties

@@ -140,6 +140,8 @@ class AmqpConnection(Connectable):
         container_id: str | None = None,
         options: AmqpOptions | None = None,
         on_state: Callable[[ConnectionState, BaseException | None], None] | None = None,
+        websockets: bool = False,
+        proxy: str | None = None,
     ) -> None:
         io = shared_loop()
         self._io = io
@@ -161,6 +163,8 @@ class AmqpConnection(Connectable):
             on_state=on_state,
             gate=io.gate,
             lag=io.lag,
+            websockets=websockets,
+            proxy=proxy,
         )
 
     @classmethod
@@ -348,6 +352,13 @@ class AmqpDeviceClient(SyncFacade):
         connecting without a SASL layer (IoT Hub and its SDKs use none).
     :param model_id: the IoT Plug and Play model the device implements (``dtmi:...``),
         announced on its links (``com.microsoft:model-id``).
+    :param websockets: AMQP over WebSockets (``wss://{hub}/$iothub/websocket``,
+        subprotocol ``AMQPWSB10``, port 443 by default; needs wsproto:
+        ``pip install 'iothub-tls[websockets]'``).
+    :param proxy: reach the hub through a proxy: ``"http://[user:password@]host:port"``
+        (HTTP CONNECT), ``"socks5://[user:password@]host:port"``, ``"socks4://host:port"``,
+        or ``"env"`` for ``HTTPS_PROXY``/``NO_PROXY``. TLS still runs end to end with the
+        hub; a proxy refusal is :class:`~iothub_tls.ProxyError`.
     """
 
     transport = "amqp"
@@ -364,6 +375,8 @@ class AmqpDeviceClient(SyncFacade):
         sas_token_provider: SasTokenProvider | None = None,
         sasl_external: bool = False,
         model_id: str | None = None,
+        websockets: bool = False,
+        proxy: str | None = None,
     ) -> None:
         io = shared_loop()
         self._attach(
@@ -377,6 +390,8 @@ class AmqpDeviceClient(SyncFacade):
                 sas_token_provider=sas_token_provider,
                 sasl_external=sasl_external,
                 model_id=model_id,
+                websockets=websockets,
+                proxy=proxy,
                 gate=io.gate,
                 lag=io.lag,
             )

@@ -35,6 +35,7 @@ from typing import Any
 
 from .._io.backoff import Backoff
 from .._io.loop import HandshakeGate, LoopLag, overload_hint
+from .._io.proxy import Proxy, proxy_for
 from ..auth import ClientIdentity, SasTokenProvider
 from ..device import ConnectionState
 from ..errors import (
@@ -116,6 +117,10 @@ class AmqpConnection:
         connection set-ups running at once (share one among a process's connections).
     :param lag: the loop's :class:`~iothub_tls._io.loop.LoopLag`, to say so in a timeout
         when the process, not the peer, was slow.
+    :param websockets: AMQP over WebSockets (path ``/$iothub/websocket``, subprotocol
+        ``AMQPWSB10``; pass the port, usually 443).
+    :param proxy: a proxy URL (``http://``, ``socks5://``, ``socks4://``) or ``"env"``
+        (:mod:`iothub_tls._io.proxy`); TLS runs end to end through it.
     """
 
     def __init__(
@@ -138,8 +143,14 @@ class AmqpConnection:
         on_state: StateCallback | None = None,
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
+        websockets: bool = False,
+        proxy: str | Proxy | None = None,
     ) -> None:
         check_sasl(sasl, username, password, identity, context)
+        if websockets:
+            from .websocket import require_websockets
+
+            require_websockets()
         if context is not None and (policy is not None or identity is not None):
             raise PolicyError("pass either context or policy/identity, not both")
         options = options or AmqpOptions()
@@ -148,6 +159,10 @@ class AmqpConnection:
         self._engine = _engine()  # MissingDependencyError now, not on the loop
         self.host = host
         self.port = int(port)
+        #: AMQP over WebSockets (``wss://{host}/$iothub/websocket``, ``AMQPWSB10``)
+        self.websockets = bool(websockets)
+        #: the proxy the connection goes through (None: direct)
+        self.proxy = proxy_for(proxy, host, self.port)
         # One context for the connection's lifetime: it remembers TLS sessions, so every
         # reconnection resumes (fewer bytes and less CPU on both sides).
         self._context = context or create_ssl_context(policy, identity=identity)
@@ -239,8 +254,9 @@ class AmqpConnection:
 
     def __repr__(self) -> str:
         return (
-            f"<AmqpConnection {self.server_hostname} via {self.host}:{self.port} "
-            f"{self._state_now.value}>"
+            f"<AmqpConnection {self.server_hostname} via {self.host}:{self.port}"
+            f"{' (websockets)' if self.websockets else ''}"
+            f"{f' through {self.proxy.url}' if self.proxy else ''} {self._state_now.value}>"
         )
 
     def _state(self, state: ConnectionState, reason: BaseException | None = None) -> None:
@@ -514,6 +530,8 @@ class AmqpConnection:
                     budget=deadline - loop.time(),
                     lag=self._lag,
                     waited=waited,
+                    websockets=self.websockets,
+                    proxy=self.proxy,
                 )
                 if self._closing:
                     wire.abort()

@@ -19,6 +19,7 @@ from ..errors import (
     PolicyError,
     PolicyViolation,
     ProtocolVersionError,
+    ProxyAuthenticationError,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ PERMANENT = (
     PolicyError,
     ProtocolVersionError,
     CipherSuiteError,
+    ProxyAuthenticationError,
 )
 
 #: AmqpOptions.retry by default: the first wait up to 0.5 s, doubling to 30 s.

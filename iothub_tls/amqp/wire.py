@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._io.loop import LoopLag, overload_hint
+from .._io.loop import LoopLag, overload_hint, wait_for
 from .._io.tls import open_tls
 from ..errors import ConnectionFailedError, HandshakeTimeoutError, IoTHubTLSError
 from ..tls.context import HardenedSSLContext
 from ..tls.info import TlsInfo
 
+if TYPE_CHECKING:
+    from .._io.proxy import Proxy
+
 __all__ = ["Wire", "open_wire"]
+
 
 class Wire(asyncio.Protocol):
     """One TLS connection and the AMQP engine driven over it.
@@ -216,27 +220,46 @@ async def open_wire(
     budget: float,
     lag: LoopLag | None,
     waited: float,
+    websockets: bool = False,
+    proxy: Proxy | None = None,
 ) -> Wire:
     """TCP and TLS to ``host:port`` within ``budget`` seconds: a wire ready for AMQP.
+    With ``websockets``, the WebSocket upgrade too (:mod:`.websocket`: AMQP over
+    WebSockets); with ``proxy``, TCP is a tunnel through that proxy.
 
     :raises iothub_tls.TLSHandshakeError: (and the core's other refusals) unchanged;
         a stalled handshake as :class:`~iothub_tls.HandshakeTimeoutError`.
-    :raises ConnectionFailedError: TCP failed or took too long.
+    :raises ConnectionFailedError: TCP failed or took too long, or the WebSocket upgrade
+        was refused.
+    :raises iothub_tls.ProxyError: the proxy could not be reached or refused the tunnel.
     """
     loop = asyncio.get_running_loop()
     where = f"{host}:{port}"
     wire = Wire(loop, on_event, where)
     budget = max(0.05, budget)
+    inner: asyncio.Protocol = wire
+    if websockets:
+        from .websocket import websocket_layer
+
+        inner = ws = websocket_layer(wire, server_hostname)
+    started = loop.time()
     try:
-        await open_tls(
-            wire,
+        layer = await open_tls(
+            inner,
             host,
             port,
             context=context,
             server_hostname=server_hostname,
             connect_timeout=budget,
             handshake_timeout=budget,
+            proxy=proxy,
         )
+        if websockets:
+            try:
+                await wait_for(ws.upgraded, max(0.05, budget - (loop.time() - started)))
+            except BaseException:
+                layer.abort()
+                raise
     except IoTHubTLSError as exc:
         # the core's TLS refusals, unchanged (a stalled handshake: say if we were slow)
         if isinstance(exc, HandshakeTimeoutError) and (hint := overload_hint(lag, waited)):

@@ -34,6 +34,7 @@ from .. import __version__
 from .._io.aiobase import AsyncClientBase
 from .._io.base import check_host, check_port, unsupported
 from .._io.loop import HandshakeGate, LoopLag, overload_hint
+from .._io.proxy import Proxy, proxy_for
 from ..auth import ClientIdentity, ConnectionString, SasTokenProvider
 from ..device import C2DMessage, ConnectionState, Message, MethodHandler, Settlement
 from ..errors import (
@@ -44,6 +45,7 @@ from ..errors import (
     HandshakeTimeoutError,
     IoTHubTLSError,
     OperationTimeoutError,
+    ProxyAuthenticationError,
 )
 from ..policy import TlsPolicy
 from ..tls.context import HardenedSSLContext, create_ssl_context
@@ -131,6 +133,7 @@ class HttpsDeviceClient(AsyncClientBase):
         sas_token_provider: SasTokenProvider | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Sleep = asyncio.sleep,
+        proxy: str | Proxy | None = None,
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
     ) -> None:
@@ -155,6 +158,9 @@ class HttpsDeviceClient(AsyncClientBase):
         self._connect_host = connect_host or cs.hostname
         self._connect_port = port
         self._target = f"{self._connect_host}:{port}"
+        self._proxy = proxy_for(proxy, self._connect_host, port)
+        if self._proxy is not None:
+            self._target += f" through {self._proxy.url}"
         self._draws = random.Random()  # noqa: S311 - jitter, not a secret
         self._sleep = sleep
         # One context for the client's lifetime: it remembers the TLS session, so every
@@ -255,7 +261,7 @@ class HttpsDeviceClient(AsyncClientBase):
                         self._turns.give()
                     break
                 except (ConnectionFailedError, HandshakeClosedError) as exc:
-                    if attempt >= self._max_attempts:
+                    if attempt >= self._max_attempts or isinstance(exc, ProxyAuthenticationError):
                         raise
                     delay = self._backoff(attempt)
                     logger.info("connect: %s; retrying in %.2f s", exc, delay)
@@ -347,6 +353,12 @@ class HttpsDeviceClient(AsyncClientBase):
         """The TCP connection (every address of the host in turn)."""
         loop = asyncio.get_running_loop()
         host, port = self._connect_host, self._connect_port
+        if self._proxy is not None:
+            from .._io.proxy import open_tunnel
+
+            return await open_tunnel(
+                self._proxy, host, port, timeout=max(deadline - loop.time(), 0.001)
+            )
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -496,7 +508,9 @@ class HttpsDeviceClient(AsyncClientBase):
                 # it stall) during the handshake without a TLS alert, i.e. before any
                 # policy decision — a transport fault. Refusals (version, suites,
                 # certificates, policy violations) are other classes and not caught.
-                if not isinstance(exc, ConnectionFailedError | HandshakeClosedError):
+                if not isinstance(exc, ConnectionFailedError | HandshakeClosedError) or (
+                    isinstance(exc, ProxyAuthenticationError)  # fixed by the URL, not time
+                ):
                     raise exc from exc.__cause__
                 if outcome.reused and not replaced_stale and isinstance(exc, ConnectionFailedError):
                     # A kept-alive connection that sat idle can be dead without our

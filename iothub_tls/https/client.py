@@ -170,6 +170,10 @@ class HttpsDeviceClient(SyncFacade):
     :param sas_token_provider: tokens from this provider instead of the key's.
     :param clock: time source for SAS tokens (seconds since the epoch).
     :param sleep: how to wait between retries and polls (called off the I/O loop).
+    :param proxy: reach the hub through a proxy: ``"http://[user:password@]host:port"``
+        (HTTP CONNECT), ``"socks5://[user:password@]host:port"``, ``"socks4://host:port"``,
+        or ``"env"`` for ``HTTPS_PROXY``/``NO_PROXY``. TLS still runs end to end with the
+        hub; a proxy refusal is :class:`~iothub_tls.ProxyError`.
     """
 
     transport = "https"
@@ -186,6 +190,7 @@ class HttpsDeviceClient(SyncFacade):
         sas_token_provider: SasTokenProvider | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        proxy: str | None = None,
     ) -> None:
         io = shared_loop()
         self._attach(
@@ -199,6 +204,7 @@ class HttpsDeviceClient(SyncFacade):
                 sas_token_provider=sas_token_provider,
                 clock=clock,
                 sleep=_sleep_off_the_loop(sleep),
+                proxy=proxy,
                 gate=io.gate,
                 lag=io.lag,
             )

@@ -342,7 +342,7 @@ class TlsFrontDoor:
         self.log.emit(
             ConnectionEvent(
                 "deviceConnect",
-                self.protocol,
+                self._protocol_of(meta),
                 "Success" if success else "Failure",
                 device_id=device_id,
                 tls_version=meta.tls_version,
@@ -355,11 +355,15 @@ class TlsFrontDoor:
             )
         )
 
+    def _protocol_of(self, meta: TlsMeta) -> str:
+        """The log's protocol: the door's, ``MqttWs`` / ``AmqpWs`` over WebSockets."""
+        return f"{self.protocol}Ws" if meta.websocket else self.protocol
+
     def disconnected(self, meta: TlsMeta, device_id: str | None, reason: str | None = None) -> None:
         self.log.emit(
             ConnectionEvent(
                 "deviceDisconnect",
-                self.protocol,
+                self._protocol_of(meta),
                 "Success",
                 device_id=device_id,
                 tls_version=meta.tls_version,

@@ -41,8 +41,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from ..device import C2DMessage, Message
 from ..errors import AuthenticationError
 from ..https import conventions as proto
-from . import http1
-from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsMeta
+from . import http1, websocket
+from .frontdoor import DEFAULT_MAX_CONNECTIONS, HubFrontDoor, TlsFrontDoor, TlsMeta
 from .log import ConnectionEvent, ConnectionLog
 from .loop import HubLoop
 from .profile import HubTlsProfile, PeerTls, peer_tls
@@ -186,6 +186,19 @@ class HttpsEndpoint(HubFrontDoor):
         self._state_lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
         self.service = service or ServiceApi(registry, self.state, log=self.log, clock=clock)
+        #: the doors whose sessions run over WebSockets on this door ("mqtt", "amqp")
+        self.websocket_doors: dict[str, TlsFrontDoor] = {}
+
+    def serve_websockets(self, **doors: TlsFrontDoor | None) -> None:
+        """Serve ``GET /$iothub/websocket`` upgrades for these doors (``mqtt=``,
+        ``amqp=``; :mod:`.websocket`), as IoT Hub serves MQTT and AMQP over WebSockets on
+        443. Their sessions run on this door's loop, which must be theirs too."""
+        for name, door in doors.items():
+            if door is None:
+                continue
+            if door.io is not self.io:
+                raise ValueError(f"the {name} door runs on another loop than the HTTPS door")
+            self.websocket_doors[name] = door
 
     # -- life cycle ---------------------------------------------------------------------
 
@@ -372,6 +385,9 @@ class _HttpConnection:
         del self.buffer[:end]
         self.head = head
         self.keep_alive = head.keep_alive
+        if websocket.is_websocket_request(head):
+            self._upgrade(head)
+            return False
         if head.method not in _METHODS:
             self.keep_alive = False
             self._error(_HttpError(501, f"unsupported method {head.method!r}", "NotImplemented"))
@@ -385,6 +401,25 @@ class _HttpConnection:
             self.stream.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.state = "body"
         return True
+
+    def _upgrade(self, head: http1.RequestHead) -> None:
+        """A WebSocket upgrade (MQTT or AMQP over WebSockets): refused with its status
+        and a log line, or accepted: the connection's bytes go to the new session."""
+        endpoint = self.endpoint
+        refused = websocket.refusal(head, set(endpoint.websocket_doors))
+        if refused is not None:
+            self.conn.reported = True
+            endpoint.connected(self.conn.meta, None, success=False, reason=refused.reason)
+            self.keep_alive = False
+            self.state = "busy"
+            self._error(_HttpError(refused.status, refused.reason, refused.code, refused.headers))
+            return
+        self._cancel()
+        self.state = "closed"  # this HTTP session is over; the stream has a new one
+        leftover, self.buffer = bytes(self.buffer), bytearray()
+        self.stream.session = websocket.accept(
+            self.stream, self.conn.meta, head, endpoint.websocket_doors, leftover
+        )
 
     def _body_length(self, headers: http1.Headers) -> int:
         """The request body's length, framed by Content-Length only (RFC 9112 section 6).

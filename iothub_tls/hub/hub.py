@@ -253,6 +253,12 @@ class LocalHub:
                     continue
                 door.start()
                 self.doors[protocol] = door
+            https = self.doors.get("https")
+            if https is not None:  # MQTT and AMQP over WebSockets on 443, as IoT Hub does
+                from .https import HttpsEndpoint
+
+                assert isinstance(https, HttpsEndpoint)
+                https.serve_websockets(mqtt=self.doors.get("mqtt"), amqp=self.doors.get("amqp"))
             self._write_endpoint()
         except BaseException:
             self.stop()

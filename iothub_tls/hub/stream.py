@@ -55,6 +55,8 @@ class TlsMeta:
     client_chain: tuple[bytes, ...] = field(default=(), repr=False)
     #: the client named itself ``iothub-tls probe`` in its ClientHello
     probe: bool = False
+    #: the protocol runs over WebSockets on the HTTPS door (:mod:`.websocket`)
+    websocket: bool = False
 
     @property
     def thumbprint(self) -> str | None:

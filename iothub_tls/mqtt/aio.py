@@ -27,6 +27,7 @@ from .._io.aiobase import AsyncClientBase
 from .._io.backoff import Backoff
 from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag, overload_hint, wait_for
+from .._io.proxy import Proxy, proxy_for
 from .._io.tls import open_tls
 from .._io.waiter import ThreadWaiter
 from ..auth import ConnectionString, SasTokenProvider
@@ -192,7 +193,9 @@ class MqttDeviceClient(AsyncClientBase):
     client.receive_c2d(timeout)``, ``async for message in client.c2d_messages()``;
     callbacks and method handlers may be coroutine functions. Keywords of the
     factories: ``policy``, ``identity``, ``host``, ``port``, ``websockets``, ``options``
-    (:class:`~iothub_tls.mqtt.MqttOptions`), ``sas_token_provider``, ``model_id``.
+    (:class:`~iothub_tls.mqtt.MqttOptions`), ``sas_token_provider``, ``model_id``,
+    ``proxy`` (``"http://[user:password@]host:port"``, ``"socks5://..."``,
+    ``"socks4://..."`` or ``"env"``; see :mod:`iothub_tls._io.proxy`).
     """
 
     transport = "mqtt"
@@ -209,6 +212,7 @@ class MqttDeviceClient(AsyncClientBase):
         options: MqttOptions | None = None,
         sas_token_provider: SasTokenProvider | None = None,
         model_id: str | None = None,
+        proxy: str | Proxy | None = None,
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
     ) -> None:
@@ -229,6 +233,7 @@ class MqttDeviceClient(AsyncClientBase):
         self._connect_host = connect_host or cs.hostname
         self._server_hostname = cs.hostname
         self._websockets = bool(websockets)
+        self._proxy = proxy_for(proxy, self._connect_host, self._port)
         # One context for the client's lifetime: it remembers TLS sessions, so every
         # reconnection resumes (IoT Hub guidance: fewer bytes and CPU per connection).
         self._context = create_ssl_context(policy, identity=identity)
@@ -318,7 +323,8 @@ class MqttDeviceClient(AsyncClientBase):
     def __repr__(self) -> str:
         return (
             f"<MqttDeviceClient {self._cs.client_id} -> {self._server_hostname}:{self._port}"
-            f"{' (websockets)' if self._websockets else ''} {self._state.value}>"
+            f"{' (websockets)' if self._websockets else ''}"
+            f"{f' via {self._proxy.url}' if self._proxy else ''} {self._state.value}>"
         )
 
     # -- life cycle ---------------------------------------------------------------------
@@ -529,6 +535,7 @@ class MqttDeviceClient(AsyncClientBase):
                 server_hostname=self._server_hostname,
                 connect_timeout=options.connect_timeout,
                 handshake_timeout=options.handshake_timeout,
+                proxy=self._proxy,
             )
         except IoTHubTLSError as exc:
             # the core's TLS refusals, unchanged (a stalled handshake: say if we were slow)

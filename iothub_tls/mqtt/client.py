@@ -66,6 +66,10 @@ class MqttDeviceClient(SyncFacade):
     :param options: :class:`MqttOptions` (timeouts, queue size, retry, keep-alive).
     :param sas_token_provider: tokens from this provider instead of the key's.
     :param model_id: the IoT Plug and Play model the device implements (``dtmi:...``).
+    :param proxy: reach the hub through a proxy: ``"http://[user:password@]host:port"``
+        (HTTP CONNECT), ``"socks5://[user:password@]host:port"``, ``"socks4://host:port"``,
+        or ``"env"`` for ``HTTPS_PROXY``/``NO_PROXY``. TLS still runs end to end with the
+        hub; a proxy refusal is :class:`~iothub_tls.ProxyError`.
     """
 
     transport = "mqtt"
@@ -82,6 +86,7 @@ class MqttDeviceClient(SyncFacade):
         options: MqttOptions | None = None,
         sas_token_provider: SasTokenProvider | None = None,
         model_id: str | None = None,
+        proxy: str | None = None,
     ) -> None:
         io = shared_loop()
         self._attach(
@@ -95,6 +100,7 @@ class MqttDeviceClient(SyncFacade):
                 options=options,
                 sas_token_provider=sas_token_provider,
                 model_id=model_id,
+                proxy=proxy,
                 gate=io.gate,
                 lag=io.lag,
             )

@@ -36,6 +36,7 @@ from ..errors import (
     PolicyError,
     PolicyViolation,
     ProtocolVersionError,
+    ProxyAuthenticationError,
     QueueFullError,
 )
 from ..tls.refusals import Refusal
@@ -751,6 +752,7 @@ _PERMANENT = (
     IdentityError,
     AuthenticationError,
     NotAuthorizedError,
+    ProxyAuthenticationError,
 )
 
 

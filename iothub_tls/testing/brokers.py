@@ -90,6 +90,9 @@ APT_PACKAGES: dict[str, str] = {
     "epmd": "erlang-base",
     "erl": "erlang-base",
     "openssl": "openssl",
+    # the proxies of .proxies
+    "tinyproxy": "tinyproxy",
+    "danted": "dante-server",
 }
 
 #: Environment variable put into every process we spawn; :meth:`_Process.sweep` kills
