@@ -85,13 +85,14 @@ def _wait_events(hub, count, timeout=5.0):
     return hub.log.events
 
 
-def _event_of(hub, address, timeout=5.0):
-    """The log line of the connection made from ``address`` (other tests' scanners may still
-    be logging on the same hub)."""
+def _event_of(hub, address, after=0, timeout=5.0):
+    """The log line of the connection made from ``address``, among the lines after the
+    first ``after`` (other tests' scanners may still be logging on the same hub, and an
+    earlier connection may have had the same source port)."""
     caller = f"{address[0]}:{address[1]}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [e for e in hub.log.events if e.caller == caller]
+        found = [e for e in list(hub.log.events)[after:] if e.caller == caller]
         if found:
             return found[0]
         time.sleep(0.02)
@@ -101,6 +102,7 @@ def _event_of(hub, address, timeout=5.0):
 def test_tls10_accepted_by_legacy_hub_refused_by_default(default_hub, legacy_hub):
     for hub, accepted in ((legacy_hub, True), (default_hub, False)):
         ctx = _legacy_client(hub)
+        before = len(hub.log.events)
         with socket.create_connection(("127.0.0.1", hub.ports["https"]), 5) as raw:
             caller = raw.getsockname()
             if accepted:
@@ -114,7 +116,7 @@ def test_tls10_accepted_by_legacy_hub_refused_by_default(default_hub, legacy_hub
             else:
                 with pytest.raises(ssl.SSLError, match=r"UNSUPPORTED_PROTOCOL|PROTOCOL_VERSION"):
                     ctx.wrap_socket(raw, server_hostname="localhost")
-        event = _event_of(hub, caller)
+        event = _event_of(hub, caller, before)
         assert event.protocol == "Https" and event.operation == "deviceConnect"
         if accepted:
             assert event.tls_version == "TLSv1" and event.sni == "localhost"
