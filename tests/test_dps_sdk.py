@@ -270,7 +270,9 @@ def _register_x509_and_connect(
     state = result.registration_state
     assert result.status == "assigned" and state.device_id == rid
     device_entry = hub.registry.get(rid)
-    assert device_entry.auth_type == ("selfSigned" if kind == "individual" else "certificateAuthority")
+    assert device_entry.auth_type == (
+        "selfSigned" if kind == "individual" else "certificateAuthority"
+    )
     device = sdk.IoTHubDeviceClient.create_from_x509_certificate(
         x509, state.assigned_hub, rid, server_verification_cert=root_pem, connection_retry=False
     )

@@ -202,7 +202,6 @@ class _Operation:
     key: str | None  # the key the device authenticated with (SAS)
     leaf: bytes | None  # its certificate (X.509)
     payload: Any
-    ready_at: float
     result: dps.Registration | None = None
 
 
@@ -221,7 +220,7 @@ class ProvisioningService:
     :param state_dir: where ``dps.json`` lives (None: memory only).
     :param id_scope: the service's ID scope (default: made once and kept in dps.json).
     :param retry_after: seconds the service tells devices to wait before polling (an
-        integer, as DPS sends it); also how long a registration stays "assigning".
+        integer, as DPS sends it). A registration is "assigning" until its first poll.
     """
 
     def __init__(
@@ -512,7 +511,6 @@ class ProvisioningService:
             key=key,
             leaf=leaf,
             payload=payload,
-            ready_at=self._clock() + self.retry_after,
         )
         with self._lock:
             self._operations[operation.operation_id] = operation
@@ -520,7 +518,7 @@ class ProvisioningService:
         return 202, dps.operation_body(operation.operation_id, "assigning"), self.retry_after
 
     def status(self, registration_id: str, operation_id: str) -> tuple[int, bytes, int | None]:
-        """Poll a registration: 202 while assigning, then 200 with its state."""
+        """Poll a registration: 200 with its state (assigned at the first poll)."""
         fault = self._take_fault()
         if fault is not None:
             raise _Refusal(
@@ -535,9 +533,7 @@ class ProvisioningService:
             raise _Refusal(
                 404, 404201, f"no registration operation {operation_id!r} for {registration_id!r}"
             )
-        if operation.result is None:
-            if self._clock() < operation.ready_at:
-                return 202, dps.operation_body(operation_id, "assigning"), self.retry_after
+        if operation.result is None:  # the first poll after the register request
             operation.result = self._assign(operation)
         result = operation.result
         return 200, dps.operation_body(operation_id, result.status, result), None
@@ -616,7 +612,8 @@ class ProvisioningService:
                 from .registry import Device
 
                 registry.add(Device(device_id, thumbprints=(sha1,)), replace_existing=True)
-        registry.save()
+        if registry.state_dir is not None:
+            registry.save()
 
     # -- persistence -------------------------------------------------------------------
 
