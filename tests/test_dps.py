@@ -18,6 +18,8 @@ import hashlib
 import hmac
 import json
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import pytest
 
 import iothub_tls as it
 from iothub_tls.auth.sas import SasToken
+from iothub_tls.cli import main
 from iothub_tls.dps import (
     ProvisioningClient,
     ProvisioningError,
@@ -516,3 +519,173 @@ def test_tls_refusal_matrix_against_the_dps_door(pki, bare_door, transport):
     old_door, old_service = bare_door(HubTlsProfile((_cred(expired),)))
     with pytest.raises(it.CertificateVerificationError, match=r"(?i)expired"):
         _register_at(old_door, old_service, pki.policy(), transport)
+
+
+# -- the command line: serve --dps, provision ----------------------------------------------------
+
+
+def _serve_json(state: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """``iothub-tls serve --json`` in a subprocess and the summary it prints first."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "iothub_tls",
+            "serve",
+            "--state",
+            str(state),
+            "--json",
+            "--mqtt-port",
+            "0",
+            "--amqp-port",
+            "off",
+            "--https-port",
+            "0",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    text = ""
+    while True:
+        line = proc.stderr.readline()  # type: ignore[union-attr]
+        if not line:
+            proc.kill()
+            raise AssertionError(f"serve did not start: {text}{proc.stderr.read()}")  # type: ignore[union-attr]
+        text += line
+        if line == "}\n":
+            return proc, json.loads(text[text.index("{") :])
+
+
+def test_serve_dps_enrolls_and_provision_registers(tmp_path, capsys):
+    proc, summary = _serve_json(
+        tmp_path,
+        "--dps",
+        "--dps-port",
+        "0",
+        "--enroll",
+        "cli-dev",
+        "--enroll",
+        "cli-cam:x509",
+        "--enroll-group",
+        "cli-fleet",
+    )
+    try:
+        dps_doc = summary["dps"]
+        assert dps_doc["port"] == summary["ports"]["dps"] and dps_doc["idScope"].startswith("0ne")
+        enrolled = {e.get("registrationId") or e["groupId"]: e for e in dps_doc["enrolled"]}
+        # an individual symmetric key, over MQTT
+        code = main(
+            [
+                "provision",
+                "--state",
+                str(tmp_path),
+                "--registration-id",
+                "cli-dev",
+                "--key",
+                enrolled["cli-dev"]["primaryKey"],
+                "--json",
+            ]
+        )
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0, out
+        assert out["registration"]["status"] == "assigned"
+        assert out["connectionString"].startswith("HostName=localhost;DeviceId=cli-dev;")
+        # a group key over HTTPS (the device key is derived)
+        code = main(
+            [
+                "provision",
+                "--state",
+                str(tmp_path),
+                "--registration-id",
+                "cli-7",
+                "--group-key",
+                enrolled["cli-fleet"]["primaryKey"],
+                "--transport",
+                "https",
+            ]
+        )
+        printed = capsys.readouterr().out
+        assert code == 0 and "cli-7: assigned" in printed and "device id  cli-7" in printed
+        # X.509 with the certificate serve made
+        code = main(
+            [
+                "provision",
+                "--state",
+                str(tmp_path),
+                "--registration-id",
+                "cli-cam",
+                "--cert",
+                enrolled["cli-cam"]["certificate"],
+                "--cert-key",
+                enrolled["cli-cam"]["key"],
+                "--json",
+            ]
+        )
+        assert (
+            code == 0
+            and json.loads(capsys.readouterr().out)["registration"]["deviceId"] == "cli-cam"
+        )
+        # checked and refused: 1
+        code = main(
+            [
+                "provision",
+                "--state",
+                str(tmp_path),
+                "--registration-id",
+                "cli-dev",
+                "--key",
+                DeviceRegistry.new_key(),
+                "--json",
+            ]
+        )
+        captured = capsys.readouterr()
+        assert code == 1 and json.loads(captured.out)["error"] == "ConnectRefusedError"
+        # an assignment outside --allowed-hub: 1
+        code = main(
+            [
+                "provision",
+                "--state",
+                str(tmp_path),
+                "--registration-id",
+                "cli-dev",
+                "--key",
+                enrolled["cli-dev"]["primaryKey"],
+                "--allowed-hub",
+                "*.azure-devices.net",
+            ]
+        )
+        assert code == 1 and "not one of the allowed hubs" in capsys.readouterr().err
+    finally:
+        proc.send_signal(2)
+        proc.communicate(timeout=10)
+    # could not check: 2 (no hub runs there any more; a usage error)
+    assert (
+        main(["provision", "--state", str(tmp_path), "--registration-id", "x", "--key", "a"]) == 2
+    )
+    assert "no local hub is running" in capsys.readouterr().err
+    assert main(["provision", "--registration-id", "x", "--key", "a"]) == 2
+    assert "--id-scope" in capsys.readouterr().err
+
+
+def test_provision_unreachable_endpoint_could_not_check(capsys):
+    code = main(
+        [
+            "provision",
+            "--id-scope",
+            "0ne00000000",
+            "--registration-id",
+            "x",
+            "--key",
+            DeviceRegistry.new_key(),
+            "--endpoint",
+            "localhost",
+            "--port",
+            "1",
+            "--timeout",
+            "5",
+            "--json",
+        ]
+    )
+    assert code == 2 and "could not connect" in json.loads(capsys.readouterr().out)["error"]
