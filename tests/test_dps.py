@@ -270,7 +270,7 @@ def test_wrong_key_unknown_registration_and_wrong_scope_are_refused(hub, transpo
     enrollment = hub.dps.add_individual_enrollment(rid)
     cases = [
         (rid, DeviceRegistry.new_key(), {}, "signature does not match"),
-        (_rid("unknown"), enrollment.primary_key, {}, "signature does not match"),
+        (_rid("unknown"), enrollment.primary_key, {}, "no enrollment admits"),
         (rid, enrollment.primary_key, {"id_scope": "0neWRONG00"}, "unknown ID scope"),
     ]
     for registration_id, key, extra, reason in cases:
