@@ -62,10 +62,18 @@ standard-library base where one applies, so existing ``except ValueError`` or
         ├── DeviceNotFoundError (LookupError)    HTTPS: 404
         ├── ThrottledError                       HTTPS: 429 (``retry_after``)
         ├── HubServerError                       HTTPS: 5xx after the retries
-        └── UnexpectedResponseError              HTTPS: any other status
+        ├── UnexpectedResponseError              HTTPS: any other status
+        └── ProvisioningError                    DPS: the device was not provisioned
+            ├── RegistrationFailedError          DPS: the registration ended "failed"
+            ├── RegistrationDisabledError        DPS: the enrollment is disabled
+            └── UntrustedAssignmentError         DPS: the assigned hub is outside the
+                                                 policy's trust (name or certificate)
 
 The HTTPS answers (``InvalidMessageError`` ... ``UnexpectedResponseError``) are raised by the
-HTTPS client only; they are here so that the whole tree is in one place. The local hub's
+HTTPS client (and the Device Provisioning Service client, for DPS's answers: 400, 429,
+5xx) only; the DPS client refuses a registration it may not make with
+``AuthenticationError`` (401) and a registration that does not finish in time with
+``OperationTimeoutError``; they are here so that the whole tree is in one place. The local hub's
 ``RegistryError`` (ValueError) and ``DeviceNotRegisteredError`` (LookupError) in
 :mod:`iothub_tls.hub.registry`.
 
@@ -110,9 +118,12 @@ __all__ = [
     "PolicyError",
     "PolicyViolation",
     "ProtocolVersionError",
+    "ProvisioningError",
     "ProxyAuthenticationError",
     "ProxyError",
     "QueueFullError",
+    "RegistrationDisabledError",
+    "RegistrationFailedError",
     "RootIntegrityError",
     "RootStoreError",
     "SasTokenError",
@@ -123,6 +134,7 @@ __all__ = [
     "TokenRemovedError",
     "UnexpectedResponseError",
     "UnsupportedOperationError",
+    "UntrustedAssignmentError",
 ]
 
 
@@ -399,3 +411,31 @@ class HubServerError(_FromResponse, ClientError):
 
 class UnexpectedResponseError(_FromResponse, ClientError):
     """A status the device API does not document for this operation."""
+
+
+# -- the Device Provisioning Service ------------------------------------------------
+
+
+class ProvisioningError(ClientError):
+    """The Device Provisioning Service did not provision the device. ``registration``
+    is what the service answered (an :class:`iothub_tls.dps.Registration`), when it
+    answered."""
+
+    registration: object | None = None
+
+
+class RegistrationFailedError(ProvisioningError):
+    """The registration ended with status ``failed``; ``registration.error_code`` and
+    ``registration.error_message`` say why."""
+
+
+class RegistrationDisabledError(ProvisioningError):
+    """The registration ended with status ``disabled``: its enrollment (or enrollment
+    group) is disabled in the service. Enable it; retrying does not help."""
+
+
+class UntrustedAssignmentError(ProvisioningError):
+    """The service assigned the device to a hub this device must not connect to: its
+    name is outside the allowed hub names, or its certificate does not chain to the
+    policy's roots. A provisioning service that does this is misconfigured (or not
+    the one you meant): the device does not connect."""

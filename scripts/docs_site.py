@@ -41,6 +41,7 @@ REFERENCE: dict[str, tuple[str, str]] = {
     "iothub_tls.https": ("reference/https.md", "iothub_tls.https"),
     "iothub_tls.aio": ("reference/aio.md", "iothub_tls.aio"),
     "iothub_tls.azure": ("reference/azure.md", "iothub_tls.azure"),
+    "iothub_tls.dps": ("reference/dps.md", "iothub_tls.dps"),
     "iothub_tls.diagnostics.probe": ("reference/probe.md", "iothub_tls.diagnostics.probe"),
     "iothub_tls.diagnostics.doctor": ("reference/doctor.md", "iothub_tls.diagnostics.doctor"),
     "iothub_tls.audit": ("reference/audit.md", "iothub_tls.audit"),

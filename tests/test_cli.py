@@ -75,7 +75,7 @@ def test_help_explains_each_command(capsys, case):
 
 def test_every_registered_command_has_help(capsys):
     assert set(COMMANDS) == {
-        "demo", "serve", "hub", "doctor", "probe", "audit", "certs", "thumbprint"
+        "demo", "serve", "hub", "provision", "doctor", "probe", "audit", "certs", "thumbprint"
     }
     for name in COMMANDS:
         code, out, _ = run(capsys, name, "--help")

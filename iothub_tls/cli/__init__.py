@@ -33,6 +33,7 @@ COMMANDS: tuple[str, ...] = (
     "demo",
     "serve",
     "hub",
+    "provision",
     "doctor",
     "probe",
     "audit",
@@ -54,7 +55,8 @@ class Command(Protocol):
 _DESCRIPTION = """\
 Check and prepare TLS for Azure IoT Hub devices: see the whole stack work against a
 local hub (demo), run that hub for your own devices (serve) and act as its service side
-(hub: C2D, twins, direct methods), is this platform able to comply (doctor), does an
+(hub: C2D, twins, direct methods), register a device with a provisioning service
+(provision), is this platform able to comply (doctor), does an
 endpoint comply (probe), which devices of a fleet will be refused, from the hub's
 connection logs (audit), make a test PKI (certs), and show what IoT Hub registers for a
 certificate (thumbprint).

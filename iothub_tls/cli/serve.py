@@ -38,6 +38,9 @@ methods, cloud-to-device) on the HTTPS door, and the cloud-to-device sender of t
 service SDKs on the AMQP door, for the shared access policy iothubowner whose
 connection string is printed at start. 'iothub-tls hub --state STATE ...' uses it.
 
+A Device Provisioning Service door (--dps) registers devices enrolled with --enroll /
+--enroll-group (or from Python: LocalHub.dps) and assigns them to this hub.
+
 Exit codes: 0 stopped cleanly, 2 could not start (port taken, unusable state directory).
 """
 
@@ -154,6 +157,41 @@ def register(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="register a device (SAS key, or ':x509' for a certificate from "
         "the hub's PKI) and print its connection string; repeatable",
     )
+    dps = parser.add_argument_group(
+        "Device Provisioning Service",
+        "a DPS door (its MQTT and HTTPS device API on one port) that assigns devices to "
+        "this hub; 'iothub-tls provision --state STATE' registers through it",
+    )
+    dps.add_argument("--dps", action="store_true", help="open the DPS door")
+    dps.add_argument(
+        "--dps-port",
+        type=_port,
+        default=8884,
+        metavar="PORT",
+        help="its port (default: %(default)s; the Azure SDKs dial 8883: give the door an "
+        "address of its own with --dps-bind and --dps-hostname)",
+    )
+    dps.add_argument("--dps-bind", metavar="ADDR", help="its address (default: --bind)")
+    dps.add_argument(
+        "--dps-hostname", metavar="NAME", help="its host name in certificates (default: --hostname)"
+    )
+    dps.add_argument("--id-scope", metavar="SCOPE", help="its ID scope (default: kept in STATE)")
+    dps.add_argument(
+        "--enroll",
+        action="append",
+        default=[],
+        metavar="ID[:x509]",
+        help="an individual enrollment (symmetric key, or ':x509' for a certificate from "
+        "the hub's PKI) whose credentials are printed; repeatable; implies --dps",
+    )
+    dps.add_argument(
+        "--enroll-group",
+        action="append",
+        default=[],
+        metavar="NAME[:x509]",
+        help="an enrollment group (symmetric key, or ':x509' for devices whose "
+        "certificates the hub's PKI issues); repeatable; implies --dps",
+    )
     parser.add_argument(
         "--log",
         type=Path,
@@ -202,8 +240,60 @@ def build_hub(args: argparse.Namespace, log_stream: Any) -> LocalHub:
         legacy_ciphers=args.legacy_ciphers,
         certificate=args.cert,
         max_connections=args.max_connections,
+        **_dps_options(args),
     )
     return LocalHub(options, log_stream=log_stream)
+
+
+def _dps_options(args: argparse.Namespace) -> dict[str, Any]:
+    enabled = (
+        getattr(args, "dps", False)
+        or getattr(args, "enroll", None)
+        or getattr(args, "enroll_group", None)
+    )
+    if not enabled:
+        return {}
+    return {
+        "dps_port": args.dps_port,
+        "dps_bind": args.dps_bind,
+        "dps_hostname": args.dps_hostname,
+        "id_scope": args.id_scope,
+    }
+
+
+def _enroll(hub: LocalHub, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The enrollments asked for with --enroll / --enroll-group, with their secrets."""
+    from ..testing.pki import KeyType
+
+    made = []
+    for spec in args.enroll:
+        name, _, kind = spec.partition(":")
+        if kind.lower() == "x509":
+            files = hub.pki.device_files(name)
+            if not files.certificate.exists():
+                hub.pki.add_device(name, key_type=KeyType.EC)
+            hub.dps.add_individual_enrollment(name, certificate_pem=files.certificate.read_bytes())
+            made.append(
+                {"registrationId": name, "certificate": str(files.certificate),
+                 "key": str(files.private_key)}
+            )  # fmt: skip
+        else:
+            enrollment = hub.dps.add_individual_enrollment(name)
+            made.append({"registrationId": name, "primaryKey": enrollment.primary_key})
+    for spec in args.enroll_group:
+        name, _, kind = spec.partition(":")
+        if kind.lower() == "x509":
+            ca = (
+                hub.pki.intermediate_cert
+                if hub.pki.intermediate_cert.exists()
+                else hub.pki.root_cert
+            )
+            hub.dps.add_enrollment_group(name, ca_pem=ca.read_bytes())
+            made.append({"groupId": name, "caCertificate": str(ca)})
+        else:
+            enrollment = hub.dps.add_enrollment_group(name)
+            made.append({"groupId": name, "primaryKey": enrollment.primary_key})
+    return made
 
 
 def _fit_open_file_limit(doors: int, max_connections: int) -> str | None:
@@ -242,6 +332,18 @@ def _print_summary(summary: dict[str, Any]) -> None:
     out.write(f"devices pin this root: {summary['root']}\n")
     if "https" in summary["ports"]:
         out.write(f"service (iothubowner): {summary['service']['connectionString']}\n")
+    if "dps" in summary:
+        dps = summary["dps"]
+        out.write(
+            f"DPS: ID scope {dps['idScope']} at {dps['hostname']}:{dps['port']} "
+            f"('iothub-tls provision --state STATE --registration-id ID ...')\n"
+        )
+        for entry in dps.get("enrolled", []):
+            name = entry.get("registrationId") or f"group {entry['groupId']}"
+            secret = (
+                entry.get("primaryKey") or entry.get("certificate") or entry.get("caCertificate")
+            )
+            out.write(f"  enrollment {name}: {secret}\n")
     for device in summary["devices"]:
         out.write(f"device {device['deviceId']}: {device['connectionString']}\n")
         if device.get("certificate"):
@@ -298,6 +400,7 @@ def run(args: argparse.Namespace) -> int:
                     ),
                 }
             )
+        enrolled = _enroll(hub, args)
         doors = sum(1 for p in (args.mqtt_port, args.amqp_port, args.https_port) if p is not None)
         limit_warning = _fit_open_file_limit(doors, args.max_connections)
         hub.start()
@@ -318,6 +421,8 @@ def run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         summary = _summary(hub, devices)
+        if "dps" in summary:
+            summary["dps"]["enrolled"] = enrolled
         if limit_warning:
             sys.stderr.write(f"warning: {limit_warning}\n")
         if args.json:

@@ -68,6 +68,13 @@ class HubOptions:
     legacy_ciphers: bool = False
     certificate: str = "dual"
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: The Device Provisioning Service door (MQTT and HTTPS on one port; None: off), the
+    #: host name its certificate names (default: ``hostname``), the address it listens
+    #: on (default: ``bind``) and its ID scope (default: made once, kept in dps.json).
+    dps_port: int | None = None
+    dps_hostname: str | None = None
+    dps_bind: str | None = None
+    id_scope: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_connections, bool) or not isinstance(self.max_connections, int):
@@ -146,6 +153,22 @@ class LocalHub:
         #: the hub's I/O loop and its thread, shared by the doors
         self.io = HubLoop(name="iothub-tls-hub")
         self._endpoint_id: str | None = None
+        self._dps: Any = None
+
+    @property
+    def dps(self) -> Any:
+        """The Device Provisioning Service (:class:`~.dps.ProvisioningService`):
+        enrollments are added here, before or while the hub runs."""
+        if self._dps is None:
+            from .dps import ProvisioningService
+
+            self._dps = ProvisioningService(
+                self.registry,
+                self.options.hostname,
+                state_dir=self.state_dir,
+                id_scope=self.options.id_scope,
+            )
+        return self._dps
 
     # -- PKI ----------------------------------------------------------------------------
 
@@ -259,6 +282,17 @@ class LocalHub:
 
                 assert isinstance(https, HttpsEndpoint)
                 https.serve_websockets(mqtt=self.doors.get("mqtt"), amqp=self.doors.get("amqp"))
+            if self.options.dps_port is not None:
+                from .dps import DpsEndpoint, door_profile
+
+                dps_door = DpsEndpoint(
+                    door_profile(self), self.registry, self.dps,
+                    host=self.options.dps_bind or self.options.bind,
+                    port=self.options.dps_port, log=self.log,
+                    max_connections=self.options.max_connections, hub_loop=self.io,
+                )  # fmt: skip
+                dps_door.start()
+                self.doors["dps"] = dps_door
             self._write_endpoint()
         except BaseException:
             self.stop()
@@ -292,6 +326,10 @@ class LocalHub:
             "root": str(self.root_pem_path.resolve()),
             "service": {"connectionString": self.service_connection_string.format()},
         }
+        if "dps" in self.doors:
+            from .dps import describe
+
+            data["dps"] = describe(self)
         fd, tmp = tempfile.mkstemp(prefix=".hub-", dir=self.state_dir)
         try:
             os.fchmod(fd, 0o600)
@@ -326,7 +364,7 @@ class LocalHub:
         return {protocol: door.port for protocol, door in self.doors.items()}
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "hostname": self.options.hostname,
             "bind": self.options.bind,
             "ports": self.ports,
@@ -338,6 +376,11 @@ class LocalHub:
             "stateDir": str(self.state_dir),
             "service": {"connectionString": self.service_connection_string.format()},
         }
+        if "dps" in self.doors:
+            from .dps import describe
+
+            described["dps"] = describe(self)
+        return described
 
 
 def read_endpoint(state_dir: str | os.PathLike[str]) -> dict[str, Any]:
