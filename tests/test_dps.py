@@ -44,6 +44,9 @@ from iothub_tls.hub import DeviceRegistry, HubTlsProfile, ServerCredential
 from iothub_tls.hub.dps import DpsEndpoint, ProvisioningService
 from iothub_tls.hub.hub import HubOptions, LocalHub
 from iothub_tls.testing.pki import Issued, KeyType
+from iothub_tls.testing.ports import free_port
+from iothub_tls.testing.proxies import Dante, TinyProxy
+from tests.brokers import require_binary
 from tests.conftest import HOST, NOW, new_root
 
 TRANSPORTS = ["mqtt", "https"]
@@ -344,9 +347,57 @@ def test_a_registration_still_assigning_when_time_runs_out(hub, transport):
         hub.dps.retry_after = 0
 
 
-def test_proxy_is_refused_clearly(hub):
-    with pytest.raises(it.UnsupportedOperationError, match="proxy=None"):
-        _client(hub, "p", "mqtt", key=DeviceRegistry.new_key(), proxy="http://proxy:3128")
+# -- through a proxy (tinyproxy: HTTP CONNECT, danted: SOCKS5) ------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", ["http", "socks5"])
+def test_registration_through_a_proxy(hub, tmp_path, transport, kind):
+    require_binary("tinyproxy" if kind == "http" else "danted")
+    port = hub.ports["dps"]
+    server: TinyProxy | Dante = (
+        TinyProxy(tmp_path / "proxy", connect_ports=[port])
+        if kind == "http"
+        else Dante(tmp_path / "proxy", allow_ports=[port])
+    )
+    rid = _rid(f"proxied-{kind}")
+    enrollment = hub.dps.add_individual_enrollment(rid)
+    with server:
+        client = _client(hub, rid, transport, key=enrollment.primary_key, proxy=server.url())
+        registration = client.register(timeout=10)
+        log = server.log_text
+    assert registration.status == "assigned" and registration.device_id == rid
+    # TLS ran end to end with the provisioning endpoint, through the proxy's tunnel
+    assert client.tls_info is not None and client.tls_info.sni == "localhost"
+    assert client.tls_info.anchor == "iothub-tls Local Hub Root"
+    if kind == "http":  # the proxy was asked for the endpoint by name
+        assert f"CONNECT localhost:{port}" in log, log[-2000:]
+    else:
+        assert f".{port}" in log and "tcp/connect" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_proxy_that_refuses_the_tunnel_is_named(hub, tmp_path, transport):
+    require_binary("tinyproxy")
+    rid = _rid("refused-tunnel")
+    enrollment = hub.dps.add_individual_enrollment(rid)
+    with TinyProxy(tmp_path / "proxy", connect_ports=[443]) as server:  # 443 only
+        client = _client(hub, rid, transport, key=enrollment.primary_key, proxy=server.url())
+        with pytest.raises(it.ProxyError, match="refused to open a tunnel") as caught:
+            client.register(timeout=10)
+    assert caught.value.status == 403 and server.url() in str(caught.value)
+
+
+def test_a_proxy_that_is_down(hub):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    client = _client(hub, "down", "mqtt", key=DeviceRegistry.new_key(), proxy=url)
+    with pytest.raises(it.ProxyError, match="could not connect to the proxy"):
+        client.register(timeout=5)
+
+
+def test_a_malformed_proxy_is_refused_before_any_io(hub):
+    with pytest.raises(it.PolicyError, match="proxy"):
+        _client(hub, "p", "mqtt", key=DeviceRegistry.new_key(), proxy="ftp://proxy:21")
 
 
 def test_bad_arguments_are_refused_before_any_io(hub):

@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import __version__
 from .._io.base import check_host, check_port
+from .._io.proxy import proxy_for
 from .._io.tls import open_tls
 from ..auth import ClientIdentity, SasTokenProvider
 from ..errors import (
@@ -38,7 +39,6 @@ from ..errors import (
     ProvisioningError,
     RegistrationDisabledError,
     RegistrationFailedError,
-    UnsupportedOperationError,
 )
 from ..https.channel import Channel, Lost, Outcome
 from ..https.http11 import RequestWriter, Response
@@ -97,8 +97,10 @@ class ProvisioningClient:
     :param endpoint: the service's host name (its certificate must be for it).
     :param port: default 8883 (MQTT) or 443 (HTTPS).
     :param transport: "mqtt" or "https".
-    :param proxy: not supported yet: anything but None raises
-        :class:`~iothub_tls.UnsupportedOperationError`.
+    :param proxy: reach the endpoint through a proxy, as the device clients do:
+        ``"http://[user:password@]host:port"`` (HTTP CONNECT), ``"socks5://..."``,
+        ``"socks4://..."`` or ``"env"`` (``HTTPS_PROXY``/``NO_PROXY``); TLS runs end to
+        end with the service through the tunnel.
     :param host: the address to dial instead of ``endpoint`` (a test endpoint).
     :param allowed_hubs: host name patterns (``fnmatch``, case-insensitive, e.g.
         ``"*.azure-devices.net"``) a registration may assign the device to; None allows
@@ -132,11 +134,6 @@ class ProvisioningClient:
                 f"transport must be 'mqtt' or 'https', not {transport!r} (DPS has no AMQP "
                 "device API in this library)"
             )
-        if proxy is not None:
-            raise UnsupportedOperationError(
-                "proxy= is not supported by the provisioning client of this version of "
-                "iothub-tls: reach the provisioning endpoint directly (proxy=None)"
-            )
         if (key is None) == (identity is None):
             raise PolicyError("give the device's symmetric key or its X.509 identity (one of them)")
         if not isinstance(endpoint, str) or not endpoint.strip() or "/" in endpoint:
@@ -152,6 +149,7 @@ class ProvisioningClient:
         self.transport = transport
         self.port = check_port(port, dps.MQTT_PORT if transport == "mqtt" else dps.HTTPS_PORT)
         self._host = check_host(host) or endpoint
+        self._proxy = proxy_for(proxy, self._host, self.port)
         self._api_version = api_version
         self._allowed = None if allowed_hubs is None else tuple(allowed_hubs)
         if self._allowed is not None and not all(isinstance(p, str) and p for p in self._allowed):
@@ -373,9 +371,10 @@ class ProvisioningClient:
                 server_hostname=self.endpoint,
                 connect_timeout=budget,
                 handshake_timeout=budget,
+                proxy=self._proxy,
             )
         except IoTHubTLSError:
-            raise  # the core's TLS refusals, unchanged
+            raise  # the core's TLS refusals and the proxy's (ProxyError), unchanged
         except (TimeoutError, asyncio.TimeoutError):
             raise ConnectionFailedError(
                 f"could not connect to the provisioning endpoint {where} within {budget:g} s"
