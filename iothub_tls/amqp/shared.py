@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .._io.backoff import Backoff
 from .._io.loop import HandshakeGate, LoopLag, overload_hint
@@ -313,11 +313,12 @@ class SharedConnection(AmqpConnection):
         elif isinstance(event, mux.DeviceReady):
             device._ready_now()
         else:
-            self._live.pop(event.group, None)
+            refused = cast("DeviceRefused", event)
+            self._live.pop(refused.group, None)
             for local in device._receivers:
-                self._receivers.pop(f"{event.group}:{local}", None)
+                self._receivers.pop(f"{refused.group}:{local}", None)
             device._group = None
-            device._refused(event.error, event.permanent)
+            device._refused(refused.error, refused.permanent)
 
     def _submit(self, item: Outgoing) -> None:
         if _group(item.key) in self._live:

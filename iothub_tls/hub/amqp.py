@@ -671,10 +671,7 @@ class AmqpEndpoint(HubFrontDoor):
             listed = ", ".join(names[:3]) + (
                 f" and {len(names) - 3} more" if len(names) > 3 else ""
             )
-            reason = (
-                f"this connection is authenticated for {listed}, not for device "
-                f"{device_id!r}"
-            )
+            reason = f"this connection is authenticated for {listed}, not for device {device_id!r}"
         else:
             reason = (
                 f"no credentials for device {device_id!r}: put a SAS token on $cbs first, "
