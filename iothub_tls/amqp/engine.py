@@ -37,7 +37,14 @@ try:
     import proton
 
     # proton's C binding: its Message properties turn an absent symbol into "None"
-    from cproton import pn_message_get_content_encoding, pn_message_get_content_type
+    from cproton import (
+        isnull,
+        pn_collector_peek,
+        pn_collector_pop,
+        pn_event_type,
+        pn_message_get_content_encoding,
+        pn_message_get_content_type,
+    )
     from proton import (
         SASL,
         Collector,
@@ -237,16 +244,24 @@ class Engine:
     def closed(self) -> bool:
         return bool(self.transport.closed)
 
-    def events(self) -> Iterator[Event]:
-        """Drain proton's collector."""
+    def events(self, kinds: frozenset[int] | None = None) -> Iterator[Event]:
+        """Drain proton's collector; with ``kinds`` (event type numbers), events of
+        other types are dropped without being wrapped (wrapping is most of the cost of
+        an event, and most events are of no interest to a client)."""
+        collector = self.collector
+        impl = collector._impl
         while True:
-            event = self.collector.peek()
-            if event is None:
+            found = pn_collector_peek(impl)
+            if isnull(found):
                 return
+            if kinds is not None and pn_event_type(found) not in kinds:
+                pn_collector_pop(impl)
+                continue
+            event: Event = Event.wrap(found)  # type: ignore[no-untyped-call]
             try:
                 yield event
             finally:
-                self.collector.pop()
+                collector.pop()
 
 
 def condition_text(cond: Condition | None) -> str:
@@ -347,6 +362,22 @@ class CbsReply:
 
 
 _UNAUTHORIZED = "amqp:unauthorized-access"
+#: the proton events ClientProtocol._on_event acts on (the others are not even wrapped)
+_CLIENT_EVENTS = frozenset(
+    kind.number
+    for kind in (
+        Event.CONNECTION_REMOTE_OPEN,
+        Event.LINK_REMOTE_OPEN,
+        Event.LINK_REMOTE_CLOSE,
+        Event.LINK_REMOTE_DETACH,
+        Event.LINK_FLOW,
+        Event.DELIVERY,
+        Event.CONNECTION_REMOTE_CLOSE,
+        Event.SESSION_REMOTE_CLOSE,
+        Event.TRANSPORT_ERROR,
+        Event.TRANSPORT_CLOSED,
+    )
+)
 
 
 class ClientProtocol:
@@ -575,7 +606,7 @@ class ClientProtocol:
 
     def events(self) -> list[ClientEvent]:
         """Process proton's events; return what happened since the last call."""
-        for event in self.engine.events():
+        for event in self.engine.events(_CLIENT_EVENTS):
             self._on_event(event)
         out, self._events = self._events, []
         return out
