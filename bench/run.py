@@ -36,6 +36,7 @@ BENCHMARKS = (
     "mqtt_throughput",
     "gateway",
     "first_puback",
+    "amqp_multiplex",
 )
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -18,14 +18,22 @@ asyncio's), name resolution is the loop's ``getaddrinfo``. Callbacks (``on_c2d``
 ``on_connection_state_change``, ``on_desired_update``, ``on_background_exception``) and
 method handlers run on the loop and may be coroutine functions. A process with many
 devices should share one :class:`HandshakeGate` (``gate=``) among its clients, so a
-reconnection storm runs a bounded number of handshakes at a time.
+reconnection storm runs a bounded number of handshakes at a time. :class:`AmqpGateway`
+carries many SAS devices over one AMQP connection.
 """
 
 from __future__ import annotations
 
 from ._io.loop import HandshakeGate
 from .amqp.aio import AmqpDeviceClient
+from .amqp.aio_gateway import AmqpGateway
 from .https.aio import HttpsDeviceClient
 from .mqtt.aio import MqttDeviceClient
 
-__all__ = ["AmqpDeviceClient", "HandshakeGate", "HttpsDeviceClient", "MqttDeviceClient"]
+__all__ = [
+    "AmqpDeviceClient",
+    "AmqpGateway",
+    "HandshakeGate",
+    "HttpsDeviceClient",
+    "MqttDeviceClient",
+]

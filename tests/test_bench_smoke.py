@@ -28,6 +28,7 @@ BENCHMARKS = [
     "mqtt_throughput",
     "gateway",
     "first_puback",
+    "amqp_multiplex",
 ]
 HEADLINE_KEYS = {"measure", "value", "unit", "low", "high", "target", "met", "note"}
 
@@ -233,3 +234,19 @@ def test_the_import_scan_sees_a_test_module(source: str) -> None:
 def test_the_import_scan_lets_the_package_through() -> None:
     source = "from iothub_tls.testing.server import HubLikeServer\nfrom ._pki import HOST\n"
     assert _test_imports(source) == []
+
+
+def test_amqp_multiplex_measured_one_connection_against_one_per_device(
+    smoke_run: tuple[int, Path],
+) -> None:
+    """The facts the multiplexing comparison rests on: every stack ran, the gateway made
+    one handshake for its devices (and one on the restart), the separate clients one each."""
+    _, out = smoke_run
+    runs = json.loads((out / "results.json").read_text())["benchmarks"]["amqp_multiplex"]
+    measured = runs["data"]["runs"]
+    assert [m.get("error") for stack in measured.values() for m in stack] == [None] * 3
+    [gateway], [separate], [single] = measured["gateway"], measured["separate"], measured["single"]
+    assert (gateway["handshakes"], gateway["handshakes_restart"]) == (1, 1)
+    assert separate["handshakes"] == separate["handshakes_restart"] == separate["n"]
+    assert gateway["resumed"] == separate["resumed"] == gateway["n"]
+    assert single["msgs_per_s"] > 0

@@ -155,7 +155,7 @@ class AmqpDeviceClient(AsyncClientBase):
         if model_id is not None:
             # IoT Plug and Play: the model is announced on the links (as the Java SDK does)
             link_properties[amqpc.MODEL_ID_PROPERTY] = check_model_id(model_id)
-        self._connection = AmqpConnection(
+        self._connection = self._make_connection(
             connect_host or cs.hostname,
             port,
             policy=policy,
@@ -195,6 +195,11 @@ class AmqpDeviceClient(AsyncClientBase):
             on_request=self._incoming_method,
         )
         self._closed: asyncio.Event | None = None
+
+    def _make_connection(self, host: str, port: int, **kwargs: Any) -> AmqpConnection:
+        """The connection the client's links live on (a gateway's device client puts
+        them on a shared one instead)."""
+        return AmqpConnection(host, port, **kwargs)
 
     # -- what it is ---------------------------------------------------------------------
 

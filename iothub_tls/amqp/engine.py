@@ -37,7 +37,14 @@ try:
     import proton
 
     # proton's C binding: its Message properties turn an absent symbol into "None"
-    from cproton import pn_message_get_content_encoding, pn_message_get_content_type
+    from cproton import (
+        isnull,
+        pn_collector_peek,
+        pn_collector_pop,
+        pn_event_type,
+        pn_message_get_content_encoding,
+        pn_message_get_content_type,
+    )
     from proton import (
         SASL,
         Collector,
@@ -237,16 +244,24 @@ class Engine:
     def closed(self) -> bool:
         return bool(self.transport.closed)
 
-    def events(self) -> Iterator[Event]:
-        """Drain proton's collector."""
+    def events(self, kinds: frozenset[int] | None = None) -> Iterator[Event]:
+        """Drain proton's collector; with ``kinds`` (event type numbers), events of
+        other types are dropped without being wrapped (wrapping is most of the cost of
+        an event, and most events are of no interest to a client)."""
+        collector = self.collector
+        impl = collector._impl
         while True:
-            event = self.collector.peek()
-            if event is None:
+            found = pn_collector_peek(impl)
+            if isnull(found):
                 return
+            if kinds is not None and pn_event_type(found) not in kinds:
+                pn_collector_pop(impl)
+                continue
+            event: Event = Event.wrap(found)  # type: ignore[no-untyped-call]
             try:
                 yield event
             finally:
-                self.collector.pop()
+                collector.pop()
 
 
 def condition_text(cond: Condition | None) -> str:
@@ -335,7 +350,34 @@ class Failed:
 
 ClientEvent = Ready | Attached | TokenAccepted | Settled | Received | Failed
 
+
+@dataclass(frozen=True)
+class CbsReply:
+    """An answer on the ``$cbs`` reply link: the request it answers, its status code
+    (None when the peer sent none) and description."""
+
+    correlation_id: str
+    status: Any
+    description: str
+
+
 _UNAUTHORIZED = "amqp:unauthorized-access"
+#: the proton events ClientProtocol._on_event acts on (the others are not even wrapped)
+_CLIENT_EVENTS = frozenset(
+    kind.number
+    for kind in (
+        Event.CONNECTION_REMOTE_OPEN,
+        Event.LINK_REMOTE_OPEN,
+        Event.LINK_REMOTE_CLOSE,
+        Event.LINK_REMOTE_DETACH,
+        Event.LINK_FLOW,
+        Event.DELIVERY,
+        Event.CONNECTION_REMOTE_CLOSE,
+        Event.SESSION_REMOTE_CLOSE,
+        Event.TRANSPORT_ERROR,
+        Event.TRANSPORT_CLOSED,
+    )
+)
 
 
 class ClientProtocol:
@@ -364,6 +406,7 @@ class ClientProtocol:
         self._cbs_token_type = cbs_token_type
         self._session: Any = None
         self._links: dict[str, Link] = {}
+        self._key_of: dict[Link, str] = {}  # proton wrappers hash by their C object
         self._attached: set[str] = set()
         self._cbs_sender: Sender | None = None
         self._cbs_receiver: Receiver | None = None
@@ -416,18 +459,23 @@ class ClientProtocol:
         if self._cbs_audience is not None:
             if token is None:
                 raise ValueError("claims-based security needs a token")
-            self._cbs_sender = self._session.sender("cbs-sender")
-            self._cbs_sender.source.address = "cbs"
-            self._cbs_sender.target.address = CBS_ADDRESS
-            self._cbs_sender.open()
-            self._cbs_receiver = self._session.receiver("cbs-receiver")
-            self._cbs_receiver.source.address = CBS_ADDRESS
-            self._cbs_receiver.target.address = "cbs"
-            self._cbs_receiver.open()
-            self._cbs_receiver.flow(4)
+            self._open_cbs(4)
             self._tokens.append((token, False))
         else:
             self._attach_links()
+
+    def _open_cbs(self, credit: int) -> None:
+        """Attach the ``$cbs`` link pair (requests out, replies in, ``credit`` replies
+        prefetched)."""
+        self._cbs_sender = self._session.sender("cbs-sender")
+        self._cbs_sender.source.address = "cbs"
+        self._cbs_sender.target.address = CBS_ADDRESS
+        self._cbs_sender.open()
+        self._cbs_receiver = self._session.receiver("cbs-receiver")
+        self._cbs_receiver.source.address = CBS_ADDRESS
+        self._cbs_receiver.target.address = "cbs"
+        self._cbs_receiver.open()
+        self._cbs_receiver.flow(credit)
 
     def put_token(self, token: str) -> None:
         """Send a renewed token on the live ``$cbs`` link."""
@@ -492,6 +540,7 @@ class ClientProtocol:
         if isinstance(link, Receiver) and spec.credit:
             link.flow(spec.credit)
         self._links[spec.key] = link
+        self._key_of[link] = spec.key
         self._outbox.setdefault(spec.key, deque())
 
     def _check_ready(self) -> None:
@@ -557,7 +606,7 @@ class ClientProtocol:
 
     def events(self) -> list[ClientEvent]:
         """Process proton's events; return what happened since the last call."""
-        for event in self.engine.events():
+        for event in self.engine.events(_CLIENT_EVENTS):
             self._on_event(event)
         out, self._events = self._events, []
         return out
@@ -576,10 +625,8 @@ class ClientProtocol:
             link = ev.link
             if link == self._cbs_sender:
                 self._pump_cbs()
-            else:
-                for key, candidate in self._links.items():
-                    if candidate == link:
-                        self._pump_link(key)
+            elif (key := self._key_of.get(link)) is not None:
+                self._pump_link(key)
         elif kind == Event.DELIVERY:
             self._on_delivery(ev.delivery)
         elif kind == Event.CONNECTION_REMOTE_CLOSE:
@@ -600,15 +647,15 @@ class ClientProtocol:
             self._cbs_attached += 1
             self._pump_cbs()
             return
-        for key, candidate in self._links.items():
-            if candidate == link:
-                # A peer refusing a link attaches with a null terminus, then detaches.
-                remote = link.remote_target if link.is_sender else link.remote_source
-                if remote.address is None and not remote.dynamic:
-                    return
-                self._attached.add(key)
-                self._events.append(Attached(key))
-                self._pump_link(key)
+        key = self._key_of.get(link)
+        if key is not None:
+            # A peer refusing a link attaches with a null terminus, then detaches.
+            remote = link.remote_target if link.is_sender else link.remote_source
+            if remote.address is None and not remote.dynamic:
+                return
+            self._attached.add(key)
+            self._events.append(Attached(key))
+            self._pump_link(key)
         self._check_ready()
 
     def _on_link_close(self, link: Link) -> None:
@@ -662,16 +709,17 @@ class ClientProtocol:
                 delivery.update(Delivery.REJECTED)
                 delivery.settle()
                 return
-            for key, candidate in self._links.items():
-                if candidate == link:
-                    self._events.append(Received(key, delivery, message))
-                    return
+            key = self._key_of.get(link)
+            if key is not None:
+                self._events.append(Received(key, delivery, message))
 
-    def _on_cbs_reply(self, delivery: Delivery) -> None:
+    def _read_cbs_reply(self, delivery: Delivery) -> CbsReply | None:
+        """Take a complete ``$cbs`` reply off its link (accepted, one more credit given);
+        None while it is incomplete or when it is unreadable (the connection failed)."""
         receiver = self._cbs_receiver
         assert receiver is not None
         if not delivery.readable or delivery.partial:
-            return
+            return None
         data = receiver.recv(delivery.pending)
         receiver.advance()
         delivery.update(Delivery.ACCEPTED)
@@ -681,15 +729,22 @@ class ClientProtocol:
             reply = decode_message(bytes(data or b""))
         except proton.MessageException:
             self._fail(AuthenticationError(f"{self.peer} sent an unreadable $cbs reply"))
-            return
-        renewal = self._cbs_waiting.pop(str(reply.correlation_id), None)
-        if renewal is None:
-            return  # not an answer to one of ours
+            return None
         props: dict[str, Any] = dict(reply.properties or {})
         status = props.get("status-code")
         if isinstance(status, int):
             status = int(status)  # IoT Hub sends an AMQP int (proton: int32)
-        description = props.get("status-description") or ""
+        description = str(props.get("status-description") or "")
+        return CbsReply(str(reply.correlation_id), status, description)
+
+    def _on_cbs_reply(self, delivery: Delivery) -> None:
+        reply = self._read_cbs_reply(delivery)
+        if reply is None:
+            return
+        renewal = self._cbs_waiting.pop(reply.correlation_id, None)
+        if renewal is None:
+            return  # not an answer to one of ours
+        status, description = reply.status, reply.description
         if status == 200:
             self._events.append(TokenAccepted(renewal))
             if not renewal and not self._links_started:

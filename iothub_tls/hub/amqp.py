@@ -14,8 +14,16 @@ its timers on the loop), the way IoT Hub serves devices:
 * **Claims-based security** — ``put-token`` requests on ``$cbs`` are verified with
   :meth:`~.registry.DeviceRegistry.verify_sas` and answered with ``status-code`` 200 or
   401 (``status-description`` says why). A new token on the live connection extends
-  the authorization; when the last token expires without renewal the connection is
-  closed with ``amqp:unauthorized-access``.
+  the authorization; when a token expires without renewal the connection is closed
+  with ``amqp:unauthorized-access`` (on a multiplexed connection, only that device's
+  links are detached).
+* **Multiplexing** — as on IoT Hub, one connection may carry many SAS devices, each
+  with its own put-token; each link is authorized for the device named in its address
+  only (a link to another device's address is refused with
+  ``amqp:unauthorized-access``), and the connection log has one line per device, each
+  with the shared connection's TLS details. :meth:`AmqpEndpoint.detach_device` detaches
+  one device's links (as IoT Hub does when a device is disabled or its session must
+  end).
 * **Links** — ``/devices/{id}/messages/events`` (the endpoint receives telemetry,
   settles it *accepted* and records it with its properties) and
   ``/devices/{id}/messages/devicebound`` (the endpoint sends the device's
@@ -103,6 +111,12 @@ logger = logging.getLogger("iothub_tls.hub")
 _MAX_MESSAGE = 256 * 1024  # IoT Hub's device-to-cloud message size limit
 _AUDIENCE = re.compile(r"^(?P<host>[^/]+)/devices/(?P<device>[^/]+)(?:/modules/[^/]+)?/?$")
 _UNAUTHORIZED = "amqp:unauthorized-access"
+_DETACH_FORCED = "amqp:link:detach-forced"
+#: put-tokens a connection may send ahead on $cbs
+_CBS_CREDIT = 100
+#: above this many cloud-to-device links on a connection, only the queues of devices
+#: with news (a message queued or abandoned, a link attached or given credit) are asked
+_C2D_SCAN_ALL = 8
 _NOT_FOUND = "amqp:not-found"
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 #: how a refused service message is rejected, by IoT Hub's error code
@@ -130,8 +144,17 @@ class _Conn:
     sasl_mechanism: str | None = None
     #: device id -> (auth type, authorized until (epoch s) or None for certificates)
     authorized: dict[str, tuple[str, float | None]] = field(default_factory=dict)
+    #: the earliest of the authorized tokens' expiries (kept, not searched each turn)
+    next_expiry: float | None = None
     reported: bool = False
     accepted_device: str | None = None
+    #: devices whose deviceConnect was logged on this connection: successes (each gets
+    #: its deviceDisconnect when it leaves) and refusals (one line each)
+    logged: dict[str, None] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)
+    #: devices whose cloud-to-device queue is worth a look on the next turn (a
+    #: multiplexed connection does not ask every device's queue on every frame)
+    c2d_due: set[str] = field(default_factory=set)
     put_tokens: int = 0
     #: delivery -> (lock token, delivery count) of the cloud-to-device message it carries
     c2d_unsettled: dict[Any, tuple[str, int]] = field(default_factory=dict)
@@ -307,8 +330,9 @@ class AmqpEndpoint(HubFrontDoor):
         for client_id, route in conn.method_routes.items():
             self.state.unroute_methods(client_id, route)
         self._abandon_unsettled(conn)
-        if conn.accepted_device is not None:
-            self.disconnected(conn.meta, conn.accepted_device, conn.closing)
+        if conn.logged:
+            for device_id in conn.logged:
+                self.disconnected(conn.meta, device_id, conn.closing)
         elif conn.service_attempt:
             logger.debug("service connection from %s ended: %s", conn.meta.caller, conn.closing)
         else:
@@ -323,12 +347,23 @@ class AmqpEndpoint(HubFrontDoor):
     def _outcome(
         self, conn: _Conn, device_id: str | None, success: bool, reason: str | None = None
     ) -> None:
-        """Log the connection's first authentication outcome (once per connection)."""
-        if conn.reported:
+        """Log a device's authentication outcome on this connection: once per device
+        (a multiplexed connection has a line per device, each with the connection's TLS
+        details); without a device, once per connection."""
+        if device_id is None:
+            if conn.reported:
+                return
+        elif device_id in conn.logged or (not success and device_id in conn.refused):
             return
         conn.reported = True
         if success:
-            conn.accepted_device = device_id
+            assert device_id is not None
+            conn.logged[device_id] = None
+            conn.refused.discard(device_id)
+            if conn.accepted_device is None:
+                conn.accepted_device = device_id
+        elif device_id is not None:
+            conn.refused.add(device_id)
         self.connected(conn.meta, device_id, success=success, reason=reason)
 
     # -- SASL ---------------------------------------------------------------------------
@@ -371,7 +406,7 @@ class AmqpEndpoint(HubFrontDoor):
                 self._outcome(conn, None, False, f"SASL EXTERNAL refused: {exc}")
                 self._close_stream(conn)
                 return
-            conn.authorized[device_id] = (self._auth_type(device_id), None)
+            self._grant(conn, device_id, self._auth_type(device_id), None)
             self._outcome(conn, device_id, True)
             server.outcome(amqp.SaslCode.OK)
         else:
@@ -431,7 +466,7 @@ class AmqpEndpoint(HubFrontDoor):
     def _schedule(self, conn: _Conn, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         wake = [deadline] if deadline else []
         now = time.time()
-        expiries = [until for _, until in conn.authorized.values() if until is not None]
+        expiries = [] if conn.next_expiry is None else [conn.next_expiry]
         if conn.service_until is not None:
             expiries.append(conn.service_until)
         if expiries:  # epoch seconds -> the loop's clock
@@ -466,7 +501,11 @@ class AmqpEndpoint(HubFrontDoor):
         elif kind == E.LINK_REMOTE_OPEN:
             self._on_attach(conn, event.link)
         elif kind == E.LINK_FLOW:
-            pass  # deliveries go out on the next loop turn
+            link = event.link
+            if link.is_sender and conn.c2d_links:  # credit for cloud-to-device, maybe
+                address = amqpc.parse_address(link.remote_source.address or "")
+                if address is not None and address.kind is amqpc.LinkKind.C2D:
+                    conn.c2d_due.add(address.device_id)
         elif kind == E.DELIVERY:
             delivery = event.delivery
             if delivery.link.is_receiver:
@@ -503,7 +542,8 @@ class AmqpEndpoint(HubFrontDoor):
             link.target.copy(link.remote_target)
             link.open()
             if link.is_receiver:
-                link.flow(10)
+                # a gateway puts a token per device at once: take them in big gulps
+                link.flow(_CBS_CREDIT)
             else:
                 conn.cbs_reply_link = link
             return
@@ -535,6 +575,7 @@ class AmqpEndpoint(HubFrontDoor):
             link.flow(100 if kind is amqpc.LinkKind.EVENTS else 10)
         elif kind is amqpc.LinkKind.C2D:
             conn.c2d_links.append((link, parsed.device_id))
+            conn.c2d_due.add(parsed.device_id)
         elif kind is amqpc.LinkKind.TWIN:
             channel = amqpc.channel_correlation_id(link.remote_properties)
             conn.twin_links[link] = (parsed.client_id, channel)
@@ -622,14 +663,15 @@ class AmqpEndpoint(HubFrontDoor):
                 self._outcome(conn, device_id, False, str(exc))
                 self._close(conn, link.connection, _UNAUTHORIZED, str(exc))
                 return False
-            conn.authorized[device_id] = (self._auth_type(device_id), None)
+            self._grant(conn, device_id, self._auth_type(device_id), None)
             self._outcome(conn, device_id, True)
             return True
         if conn.authorized:
-            reason = (
-                f"this connection is authenticated for {', '.join(sorted(conn.authorized))}, "
-                f"not for device {device_id!r}"
+            names = sorted(conn.authorized)
+            listed = ", ".join(names[:3]) + (
+                f" and {len(names) - 3} more" if len(names) > 3 else ""
             )
+            reason = f"this connection is authenticated for {listed}, not for device {device_id!r}"
         else:
             reason = (
                 f"no credentials for device {device_id!r}: put a SAS token on $cbs first, "
@@ -921,7 +963,7 @@ class AmqpEndpoint(HubFrontDoor):
                 status, description = 401, str(exc)
             else:
                 expiry = amqp_token_expiry(token)
-                conn.authorized[device.device_id] = (device.auth_type, expiry)
+                self._grant(conn, device.device_id, device.auth_type, expiry)
                 conn.put_tokens += 1
                 self._outcome(conn, device.device_id, True)
         if status != 200:
@@ -966,6 +1008,20 @@ class AmqpEndpoint(HubFrontDoor):
         conn.cbs_backlog.append(amqp.encode_message(reply))
         self._flush(conn)
 
+    def _grant(self, conn: _Conn, device_id: str, auth_type: str, until: float | None) -> None:
+        """``device_id`` may use this connection (until ``until``, epoch s)."""
+        old = conn.authorized.get(device_id)
+        conn.authorized[device_id] = (auth_type, until)
+        if old is not None and old[1] is not None and old[1] == conn.next_expiry:
+            self._refresh_expiry(conn)  # the earliest token was replaced
+        elif until is not None and (conn.next_expiry is None or until < conn.next_expiry):
+            conn.next_expiry = until
+
+    @staticmethod
+    def _refresh_expiry(conn: _Conn) -> None:
+        expiries = [until for _, until in conn.authorized.values() if until is not None]
+        conn.next_expiry = min(expiries) if expiries else None
+
     def _expire_tokens(self, conn: _Conn, engine: amqp.Engine) -> None:
         if conn.closing is not None:
             return
@@ -978,15 +1034,69 @@ class AmqpEndpoint(HubFrontDoor):
                 "the service's SAS token expired and was not renewed on $cbs",
             )
             return
-        for device_id, (_, until) in list(conn.authorized.items()):
-            if until is not None and until <= now:
-                self._close(
-                    conn,
-                    engine.connection,
-                    _UNAUTHORIZED,
-                    f"the SAS token for {device_id!r} expired and was not renewed on $cbs",
-                )
+        if conn.next_expiry is None or conn.next_expiry > now:
+            return
+        expired = [
+            d for d, (_, until) in conn.authorized.items() if until is not None and until <= now
+        ]
+        for device_id in expired:
+            reason = f"the SAS token for {device_id!r} expired and was not renewed on $cbs"
+            if len(conn.authorized) == 1:
+                self._close(conn, engine.connection, _UNAUTHORIZED, reason)
                 return
+            # a multiplexed connection: the other devices stay
+            self._detach(conn, engine, device_id, _UNAUTHORIZED, reason)
+        self._refresh_expiry(conn)
+
+    def _detach(
+        self, conn: _Conn, engine: amqp.Engine, device_id: str, condition: str, description: str
+    ) -> int:
+        """Detach every link of ``device_id`` on ``conn``, which no longer authorizes it;
+        log its disconnection. Returns the number of links detached."""
+        detached = 0
+        link = engine.connection.link_head(Endpoint.LOCAL_ACTIVE)
+        while link is not None:
+            following = link.next(Endpoint.LOCAL_ACTIVE)
+            remote = link.remote_target if link.is_receiver else link.remote_source
+            address = amqpc.parse_address(remote.address or "")
+            if address is not None and address.device_id == device_id:
+                link.condition = Condition(condition, description)
+                self._release_link(conn, link)
+                link.close()
+                detached += 1
+            link = following
+        conn.authorized.pop(device_id, None)
+        conn.c2d_due.discard(device_id)
+        if device_id in conn.logged:
+            del conn.logged[device_id]
+            self.disconnected(conn.meta, device_id, description)
+        return detached
+
+    def detach_device(
+        self,
+        device_id: str,
+        *,
+        condition: str = _DETACH_FORCED,
+        description: str = "the hub detached the device's links",
+    ) -> int:
+        """Detach ``device_id``'s links on every connection (any thread), with the AMQP
+        error ``condition``, as IoT Hub does when it ends a device's session (a disabled
+        device: ``amqp:unauthorized-access``). The connections stay open for their other
+        devices. Returns the number of links detached."""
+
+        def detach() -> int:
+            with self._state_lock:
+                conns = list(self._open.values())
+            count = 0
+            for conn in conns:
+                engine = conn.engine
+                if engine is None or conn.ended or device_id not in conn.authorized:
+                    continue
+                count += self._detach(conn, engine, device_id, condition, description)
+                self._pump(conn)
+            return count
+
+        return self.io.call(detach)
 
     def _c2d_ready(self, device_id: str) -> None:
         """A message was queued for ``device_id`` (on any thread)."""
@@ -997,10 +1107,19 @@ class AmqpEndpoint(HubFrontDoor):
             conns = list(self._open.values())
         for conn in conns:
             if any(device == device_id for _, device in conn.c2d_links):
+                conn.c2d_due.add(device_id)
                 self._pump(conn)
 
     def _deliver_c2d(self, conn: _Conn) -> None:
-        for link, device_id in conn.c2d_links:
+        links = conn.c2d_links
+        if len(links) > _C2D_SCAN_ALL:
+            if not conn.c2d_due:
+                return
+            due, conn.c2d_due = conn.c2d_due, set()
+            links = [(link, device_id) for link, device_id in links if device_id in due]
+        else:
+            conn.c2d_due.clear()
+        for link, device_id in links:
             while link.credit > 0 and link.state & Endpoint.LOCAL_ACTIVE:
                 item = self.state.lock_next_c2d(device_id)
                 if item is None:
