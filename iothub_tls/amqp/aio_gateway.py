@@ -37,6 +37,7 @@ from typing import Any, cast
 
 from .._io.base import check_host, check_port
 from .._io.loop import HandshakeGate, LoopLag
+from .._io.proxy import Proxy, proxy_for
 from ..auth import ConnectionString, SasTokenProvider
 from ..errors import PolicyError
 from ..policy import TlsPolicy
@@ -45,6 +46,7 @@ from .aio import AmqpDeviceClient
 from .connection import AmqpConnection
 from .options import AMQPS_PORT, AmqpOptions
 from .shared import DeviceLinks, SharedConnection
+from .websocket import WEBSOCKET_PORT
 
 __all__ = ["DEVICES_PER_CONNECTION", "AmqpGateway", "GatewayDeviceClient"]
 
@@ -144,7 +146,11 @@ class AmqpGateway:
     :param policy: the :class:`~iothub_tls.TlsPolicy` (default: IoT Hub's guidance); one
         hardened context serves every connection, so reconnections resume.
     :param port: default 5671.
-    :param proxy: not supported yet; anything but None raises :class:`PolicyError`.
+    :param proxy: ``"http://[user:password@]host:port"`` (HTTP CONNECT),
+        ``"socks5://..."``, ``"socks4://..."`` or ``"env"``, as on the device clients;
+        TLS runs end to end with the hub through the tunnel.
+    :param websockets: AMQP over WebSockets (port 443, ``/$iothub/websocket``), for
+        networks that let only 443 through.
     :param host: where to dial instead of ``hub_host`` (a local hub, a port forward);
         SNI and the certificate check stay ``hub_host``'s.
     :param options: :class:`AmqpOptions` for the connections and the devices (timeouts,
@@ -161,18 +167,18 @@ class AmqpGateway:
         *,
         policy: TlsPolicy | None = None,
         port: int | None = None,
-        proxy: object = None,
+        proxy: str | Proxy | None = None,
+        websockets: bool = False,
         host: str | None = None,
         options: AmqpOptions | None = None,
         devices_per_connection: int = DEVICES_PER_CONNECTION,
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
     ) -> None:
-        if proxy is not None:
-            raise PolicyError(
-                "AmqpGateway does not support proxy= yet: connect to the hub directly "
-                "(port 5671), or use AmqpDeviceClient for devices that must go through a proxy"
-            )
+        if websockets:
+            from .websocket import require_websockets
+
+            require_websockets()
         if not isinstance(hub_host, str) or not hub_host.strip():
             raise PolicyError(f"hub_host must be the hub's host name, not {hub_host!r}")
         options = AmqpOptions() if options is None else options
@@ -188,7 +194,9 @@ class AmqpGateway:
             )
         self.hub_host = hub_host.strip()
         self.host = check_host(host) or self.hub_host
-        self.port = check_port(port, AMQPS_PORT)
+        self.websockets = bool(websockets)
+        self.port = check_port(port, WEBSOCKET_PORT if websockets else AMQPS_PORT)
+        self.proxy = proxy_for(proxy, self.host, self.port)
         self.options = options
         self.devices_per_connection = devices_per_connection
         self._context = create_ssl_context(policy)
@@ -243,6 +251,8 @@ class AmqpGateway:
             capacity=self.devices_per_connection,
             gate=self._gate,
             lag=self._lag,
+            websockets=self.websockets,
+            proxy=self.proxy,
         )
         self._connections.append(shared)
         return shared

@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from .._io.loop import shared_loop
+from .._io.proxy import Proxy
 from ..auth import ConnectionString, SasTokenProvider
 from ..errors import PolicyError
 from ..policy import TlsPolicy
@@ -69,7 +70,9 @@ class AmqpGateway:
         hostname, and the ``HostName`` of every device added.
     :param policy: the :class:`~iothub_tls.TlsPolicy` (default: IoT Hub's guidance).
     :param port: default 5671.
-    :param proxy: not supported yet; anything but None raises :class:`PolicyError`.
+    :param proxy: ``"http://[user:password@]host:port"`` (HTTP CONNECT),
+        ``"socks5://..."``, ``"socks4://..."`` or ``"env"``, as on the device clients.
+    :param websockets: AMQP over WebSockets (port 443, ``/$iothub/websocket``).
     :param host: where to dial instead of ``hub_host`` (a local hub, a port forward).
     :param options: :class:`AmqpOptions` for the connections and devices.
     :param devices_per_connection: devices per connection (default 1,000).
@@ -81,7 +84,8 @@ class AmqpGateway:
         *,
         policy: TlsPolicy | None = None,
         port: int | None = None,
-        proxy: object = None,
+        proxy: str | Proxy | None = None,
+        websockets: bool = False,
         host: str | None = None,
         options: AmqpOptions | None = None,
         devices_per_connection: int = aio_gateway.DEVICES_PER_CONNECTION,
@@ -93,6 +97,7 @@ class AmqpGateway:
             policy=policy,
             port=port,
             proxy=proxy,
+            websockets=websockets,
             host=host,
             options=options,
             devices_per_connection=devices_per_connection,

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .._io.backoff import Backoff
 from .._io.loop import HandshakeGate, LoopLag, overload_hint
+from .._io.proxy import Proxy
 from ..auth import SasTokenProvider
 from ..device import ConnectionState
 from ..errors import (
@@ -117,6 +118,8 @@ class SharedConnection(AmqpConnection):
         capacity: int,
         gate: HandshakeGate | None = None,
         lag: LoopLag | None = None,
+        websockets: bool = False,
+        proxy: Proxy | None = None,
     ) -> None:
         super().__init__(
             host,
@@ -129,6 +132,8 @@ class SharedConnection(AmqpConnection):
             on_state=self._connection_state,
             gate=gate,
             lag=lag,
+            websockets=websockets,
+            proxy=proxy,
         )
         from . import multiplex  # proton (the amqp extra), as _engine() imports it
 
