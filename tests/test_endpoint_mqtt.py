@@ -134,6 +134,7 @@ def test_wrong_sas_key_is_not_authorized(hub_pki, hub):
     client = _sas_client(hub_pki, hub, key=DeviceRegistry.new_key())
     assert _connect(client, hub.port) == 5
     client.loop_stop()
+    assert _wait(lambda: any(e.result == "Failure" for e in hub.log.events))
     failure = next(e for e in hub.log.events if e.result == "Failure")
     assert "signature" in failure.reason and failure.device_id == "sas-device"
 
@@ -179,6 +180,8 @@ def test_x509_device_by_thumbprint(hub_pki, hub):
     assert _connect(client, hub.port) == 0
     client.disconnect()
     client.loop_stop()
+    # written on the hub's thread, possibly after the client has its CONNACK
+    assert _wait(lambda: any(e.result == "Success" for e in hub.log.events))
     event = next(e for e in hub.log.events if e.result == "Success")
     assert event.client_cert_thumbprint == identity.thumbprint_sha1
 

@@ -41,6 +41,9 @@ class WebSocketClient(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._closing = False
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A connection lost after its connector stopped waiting (a time-out) still fails
+        # this future: mark its exception as seen, or asyncio reports it on stderr.
+        self.upgraded.add_done_callback(_seen)
 
     # -- the outer (TLS) side -------------------------------------------------------------
 
@@ -145,3 +148,8 @@ class WebSocketClient(asyncio.Protocol):
         if self._transport is None:
             return default
         return self._transport.get_extra_info(name, default)
+
+
+def _seen(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
