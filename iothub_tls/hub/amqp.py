@@ -164,6 +164,9 @@ class _Conn:
     #: $cbs answers waiting for the reply link (a client may send its put-token before
     #: its reply receiver is attached or has given credit)
     cbs_backlog: deque[bytes] = field(default_factory=deque)
+    #: answers at the end of cbs_backlog made in the current pass of the engine (sent on
+    #: the next one)
+    cbs_held: int = 0
     closing: str | None = None
     #: hub -> device twin links (the device's twin receivers): link -> (client id, channel)
     twin_links: dict[Any, tuple[str, str | None]] = field(default_factory=dict)
@@ -452,7 +455,11 @@ class AmqpEndpoint(HubFrontDoor):
             self._deliver_c2d(conn)
             self._flush(conn)
             output = engine.output()
+            held = conn.cbs_held
+            conn.cbs_held = 0  # the next pass sends the $cbs answers held back in this one
             if not output:
+                if held:
+                    continue
                 break
             conn.stream.write(output)
             engine.consumed(len(output))
@@ -910,7 +917,7 @@ class AmqpEndpoint(HubFrontDoor):
     def _flush(conn: _Conn) -> None:
         link = conn.cbs_reply_link
         while (
-            conn.cbs_backlog
+            len(conn.cbs_backlog) > conn.cbs_held
             and link is not None
             and link.state & Endpoint.LOCAL_ACTIVE
             and link.credit > 0
@@ -1006,7 +1013,10 @@ class AmqpEndpoint(HubFrontDoor):
             logger.info("$cbs replies to %s are not taken; reply dropped", conn.meta.caller)
             return
         conn.cbs_backlog.append(amqp.encode_message(reply))
-        self._flush(conn)
+        # Sent on the engine's next pass, after the disposition that accepts the request:
+        # uamqp (the service SDK's AMQP library) fails a put-token whose answer arrives
+        # before the request's disposition.
+        conn.cbs_held += 1
 
     def _grant(self, conn: _Conn, device_id: str, auth_type: str, until: float | None) -> None:
         """``device_id`` may use this connection (until ``until``, epoch s)."""
