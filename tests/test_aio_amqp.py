@@ -157,7 +157,7 @@ def test_methods_and_desired_updates_set_on_a_live_connection(hub: LocalHub) -> 
             client.on_method(None, lambda request: (201, {"called": request.name}))
             await client.get_twin()  # the twin links are up; the subscription follows
             for _ in range(200):
-                links = client.connection._attached_keys
+                links = client.connection._attached.keys
                 if {"link-rcv-methods", "link-snd-methods"} <= links:
                     break
                 await asyncio.sleep(0.02)

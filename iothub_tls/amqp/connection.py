@@ -94,6 +94,53 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+class AttachedLinks:
+    """The links the peer has attached on the current connection, and who waits for
+    which of them (a connection's, or one device's on a shared connection)."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self._waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
+
+    def clear(self) -> None:
+        """A new connection: nothing is attached on it yet."""
+        self.keys.clear()
+
+    def add(self, key: str) -> None:
+        self.keys.add(key)
+        for wanted, waiter in list(self._waiters):
+            if wanted <= self.keys and not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(
+        self,
+        keys: Collection[str],
+        timeout: float,
+        finished: asyncio.Future[Any] | None,
+        *,
+        attached_will_do: bool = True,
+    ) -> bool:
+        """Wait until the links ``keys`` are attached; False when they were not within
+        ``timeout`` seconds, or ``finished`` (the connection's end) came first. With
+        ``attached_will_do=False``, links attached already count only once another one
+        is attached (the caller is not ready to use them yet)."""
+        wanted = frozenset(keys)
+        if attached_will_do and wanted <= self.keys:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (wanted, waiter)
+        self._waiters.append(entry)
+        waits: set[asyncio.Future[Any]] = {waiter}
+        if finished is not None:
+            waits.add(finished)
+        try:
+            await asyncio.wait(waits, timeout=max(timeout, 0.0), return_when="FIRST_COMPLETED")
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(entry)
+        return waiter.done() and not waiter.cancelled()
+
+
 class AmqpConnection:
     """An AMQP 1.0 connection over the hardened TLS context, with links that survive
     reconnects, for asyncio applications.
@@ -204,8 +251,7 @@ class AmqpConnection:
         self._ready = False
         self._ready_signal: asyncio.Future[None] | None = None
         self._tls_info: TlsInfo | None = None
-        self._attached_keys: set[str] = set()
-        self._attach_waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
+        self._attached = AttachedLinks()
         self._sends: dict[Outgoing, None] = {}  # waiting for a disposition, in order
         self._renew_handle: asyncio.TimerHandle | None = None
         # counters
@@ -336,22 +382,7 @@ class AmqpConnection:
     async def _wait_attached(self, keys: Collection[str], timeout: float) -> bool:
         """Wait until the peer attached the links ``keys`` on the current connection;
         False when it did not within ``timeout`` seconds (or the connection ended)."""
-        wanted = frozenset(keys)
-        if wanted <= self._attached_keys:
-            return True
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        entry = (wanted, waiter)
-        self._attach_waiters.append(entry)
-        waits: set[asyncio.Future[Any]] = {waiter}
-        if self._finished is not None:
-            waits.add(self._finished)
-        try:
-            await asyncio.wait(waits, timeout=max(timeout, 0.0), return_when="FIRST_COMPLETED")
-        finally:
-            with contextlib.suppress(ValueError):
-                self._attach_waiters.remove(entry)
-        return waiter.done() and not waiter.cancelled()
+        return await self._attached.wait(keys, timeout, self._finished)
 
     def _on_ready_hook(self, hook: Callable[[bool], None]) -> None:
         """Call ``hook(reconnected)`` on the loop each time the connection (CBS and every
@@ -563,7 +594,7 @@ class AmqpConnection:
         self._generation += 1
         self._wire = wire
         self._tls_info = wire.tls_info
-        self._attached_keys.clear()
+        self._attached.clear()
         proto = self._protocol = self._new_protocol()
         ready = self._ready_signal = loop.create_future()
         try:
@@ -614,7 +645,7 @@ class AmqpConnection:
         wire, self._wire = self._wire, None
         self._protocol = None
         self._ready = False
-        self._attached_keys.clear()
+        self._attached.clear()
         if self._renew_handle is not None:
             self._renew_handle.cancel()
             self._renew_handle = None
@@ -637,10 +668,7 @@ class AmqpConnection:
         elif isinstance(event, eng.Settled):
             self._on_settled(event)
         elif isinstance(event, eng.Attached):
-            self._attached_keys.add(event.key)
-            for wanted, waiter in list(self._attach_waiters):
-                if wanted <= self._attached_keys and not waiter.done():
-                    waiter.set_result(None)
+            self._attached.add(event.key)
         elif isinstance(event, eng.Ready):
             self._on_ready()
         elif isinstance(event, eng.TokenAccepted):

@@ -25,7 +25,6 @@ called from a thread (``_post_item``, scheduled by the synchronous facades).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -47,7 +46,13 @@ from ..errors import (
 )
 from ..tls.context import HardenedSSLContext
 from ..tls.info import TlsInfo
-from .connection import AmqpConnection, _as_client_error, _retrieve, renewal_delay
+from .connection import (
+    AmqpConnection,
+    AttachedLinks,
+    _as_client_error,
+    _retrieve,
+    renewal_delay,
+)
 from .links import AmqpDelivery, AmqpReceiver, AmqpSender, Outgoing, resolve
 from .message import AmqpMessage
 from .options import AmqpOptions
@@ -366,8 +371,7 @@ class DeviceLinks:
         self._receivers: dict[str, AmqpReceiver] = {}
         self._hooks: list[Callable[[bool], None]] = []
         self._sends: dict[Outgoing, None] = {}
-        self._attached: set[str] = set()
-        self._attach_waiters: list[tuple[frozenset[str], asyncio.Future[None]]] = []
+        self._attached = AttachedLinks()
         self._group: str | None = None
         self._wants = False
         self._ready = False
@@ -516,22 +520,9 @@ class DeviceLinks:
         )
 
     async def _wait_attached(self, keys: Collection[str], timeout: float) -> bool:
-        wanted = frozenset(keys)
-        if self._ready and wanted <= self._attached:
-            return True
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        entry = (wanted, waiter)
-        self._attach_waiters.append(entry)
-        waits: set[asyncio.Future[Any]] = {waiter}
-        if self._finished is not None:
-            waits.add(self._finished)
-        try:
-            await asyncio.wait(waits, timeout=max(timeout, 0.0), return_when="FIRST_COMPLETED")
-        finally:
-            with contextlib.suppress(ValueError):
-                self._attach_waiters.remove(entry)
-        return waiter.done() and not waiter.cancelled()
+        return await self._attached.wait(
+            keys, timeout, self._finished, attached_will_do=self._ready
+        )
 
     def _on_ready_hook(self, hook: Callable[[bool], None]) -> None:
         self._hooks.append(hook)
@@ -635,9 +626,6 @@ class DeviceLinks:
 
     def _attached_link(self, local: str) -> None:
         self._attached.add(local)
-        for wanted, waiter in list(self._attach_waiters):
-            if wanted <= self._attached and not waiter.done():
-                waiter.set_result(None)
 
     def _authorized(self) -> None:
         self._token_puts += 1
