@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import signal
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -12,6 +13,12 @@ import iothub_tls as it
 from iothub_tls.testing.pki import CertificateAuthority, Issued, KeyPool, KeyType
 from iothub_tls.testing.server import TLSServer
 from iothub_tls.tls import _openssl
+
+# Tests stop the commands they start (`iothub-tls serve`) with SIGINT, as Ctrl-C does. A
+# shell starts a background job with SIGINT ignored, and children inherit that: without
+# a handler here, a suite run in the background would wait for servers that never stop.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 HOST = "hub.iothub-tls.test"
 #: When the test run started (a reference for validity windows).
