@@ -311,14 +311,22 @@ class OpenSSLServer:
             argv += ["-naccept", str(naccept)]
         self.port = free_port()
         argv[3] = str(self.port)
-        self.proc = subprocess.Popen(
-            [*argv, *extra],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        # Its messages go to a file: a pipe nobody reads fills up after some hundred
+        # connections, and the server then stops in the middle of one.
+        self.log_path = self._dir / "s_server.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [*argv, *extra],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         try:
             wait_port(self.port, proc=self.proc)
+        except RuntimeError as exc:  # it exited: say what it said
+            said = self.log_path.read_text(errors="replace")[-2000:]
+            self.close()
+            raise RuntimeError(f"{exc}: {said}") from None
         except BaseException:
             self.close()
             raise
@@ -326,9 +334,8 @@ class OpenSSLServer:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(5)
-        for stream in (self.proc.stdin, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> OpenSSLServer:
