@@ -20,6 +20,7 @@ import json
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,18 @@ def policy(hub: LocalHub) -> it.TlsPolicy:
 
 
 _ids = iter(range(1_000_000))
+
+
+def _logged(hub: LocalHub, registration_id: str, timeout: float = 5.0) -> list[Any]:
+    """The DPS door's log lines for ``registration_id``, once there is one (the door
+    writes them on the hub's thread, possibly after the device has its answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = list(hub.log.events)
+        found = [e for e in events if e.protocol == "Dps" and e.device_id == registration_id]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
 
 
 def _rid(prefix: str) -> str:
@@ -284,9 +297,7 @@ def test_wrong_key_unknown_registration_and_wrong_scope_are_refused(hub, transpo
         else:
             assert isinstance(err.value, it.ConnectRefusedError)
             assert "CONNACK 5" in str(err.value) and "ID scope" in str(err.value)
-            logged = [
-                e for e in hub.log.events if e.protocol == "Dps" and e.device_id == registration_id
-            ]
+            logged = _logged(hub, registration_id)
             assert reason in (logged[-1].reason or "")
         assert hub.registry.get(registration_id) is None
         assert "sig=" not in str(err.value)

@@ -194,7 +194,9 @@ class _MqttSession:
             if self.enrollment is not None:
                 self.door.disconnected(self.meta, self.registration_id, "connection lost")
 
-    def _end(self, reason: str, *, accepted: bool = True) -> None:
+    def _end(self, reason: str, *, accepted: bool = True, last: bytes = b"") -> None:
+        """Log the connection's end, then send ``last`` (a refusing CONNACK) and close:
+        the log line exists before the device can read the answer."""
         if self.ended:
             return
         self.ended = True
@@ -202,6 +204,8 @@ class _MqttSession:
             self.door.disconnected(self.meta, self.registration_id, reason)
         elif not accepted:
             self.door.connected(self.meta, self.registration_id, success=False, reason=reason)
+        if last:
+            self.stream.write(last)
         self.stream.close()
 
     def _connect(self, connect: codec.Connect) -> None:
@@ -211,8 +215,7 @@ class _MqttSession:
         self.registration_id = rid or None
 
         def refuse(code: int, reason: str) -> None:
-            self.stream.write(codec.connack(code))
-            self._end(reason, accepted=False)
+            self._end(reason, accepted=False, last=codec.connack(code))
 
         if parsed is None or parsed[1] != rid or "api-version" not in parsed[2]:
             refuse(
@@ -230,8 +233,8 @@ class _MqttSession:
             refuse(5, f"not authorized: {exc.message}")
             return
         self.enrollment, self.key = enrollment, key
+        door.connected(self.meta, rid, success=True)  # logged before the device hears of it
         self.stream.write(codec.connack(0))
-        door.connected(self.meta, rid, success=True)
 
     def _packet(self, packet: codec.Packet) -> None:
         if isinstance(packet, codec.Disconnect):

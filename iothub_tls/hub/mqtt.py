@@ -255,8 +255,10 @@ class MqttEndpoint(HubFrontDoor):
         module = module_id or None
 
         def refuse(code: int, reason: str) -> None:
-            connection.stream.write(codec.connack(code))
+            # logged before the device can read the answer (tests and tools read the log
+            # as soon as the device has its CONNACK)
             self.connected(meta, device_id or None, success=False, reason=reason)
+            connection.stream.write(codec.connack(code))
 
         if not device_id:
             refuse(_IDENTIFIER_REJECTED, "empty client id (IoT Hub needs the device id)")
@@ -287,8 +289,8 @@ class MqttEndpoint(HubFrontDoor):
             self._sessions[connect.client_id] = session
         if previous is not None:  # one connection per identity: the new one wins
             previous.connection.end("replaced by a new connection of the same device")
-        connection.stream.write(codec.connack(_ACCEPTED))
         self.connected(meta, connect.client_id, success=True)
+        connection.stream.write(codec.connack(_ACCEPTED))
         return session
 
     def _end(self, session: _Session, reason: str) -> None:
