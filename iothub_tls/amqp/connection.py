@@ -141,7 +141,47 @@ class AttachedLinks:
         return waiter.done() and not waiter.cancelled()
 
 
-class AmqpConnection:
+class _Reporting:
+    """What a connection, and a device's view of a shared one, report the same way: its
+    state (told to ``on_state``), its reconnections, its put-tokens and why it stopped."""
+
+    _state_now: ConnectionState
+    _on_state: StateCallback | None
+    _reconnects: int
+    _token_puts: int
+    _failure: BaseException | None
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state_now
+
+    @property
+    def reconnects(self) -> int:
+        """How many times it came back (after a lost connection, or a detach of a
+        device's links on a shared connection)."""
+        return self._reconnects
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error that made it stop for good (refused credentials or certificate,
+        ``RetryPolicy.max_attempts`` used up); None otherwise."""
+        return self._failure
+
+    @property
+    def token_puts(self) -> int:
+        """How many CBS put-token requests were accepted (first one and renewals)."""
+        return self._token_puts
+
+    def _state(self, state: ConnectionState, reason: BaseException | None = None) -> None:
+        self._state_now = state
+        if self._on_state is not None:
+            try:
+                self._on_state(state, reason)
+            except Exception:  # a callback's bug must not take the connection down
+                logger.exception("the on_state callback of %r failed", self)
+
+
+class AmqpConnection(_Reporting):
     """An AMQP 1.0 connection over the hardened TLS context, with links that survive
     reconnects, for asyncio applications.
 
@@ -274,29 +314,9 @@ class AmqpConnection:
         return self._ready and self._dead is None
 
     @property
-    def state(self) -> ConnectionState:
-        return self._state_now
-
-    @property
     def _running(self) -> bool:
         """The supervisor runs: connected, or reconnecting."""
         return self._task is not None and not self._task.done()
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the connection was re-established."""
-        return self._reconnects
-
-    @property
-    def failure(self) -> BaseException | None:
-        """The error that made the connection stop for good (refused credentials or
-        certificate, ``RetryPolicy.max_attempts`` used up); None otherwise."""
-        return self._failure
-
-    @property
-    def token_puts(self) -> int:
-        """How many CBS put-token requests were accepted (first one and renewals)."""
-        return self._token_puts
 
     def __repr__(self) -> str:
         return (
@@ -304,14 +324,6 @@ class AmqpConnection:
             f"{' (websockets)' if self.websockets else ''}"
             f"{f' through {self.proxy.url}' if self.proxy else ''} {self._state_now.value}>"
         )
-
-    def _state(self, state: ConnectionState, reason: BaseException | None = None) -> None:
-        self._state_now = state
-        if self._on_state is not None:
-            try:
-                self._on_state(state, reason)
-            except Exception:  # a callback's bug must not take the connection down
-                logger.exception("the on_state callback of %r failed", self)
 
     def _raise_if_dead(self) -> None:
         if self._dead is not None:

@@ -50,6 +50,7 @@ from .connection import (
     AmqpConnection,
     AttachedLinks,
     _as_client_error,
+    _Reporting,
     _retrieve,
     renewal_delay,
 )
@@ -345,7 +346,7 @@ class SharedConnection(AmqpConnection):
         super()._settle_now(delivery, outcome)
 
 
-class DeviceLinks:
+class DeviceLinks(_Reporting):
     """One device's links on a :class:`SharedConnection`, with the surface of
     :class:`~iothub_tls.amqp.connection.AmqpConnection` that the device client and its
     channels use (what the device client calls its ``connection``)."""
@@ -422,24 +423,6 @@ class DeviceLinks:
         return self._ready and self._dead is None and self._shared.connected
 
     @property
-    def state(self) -> ConnectionState:
-        return self._state_now
-
-    @property
-    def reconnects(self) -> int:
-        """How many times the device came back (after a lost connection or a detach)."""
-        return self._reconnects
-
-    @property
-    def failure(self) -> BaseException | None:
-        return self._failure
-
-    @property
-    def token_puts(self) -> int:
-        """This device's accepted put-tokens (the first one and renewals)."""
-        return self._token_puts
-
-    @property
     def _running(self) -> bool:
         return self._wants and self._dead is None
 
@@ -453,14 +436,6 @@ class DeviceLinks:
 
     def __repr__(self) -> str:
         return f"<DeviceLinks {self.label} on {self._shared!r} ({self._state_now.value})>"
-
-    def _state(self, state: ConnectionState, reason: BaseException | None = None) -> None:
-        self._state_now = state
-        if self._on_state is not None:
-            try:
-                self._on_state(state, reason)
-            except Exception:  # a callback's bug must not take the others down
-                logger.exception("the on_state callback of %r failed", self)
 
     def _raise_if_dead(self) -> None:
         if self._dead is not None:
