@@ -36,14 +36,12 @@ from ..errors import (
 try:
     import proton
 
-    # proton's C binding: its Message properties turn an absent symbol into "None"
+    # proton's C binding
     from cproton import (
         isnull,
         pn_collector_peek,
         pn_collector_pop,
         pn_event_type,
-        pn_message_get_content_encoding,
-        pn_message_get_content_type,
     )
     from proton import (
         SASL,
@@ -280,21 +278,6 @@ def decode_message(data: bytes) -> Message:
     message = Message()
     message.decode(data)
     return message
-
-
-def content_type_of(message: Message) -> str | None:
-    """The message's content-type, None when it has none. (proton's
-    ``Message.content_type`` gives ``symbol("None")`` for an absent one, which is
-    indistinguishable from a message that says "None"; the C field is not.)"""
-    value = pn_message_get_content_type(message._msg)
-    return str(value) if value is not None else None
-
-
-def content_encoding_of(message: Message) -> str | None:
-    """The message's content-encoding, None when it has none (see
-    :func:`content_type_of`)."""
-    value = pn_message_get_content_encoding(message._msg)
-    return str(value) if value is not None else None
 
 
 # ---------------------------------------------------------------------------------------

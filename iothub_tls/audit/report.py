@@ -4,7 +4,6 @@ unidentified client address), sorted by risk, with the fleet's timeline and suit
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -325,8 +324,3 @@ def _unidentified(
             )
         device.find(verdict, why, protocol, count, when)
 
-
-def suite_summary(report: AuditReport) -> Iterable[tuple[str, str, int]]:
-    """(suite, kind, connections), most used first."""
-    for name, (kind, n) in sorted(report.suites.items(), key=lambda kv: (-kv[1][1], kv[0])):
-        yield name, kind, n

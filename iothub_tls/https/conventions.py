@@ -341,13 +341,6 @@ def system_headers(message: Message) -> dict[str, str]:
     return out
 
 
-def _as_message(message: Message) -> Message:
-    try:
-        return check_message(message)
-    except TypeError as exc:
-        raise InvalidMessageError(str(exc)) from None
-
-
 # -- requests -----------------------------------------------------------------------------
 
 
